@@ -1,0 +1,397 @@
+//! Directive values, parsed into plain Rust types. No nginx symbols here: the directive
+//! handlers in `module.rs` pass strings in and turn `ConfError`s into `nginx -t` messages.
+
+pub mod time;
+
+use std::fmt;
+
+use time::parse_time_ms;
+
+/// Which registry protocol an upstream follows (`upsync_type=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    /// Consul KV: `GET /v1/kv/<prefix>/?recurse`, one key per server.
+    ConsulKv,
+    /// Consul catalog (`/v1/catalog/service/NAME`) or health (`/v1/health/service/NAME`),
+    /// settings from service tags.
+    ConsulServices,
+    /// etcd v2: `GET /v2/keys/<dir>?recursive=true`, then watches.
+    EtcdV2,
+}
+
+impl SourceKind {
+    pub const ACCEPTED: &'static str = "consul, consul_services, etcd";
+
+    pub fn parse(s: &str) -> Option<SourceKind> {
+        match s {
+            "consul" => Some(SourceKind::ConsulKv),
+            "consul_services" => Some(SourceKind::ConsulServices),
+            "etcd" => Some(SourceKind::EtcdV2),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceKind::ConsulKv => "consul",
+            SourceKind::ConsulServices => "consul_services",
+            SourceKind::EtcdV2 => "etcd",
+        }
+    }
+}
+
+/// Where a registry lives: `HOST[:PORT]/PATH[?QUERY]` (port 80 when omitted, as in the C module).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Host name or IP literal, without brackets.
+    pub host: String,
+    pub port: u16,
+    /// Path with its leading `/`, without the query.
+    pub path: String,
+    /// The user's own query parameters (without `?`), kept and sent along.
+    pub query: String,
+}
+
+impl Endpoint {
+    /// `host:port` as sent in the Host header and shown in logs.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.authority(), self.path)?;
+        if !self.query.is_empty() {
+            write!(f, "?{}", self.query)?;
+        }
+        Ok(())
+    }
+}
+
+/// A parsed `upsync` directive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpsyncSpec {
+    pub endpoint: Endpoint,
+    pub kind: SourceKind,
+    /// Fallback poll period and the minimum delay between failed attempts.
+    pub interval_ms: u64,
+    /// How long one long poll may take before the client gives up on it.
+    pub timeout_ms: u64,
+    pub strong_dependency: bool,
+}
+
+pub const DEFAULT_INTERVAL_MS: u64 = 5_000;
+pub const DEFAULT_TIMEOUT_MS: u64 = 360_000;
+
+/// A directive value nginx must refuse. The Display text is the `nginx -t` message; the
+/// handler prefixes the directive name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfError {
+    #[error("invalid address \"{0}\": expected HOST[:PORT]/PATH, for example 127.0.0.1:8500/v1/kv/upstreams/NAME/")]
+    Address(String),
+    #[error("invalid port in \"{0}\": expected a number from 1 to 65535")]
+    Port(String),
+    #[error("missing upsync_type=; accepted: {}", SourceKind::ACCEPTED)]
+    MissingType,
+    #[error("unknown upsync_type \"{0}\"; accepted: {accepted}", accepted = SourceKind::ACCEPTED)]
+    UnknownType(String),
+    #[error("invalid time \"{0}\": expected an nginx time such as 500ms, 5s or 6m")]
+    Time(String),
+    #[error("invalid value \"{0}\": it must be \"on\" or \"off\"")]
+    OnOff(String),
+    #[error("unknown parameter \"{0}\"; accepted: upsync_type=, upsync_interval=, upsync_timeout=, strong_dependency=")]
+    UnknownParam(String),
+    #[error("\"{0}\" is given twice")]
+    Duplicate(&'static str),
+    #[error("path \"{path}\" does not fit upsync_type={kind}: expected a path under {expected}")]
+    PathForKind {
+        path: String,
+        kind: &'static str,
+        expected: &'static str,
+    },
+    #[error("https registries are not supported yet in \"{0}\"; use plain http on a trusted network")]
+    Https(String),
+    #[error("unknown method \"{0}\"; accepted: roundrobin, least_conn, ip_hash, hash_modula, hash_ketama")]
+    UnknownLb(String),
+}
+
+/// Splits `HOST[:PORT]/PATH[?QUERY]` (an optional `http://` in front is accepted).
+pub fn parse_endpoint(arg: &str) -> Result<Endpoint, ConfError> {
+    if arg.starts_with("https://") {
+        return Err(ConfError::Https(arg.to_string()));
+    }
+    let rest = arg.strip_prefix("http://").unwrap_or(arg);
+    let slash = rest.find('/').ok_or_else(|| ConfError::Address(arg.to_string()))?;
+    let (hostport, path_query) = rest.split_at(slash);
+    let (path, query) = match path_query.split_once('?') {
+        Some((p, q)) => (p, q),
+        None => (path_query, ""),
+    };
+    if hostport.is_empty() || path.len() < 2 || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(ConfError::Address(arg.to_string()));
+    }
+    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+        let (h, after) = v6.split_once(']').ok_or_else(|| ConfError::Address(arg.to_string()))?;
+        if h.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(ConfError::Address(arg.to_string()));
+        }
+        match after {
+            "" => (h, None),
+            p if p.starts_with(':') => (h, Some(&p[1..])),
+            _ => return Err(ConfError::Address(arg.to_string())),
+        }
+    } else {
+        match hostport.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        }
+    };
+    let host_ok = !host.is_empty()
+        && (host.contains(':')
+            || host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_'));
+    if !host_ok {
+        return Err(ConfError::Address(arg.to_string()));
+    }
+    let port = match port {
+        None => 80,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => n,
+            _ => return Err(ConfError::Port(arg.to_string())),
+        },
+    };
+    Ok(Endpoint {
+        host: host.to_string(),
+        port,
+        path: path.to_string(),
+        query: query.to_string(),
+    })
+}
+
+fn parse_time_param(v: &str, default: u64) -> Result<u64, ConfError> {
+    match parse_time_ms(v) {
+        // The C module treats 0 as "use the default"; keep that for drop-in configs.
+        Some(0) => Ok(default),
+        Some(ms) => Ok(ms),
+        None => Err(ConfError::Time(v.to_string())),
+    }
+}
+
+fn parse_on_off(v: &str) -> Result<bool, ConfError> {
+    match v.to_ascii_lowercase().as_str() {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(ConfError::OnOff(v.to_string())),
+    }
+}
+
+/// Checks that the path suits the protocol and normalizes it: a Consul KV prefix always ends
+/// in `/`, so `upstreams/test` never matches `upstreams/test01`.
+fn normalize_path(kind: SourceKind, ep: &mut Endpoint) -> Result<(), ConfError> {
+    let (needles, expected): (&[&str], &'static str) = match kind {
+        SourceKind::ConsulKv => (&["/v1/kv/"], "/v1/kv/"),
+        SourceKind::ConsulServices => (
+            &["/v1/catalog/service/", "/v1/health/service/"],
+            "/v1/catalog/service/ or /v1/health/service/",
+        ),
+        SourceKind::EtcdV2 => (&["/v2/keys/"], "/v2/keys/"),
+    };
+    let ok = needles
+        .iter()
+        .any(|n| ep.path.find(n).is_some_and(|i| ep.path.len() > i + n.len()));
+    if !ok {
+        return Err(ConfError::PathForKind {
+            path: ep.path.clone(),
+            kind: kind.name(),
+            expected,
+        });
+    }
+    match kind {
+        SourceKind::ConsulKv | SourceKind::EtcdV2 => {
+            if !ep.path.ends_with('/') {
+                ep.path.push('/');
+            }
+        }
+        SourceKind::ConsulServices => {
+            while ep.path.ends_with('/') {
+                ep.path.pop();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parses the arguments of `upsync` (everything after the directive name).
+pub fn parse_upsync(args: &[&str]) -> Result<UpsyncSpec, ConfError> {
+    let first = args.first().ok_or_else(|| ConfError::Address(String::new()))?;
+    let mut endpoint = parse_endpoint(first)?;
+    let mut kind = None;
+    let mut interval = None;
+    let mut timeout = None;
+    let mut strong = None;
+    for arg in &args[1..] {
+        let (k, v) = arg
+            .split_once('=')
+            .ok_or_else(|| ConfError::UnknownParam(arg.to_string()))?;
+        let dup = |slot: bool, name| if slot { Err(ConfError::Duplicate(name)) } else { Ok(()) };
+        match k {
+            "upsync_type" => {
+                dup(kind.is_some(), "upsync_type")?;
+                kind = Some(SourceKind::parse(v).ok_or_else(|| ConfError::UnknownType(v.to_string()))?);
+            }
+            "upsync_interval" => {
+                dup(interval.is_some(), "upsync_interval")?;
+                interval = Some(parse_time_param(v, DEFAULT_INTERVAL_MS)?);
+            }
+            "upsync_timeout" => {
+                dup(timeout.is_some(), "upsync_timeout")?;
+                timeout = Some(parse_time_param(v, DEFAULT_TIMEOUT_MS)?);
+            }
+            "strong_dependency" => {
+                dup(strong.is_some(), "strong_dependency")?;
+                strong = Some(parse_on_off(v)?);
+            }
+            _ => return Err(ConfError::UnknownParam(arg.to_string())),
+        }
+    }
+    let kind = kind.ok_or(ConfError::MissingType)?;
+    normalize_path(kind, &mut endpoint)?;
+    Ok(UpsyncSpec {
+        endpoint,
+        kind,
+        interval_ms: interval.unwrap_or(DEFAULT_INTERVAL_MS),
+        timeout_ms: timeout.unwrap_or(DEFAULT_TIMEOUT_MS),
+        strong_dependency: strong.unwrap_or(false),
+    })
+}
+
+/// `upsync_lb` methods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LbMethod {
+    #[default]
+    RoundRobin,
+    LeastConn,
+    IpHash,
+    HashModula,
+    HashKetama,
+}
+
+impl LbMethod {
+    pub fn parse(s: &str) -> Result<LbMethod, ConfError> {
+        match s {
+            "roundrobin" | "round_robin" => Ok(LbMethod::RoundRobin),
+            "least_conn" => Ok(LbMethod::LeastConn),
+            "ip_hash" => Ok(LbMethod::IpHash),
+            "hash_modula" => Ok(LbMethod::HashModula),
+            "hash_ketama" => Ok(LbMethod::HashKetama),
+            _ => Err(ConfError::UnknownLb(s.to_string())),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LbMethod::RoundRobin => "roundrobin",
+            LbMethod::LeastConn => "least_conn",
+            LbMethod::IpHash => "ip_hash",
+            LbMethod::HashModula => "hash_modula",
+            LbMethod::HashKetama => "hash_ketama",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(args: &[&str]) -> UpsyncSpec {
+        parse_upsync(args).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    #[test]
+    fn seed_configurations() {
+        let s = ok(&[
+            "127.0.0.1:8500/v1/kv/upstreams/my_tcp_backend/",
+            "upsync_type=consul",
+            "upsync_interval=500ms",
+            "upsync_timeout=6m",
+            "strong_dependency=on",
+        ]);
+        assert_eq!(s.kind, SourceKind::ConsulKv);
+        assert_eq!(s.endpoint.host, "127.0.0.1");
+        assert_eq!(s.endpoint.port, 8500);
+        assert_eq!(s.endpoint.path, "/v1/kv/upstreams/my_tcp_backend/");
+        assert_eq!((s.interval_ms, s.timeout_ms, s.strong_dependency), (500, 360_000, true));
+
+        let s = ok(&["127.0.0.1:8500/v1/health/service/my-service", "upsync_type=consul_services"]);
+        assert_eq!(s.kind, SourceKind::ConsulServices);
+        assert_eq!((s.interval_ms, s.timeout_ms, s.strong_dependency), (5000, 360_000, false));
+
+        let s = ok(&["127.0.0.1:2379/v2/keys/upstreams/my_backend", "upsync_type=etcd"]);
+        assert_eq!(s.endpoint.path, "/v2/keys/upstreams/my_backend/");
+    }
+
+    #[test]
+    fn endpoint_forms() {
+        let e = parse_endpoint("consul.service:8500/v1/kv/a/").unwrap();
+        assert_eq!((e.host.as_str(), e.port), ("consul.service", 8500));
+        let e = parse_endpoint("consul/v1/kv/a/").unwrap();
+        assert_eq!(e.port, 80);
+        let e = parse_endpoint("[::1]:8500/v1/kv/a/?dc=dc2").unwrap();
+        assert_eq!((e.host.as_str(), e.port, e.query.as_str()), ("::1", 8500, "dc=dc2"));
+        assert_eq!(e.to_string(), "[::1]:8500/v1/kv/a/?dc=dc2");
+        let e = parse_endpoint("http://127.0.0.1:8500/v1/kv/a/").unwrap();
+        assert_eq!(e.authority(), "127.0.0.1:8500");
+    }
+
+    #[test]
+    fn rejects_with_specific_errors() {
+        use ConfError::*;
+        let cases: &[(&[&str], fn(&ConfError) -> bool)] = &[
+            (&["127.0.0.1:8500"], |e| matches!(e, Address(_))),
+            (&["127.0.0.1:8500/", "upsync_type=consul"], |e| matches!(e, Address(_))),
+            (&[":8500/v1/kv/a/", "upsync_type=consul"], |e| matches!(e, Address(_))),
+            (&["127.0.0.1:0/v1/kv/a/", "upsync_type=consul"], |e| matches!(e, Port(_))),
+            (&["127.0.0.1:70000/v1/kv/a/", "upsync_type=consul"], |e| matches!(e, Port(_))),
+            (&["127.0.0.1:/v1/kv/a/", "upsync_type=consul"], |e| matches!(e, Port(_))),
+            (&["127.0.0.1:85a/v1/kv/a/", "upsync_type=consul"], |e| matches!(e, Port(_))),
+            (&["127.0.0.1:8500/v1/kv/a/"], |e| matches!(e, MissingType)),
+            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=zk"], |e| matches!(e, UnknownType(_))),
+            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=Consul"], |e| matches!(e, UnknownType(_))),
+            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "upsync_interval=5x"], |e| matches!(e, Time(_))),
+            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "upsync_timeout=-1"], |e| matches!(e, Time(_))),
+            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "strong_dependency=yes"], |e| matches!(e, OnOff(_))),
+            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "foo=bar"], |e| matches!(e, UnknownParam(_))),
+            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "bare"], |e| matches!(e, UnknownParam(_))),
+            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "upsync_type=etcd"], |e| matches!(e, Duplicate(_))),
+            (&["127.0.0.1:8500/v2/keys/a/", "upsync_type=consul"], |e| matches!(e, PathForKind { .. })),
+            (&["127.0.0.1:8500/v1/kv/", "upsync_type=consul"], |e| matches!(e, PathForKind { .. })),
+            (&["https://127.0.0.1:8500/v1/kv/a/", "upsync_type=consul"], |e| matches!(e, Https(_))),
+        ];
+        for (args, check) in cases {
+            let err = parse_upsync(args).expect_err(&format!("{args:?} should fail"));
+            assert!(check(&err), "{args:?}: unexpected {err:?}");
+            assert!(!err.to_string().is_empty());
+        }
+    }
+
+    #[test]
+    fn zero_time_means_default_like_c_module() {
+        let s = ok(&["h:1/v1/kv/a/", "upsync_type=consul", "upsync_interval=0", "upsync_timeout=0s"]);
+        assert_eq!((s.interval_ms, s.timeout_ms), (DEFAULT_INTERVAL_MS, DEFAULT_TIMEOUT_MS));
+    }
+
+    #[test]
+    fn lb_methods() {
+        for m in ["roundrobin", "least_conn", "ip_hash", "hash_modula", "hash_ketama"] {
+            assert_eq!(LbMethod::parse(m).unwrap().name(), m);
+        }
+        assert_eq!(LbMethod::parse("round_robin"), Ok(LbMethod::RoundRobin));
+        assert!(LbMethod::parse("random").is_err());
+    }
+}

@@ -1,0 +1,138 @@
+//! The dump file: the current server set as `server ...;` lines that the upstream block
+//! `include`s, so nginx starts with the last known set when the registry is down.
+//! Written atomically (temp file, fsync, rename, fsync of the directory): a crash at any
+//! point leaves either the old file or the new one, never a torn include.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::Path;
+
+use crate::servers::{parse_addr, ServerSpec};
+
+/// The file's text: one line per server, in set order.
+pub fn render(servers: &[ServerSpec]) -> String {
+    let mut out = String::with_capacity(servers.len() * 64);
+    for s in servers {
+        out.push_str(&s.line());
+        out.push('\n');
+    }
+    out
+}
+
+/// Parses the text back (comments and blank lines allowed). Used to check dumps, and by
+/// the crash-safety tools; nginx itself reads the file through `include`.
+pub fn parse(text: &str) -> Result<Vec<ServerSpec>, String> {
+    let mut out = Vec::new();
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let err = |why: &str| format!("line {}: {why}: \"{raw}\"", n + 1);
+        let body = line.strip_suffix(';').ok_or_else(|| err("missing \";\""))?;
+        let mut words = body.split_ascii_whitespace();
+        if words.next() != Some("server") {
+            return Err(err("expected \"server\""));
+        }
+        let addr = words.next().ok_or_else(|| err("missing address"))?;
+        let mut spec = ServerSpec::new(parse_addr(addr).map_err(|e| err(&e.to_string()))?);
+        for w in words {
+            let num = |v: &str| v.parse::<u32>().map_err(|_| err("bad number"));
+            match w.split_once('=') {
+                Some(("weight", v)) => spec.weight = num(v)?.max(1),
+                Some(("max_fails", v)) => spec.max_fails = num(v)?,
+                Some(("max_conns", v)) => spec.max_conns = num(v)?,
+                Some(("fail_timeout", v)) => {
+                    spec.fail_timeout = crate::conf::time::parse_time_ms(v)
+                        .map(|ms| (ms / 1000) as u32)
+                        .ok_or_else(|| err("bad fail_timeout"))?
+                }
+                None if w == "down" => spec.down = true,
+                None if w == "backup" => spec.backup = true,
+                _ => return Err(err("unknown parameter")),
+            }
+        }
+        out.push(spec);
+    }
+    Ok(out)
+}
+
+/// Writes `contents` to `path` atomically: a temp file beside it, fsync, rename over the
+/// target, then fsync the directory so the rename itself survives a power cut.
+pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "dump path has no file name"))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(name);
+    tmp_name.push(format!(".tmp.{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+        drop(f);
+        // Keep the permissions an operator gave the existing file.
+        if let Ok(meta) = fs::metadata(path) {
+            let _ = fs::set_permissions(&tmp, meta.permissions());
+        }
+        fs::rename(&tmp, path)?;
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_parse_round_trip() {
+        let text = "server 127.0.0.1:8088 weight=40 max_fails=3 fail_timeout=20s down;\n\
+                    server 127.0.0.1:8089 weight=20 max_fails=0 fail_timeout=30s;\n";
+        let specs = parse(text).unwrap();
+        assert_eq!(specs.len(), 2);
+        assert_eq!(render(&specs), text);
+        let mut s = specs[1].clone();
+        s.backup = true;
+        s.max_conns = 3;
+        assert_eq!(parse(&render(&[s.clone()])).unwrap(), vec![s]);
+    }
+
+    #[test]
+    fn parse_errors_name_the_line() {
+        assert!(parse("server 127.0.0.1:1 weight=1\n").unwrap_err().contains("line 1"));
+        assert!(parse("# c\n\nserver x:1;\n").unwrap_err().contains("line 3"));
+        assert!(parse("upstream a;\n").is_err());
+        assert!(parse("server 127.0.0.1:1 color=red;\n").is_err());
+        assert_eq!(parse("# only a comment\n").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn atomic_write_replaces_and_cleans_up() {
+        let dir = std::env::temp_dir().join(format!("upsync-dump-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("servers_test.conf");
+        write_atomic(&p, b"one\n").unwrap();
+        write_atomic(&p, b"two\n").unwrap();
+        assert_eq!(fs::read_to_string(&p).unwrap(), "two\n");
+        let leftovers: Vec<_> = fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).collect();
+        assert_eq!(leftovers.len(), 1, "temp files left behind");
+        assert!(write_atomic(&dir.join("missing-dir/x.conf"), b"x").is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

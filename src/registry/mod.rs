@@ -1,0 +1,126 @@
+//! Registry protocols. Each one turns "what do I know so far" into the next HTTP request,
+//! and a response into a server list. No I/O here: the poller drives the requests.
+
+pub mod consul;
+
+use std::fmt;
+
+use crate::conf::{SourceKind, UpsyncSpec};
+use crate::net::http::Head;
+use crate::servers::{normalize, ServerSpec, SpecError};
+
+/// The next request to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub path_and_query: String,
+    /// Complete header lines without CRLF.
+    pub headers: Vec<String>,
+    /// How long to wait for the whole response.
+    pub timeout_ms: u64,
+}
+
+/// The result of one successful exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Normalized: sorted by address, one entry per address.
+    pub servers: Vec<ServerSpec>,
+    /// Entries dropped because another entry had the same address.
+    pub duplicates: usize,
+    /// True when the registry's position moved (a change may have happened); false when
+    /// a blocking query simply timed out at the same index.
+    pub advanced: bool,
+}
+
+impl Snapshot {
+    pub fn new(mut servers: Vec<ServerSpec>, advanced: bool) -> Snapshot {
+        let duplicates = normalize(&mut servers).len();
+        Snapshot {
+            servers,
+            duplicates,
+            advanced,
+        }
+    }
+}
+
+/// Why a response could not be used. The last good server set stays in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryError {
+    Status { code: u16, body: String },
+    MissingHeader(&'static str),
+    BadHeader(&'static str, String),
+    Json(String),
+    Entry { key: String, err: SpecError },
+}
+
+impl fmt::Display for RegistryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RegistryError::Status { code, body } => {
+                write!(f, "unexpected HTTP status {code}")?;
+                if !body.is_empty() {
+                    write!(f, ": \"{body}\"")?;
+                }
+                Ok(())
+            }
+            RegistryError::MissingHeader(h) => write!(f, "response has no {h} header"),
+            RegistryError::BadHeader(h, v) => write!(f, "invalid {h} header \"{v}\""),
+            RegistryError::Json(e) => write!(f, "invalid JSON in response: {e}"),
+            RegistryError::Entry { key, err } => write!(f, "entry \"{key}\": {err}"),
+        }
+    }
+}
+
+/// Shortens untrusted text for a log line: at most 128 bytes, control characters escaped.
+pub fn excerpt(bytes: &[u8]) -> String {
+    let mut s: String = String::from_utf8_lossy(&bytes[..bytes.len().min(128)])
+        .chars()
+        .map(|c| if c.is_control() { '.' } else { c })
+        .collect();
+    if bytes.len() > 128 {
+        s.push_str("...");
+    }
+    s
+}
+
+/// One registry protocol's client-side state machine.
+pub trait Source: Send {
+    /// The request to send next.
+    fn next_request(&self) -> Request;
+    /// Turns a complete response into a snapshot, updating the position (index/revision).
+    fn handle(&mut self, head: &Head, body: &[u8]) -> Result<Snapshot, RegistryError>;
+    /// Forgets the position, so the next request reads everything (after errors).
+    fn reset(&mut self);
+    /// The position, for status output (Consul index, etcd index).
+    fn position(&self) -> u64;
+}
+
+/// Builds the protocol for a parsed `upsync` directive.
+pub fn source_for(spec: &UpsyncSpec) -> Box<dyn Source> {
+    match spec.kind {
+        SourceKind::ConsulKv | SourceKind::ConsulServices => Box::new(consul::Consul::new(spec)),
+        SourceKind::EtcdV2 => Box::new(Unsupported),
+    }
+}
+
+/// Placeholder for protocols not implemented yet: every poll fails with a clear reason.
+struct Unsupported;
+
+impl Source for Unsupported {
+    fn next_request(&self) -> Request {
+        Request {
+            path_and_query: "/".into(),
+            headers: vec![],
+            timeout_ms: 10_000,
+        }
+    }
+    fn handle(&mut self, _: &Head, _: &[u8]) -> Result<Snapshot, RegistryError> {
+        Err(RegistryError::Status {
+            code: 0,
+            body: "this upsync_type is not implemented in this build".into(),
+        })
+    }
+    fn reset(&mut self) {}
+    fn position(&self) -> u64 {
+        0
+    }
+}
