@@ -16,3 +16,19 @@ pub mod net;
 pub mod registry;
 pub mod servers;
 pub mod show;
+
+#[cfg(not(test))]
+pub mod module;
+#[cfg(not(test))]
+mod peer;
+#[cfg(not(test))]
+mod poller;
+#[cfg(not(test))]
+mod show_handler;
+#[cfg(not(test))]
+pub mod zone;
+
+#[cfg(not(test))]
+use module::ngx_stream_upsync_module;
+#[cfg(not(test))]
+ngx::ngx_modules!(ngx_stream_upsync_module);

@@ -44,27 +44,45 @@ impl ServerSpec {
         }
     }
 
-    /// The C module's line shape: `server ADDR weight=W max_fails=F fail_timeout=Ts[ max_conns=N][ backup][ down];`
-    /// (`max_conns` and `backup` only when set, so output for plain servers is byte-identical).
+    /// The C module's line shape (see `server_line`).
     pub fn line(&self) -> String {
-        let mut s = String::with_capacity(80);
-        let _ = write!(
-            s,
-            "server {} weight={} max_fails={} fail_timeout={}s",
-            self.addr, self.weight, self.max_fails, self.fail_timeout
-        );
-        if self.max_conns > 0 {
-            let _ = write!(s, " max_conns={}", self.max_conns);
-        }
-        if self.backup {
-            s.push_str(" backup");
-        }
-        if self.down {
-            s.push_str(" down");
-        }
-        s.push(';');
-        s
+        server_line(
+            &self.addr.to_string(),
+            self.weight,
+            self.max_fails,
+            self.fail_timeout as i64,
+            self.max_conns,
+            self.backup,
+            self.down,
+        )
     }
+}
+
+/// `server ADDR weight=W max_fails=F fail_timeout=Ts[ max_conns=N][ backup][ down];` —
+/// `max_conns` and `backup` only when set, so output for plain servers is byte-identical
+/// to the C module's.
+pub fn server_line(
+    name: &str,
+    weight: u32,
+    max_fails: u32,
+    fail_timeout: i64,
+    max_conns: u32,
+    backup: bool,
+    down: bool,
+) -> String {
+    let mut s = String::with_capacity(80);
+    let _ = write!(s, "server {name} weight={weight} max_fails={max_fails} fail_timeout={fail_timeout}s");
+    if max_conns > 0 {
+        let _ = write!(s, " max_conns={max_conns}");
+    }
+    if backup {
+        s.push_str(" backup");
+    }
+    if down {
+        s.push_str(" down");
+    }
+    s.push(';');
+    s
 }
 
 /// Why one registry entry could not become a server.

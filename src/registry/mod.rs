@@ -124,3 +124,29 @@ impl Source for Unsupported {
         0
     }
 }
+
+/// Delay before retrying after `failures` consecutive failures: starts at the poll
+/// interval and doubles up to four intervals; `jitter` in [0, 1) spreads it by up to +20%
+/// so many nginx instances do not retry in step.
+pub fn retry_delay_ms(interval_ms: u64, failures: u32, jitter: f64) -> u64 {
+    let base = interval_ms.max(50);
+    let factor = 1u64 << failures.saturating_sub(1).min(2);
+    let d = base * factor;
+    d + (d as f64 * 0.2 * jitter.clamp(0.0, 1.0)) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_backs_off_and_is_bounded() {
+        assert_eq!(retry_delay_ms(1000, 1, 0.0), 1000);
+        assert_eq!(retry_delay_ms(1000, 2, 0.0), 2000);
+        assert_eq!(retry_delay_ms(1000, 3, 0.0), 4000);
+        assert_eq!(retry_delay_ms(1000, 50, 0.0), 4000);
+        assert_eq!(retry_delay_ms(1000, 1, 0.99), 1198);
+        // never a hot loop, even with a tiny interval
+        assert!(retry_delay_ms(0, 1, 0.0) >= 50);
+    }
+}

@@ -1,0 +1,390 @@
+//! The nginx module: its table, directives, configuration structs and process hooks.
+//! Directive values are parsed by `conf`; this file only moves strings in and errors out.
+
+use std::collections::hash_map::DefaultHasher;
+use std::ffi::{c_char, c_void};
+use std::hash::{Hash, Hasher};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::ptr;
+
+use ngx::ffi::*;
+use ngx::{ngx_conf_log_error, ngx_string};
+
+use crate::conf::{parse_upsync, LbMethod, UpsyncSpec};
+use crate::servers::ServerSpec;
+use crate::zone::{InitOutcome, Zone};
+use crate::{peer, poller, show_handler};
+
+/// Size of each upstream's shared zone: about 4,000 servers with room for updates.
+pub const ZONE_SIZE: usize = 1024 * 1024;
+
+/// Per-`upstream {}` (and per `server {}`) configuration of this module.
+pub struct SrvConf {
+    pub upsync: Option<UpsyncSpec>,
+    /// Registry addresses, resolved when the configuration is read.
+    pub addrs: Vec<SocketAddr>,
+    pub dump_path: Option<String>,
+    pub lb: Option<LbMethod>,
+    pub uscf: *mut ngx_stream_upstream_srv_conf_t,
+    pub name: String,
+    /// The `server` lines of the configuration (usually the included dump).
+    pub initial: Vec<ServerSpec>,
+    pub initialized: bool,
+    pub shm_zone: *mut ngx_shm_zone_t,
+    pub zone: Option<Zone>,
+    pub zone_kept: bool,
+}
+
+impl SrvConf {
+    pub fn dump_path(&self) -> String {
+        self.dump_path.clone().unwrap_or_else(|| format!("/tmp/servers_{}.conf", self.name))
+    }
+
+    /// `upsync: upstream "NAME" (consul 127.0.0.1:8500/v1/kv/...)` — the prefix of every
+    /// runtime log line, naming the upstream and the registry.
+    pub fn log_prefix(&self) -> String {
+        match &self.upsync {
+            Some(u) => format!("upsync: upstream \"{}\" ({} {})", self.name, u.kind.name(), u.endpoint),
+            None => format!("upsync: upstream \"{}\"", self.name),
+        }
+    }
+
+    fn fingerprint(&self) -> u64 {
+        let mut h = DefaultHasher::new();
+        self.name.hash(&mut h);
+        if let Some(u) = &self.upsync {
+            u.kind.name().hash(&mut h);
+            u.endpoint.to_string().hash(&mut h);
+        }
+        h.finish()
+    }
+}
+
+static mut NGX_STREAM_UPSYNC_MODULE_CTX: ngx_stream_module_t = ngx_stream_module_t {
+    preconfiguration: None,
+    postconfiguration: Some(postconfiguration),
+    create_main_conf: None,
+    init_main_conf: None,
+    create_srv_conf: Some(create_srv_conf),
+    merge_srv_conf: None,
+};
+
+static mut NGX_STREAM_UPSYNC_COMMANDS: [ngx_command_t; 5] = [
+    ngx_command_t {
+        name: ngx_string!("upsync"),
+        type_: (NGX_STREAM_UPS_CONF | NGX_CONF_1MORE) as ngx_uint_t,
+        set: Some(cmd_upsync),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("upsync_dump_path"),
+        type_: (NGX_STREAM_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(cmd_dump_path),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("upsync_lb"),
+        type_: (NGX_STREAM_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(cmd_lb),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("upstream_show"),
+        type_: (NGX_STREAM_SRV_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
+        set: Some(cmd_upstream_show),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t::empty(),
+];
+
+#[no_mangle]
+#[used]
+pub static mut ngx_stream_upsync_module: ngx_module_t = ngx_module_t {
+    ctx: ptr::addr_of_mut!(NGX_STREAM_UPSYNC_MODULE_CTX) as *mut c_void,
+    commands: ptr::addr_of_mut!(NGX_STREAM_UPSYNC_COMMANDS) as *mut ngx_command_t,
+    type_: NGX_STREAM_MODULE as ngx_uint_t,
+    init_module: None,
+    init_process: Some(init_process),
+    exit_process: Some(exit_process),
+    ..ngx_module_t::default()
+};
+
+const CONF_OK: *mut c_char = ptr::null_mut();
+const CONF_ERROR: *mut c_char = usize::MAX as *mut c_char;
+
+/// The module's index among stream modules (valid once nginx loaded the module).
+pub fn ctx_index() -> usize {
+    // SAFETY: written by nginx before any configuration is parsed; read-only afterwards.
+    unsafe { (*ptr::addr_of!(ngx_stream_upsync_module)).ctx_index }
+}
+
+/// Our configuration of an upstream block.
+///
+/// # Safety
+/// `uscf` must be a configured stream upstream (its `srv_conf` array filled by nginx).
+pub unsafe fn upstream_conf<'a>(uscf: *mut ngx_stream_upstream_srv_conf_t) -> Option<&'a mut SrvConf> {
+    let srv = (*uscf).srv_conf;
+    if srv.is_null() {
+        return None;
+    }
+    let c = *srv.add(ctx_index()) as *mut SrvConf;
+    c.as_mut()
+}
+
+fn str_of(s: &ngx_str_t) -> String {
+    if s.len == 0 || s.data.is_null() {
+        return String::new();
+    }
+    // SAFETY: nginx strings point at `len` readable bytes.
+    String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(s.data, s.len) }).into_owned()
+}
+
+/// The directive's arguments, without the directive name.
+unsafe fn args(cf: *mut ngx_conf_t) -> Vec<String> {
+    let a = &*(*cf).args;
+    let v: &[ngx_str_t] = a.as_slice();
+    v.iter().skip(1).map(str_of).collect()
+}
+
+/// The stream upstream block being parsed.
+unsafe fn current_upstream(cf: *mut ngx_conf_t) -> *mut ngx_stream_upstream_srv_conf_t {
+    let ctx = (*cf).ctx as *mut ngx_stream_conf_ctx_t;
+    *(*ctx).srv_conf.add(ngx_stream_upstream_module.ctx_index) as *mut ngx_stream_upstream_srv_conf_t
+}
+
+unsafe extern "C" fn drop_conf(data: *mut c_void) {
+    drop(Box::from_raw(data as *mut SrvConf));
+}
+
+unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    let conf = Box::into_raw(Box::new(SrvConf {
+        upsync: None,
+        addrs: Vec::new(),
+        dump_path: None,
+        lb: None,
+        uscf: ptr::null_mut(),
+        name: String::new(),
+        initial: Vec::new(),
+        initialized: false,
+        shm_zone: ptr::null_mut(),
+        zone: None,
+        zone_kept: false,
+    }));
+    // The Rust fields own heap memory: free it with the configuration pool.
+    let cln = ngx_pool_cleanup_add((*cf).pool, 0);
+    if cln.is_null() {
+        drop(Box::from_raw(conf));
+        return ptr::null_mut();
+    }
+    (*cln).handler = Some(drop_conf);
+    (*cln).data = conf as *mut c_void;
+    conf as *mut c_void
+}
+
+macro_rules! conf_err {
+    ($cf:expr, $($arg:tt)+) => {{
+        ngx_conf_log_error!(NGX_LOG_EMERG, $cf, $($arg)+);
+        return CONF_ERROR;
+    }};
+}
+
+unsafe extern "C" fn cmd_upsync(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    let conf = &mut *(conf as *mut SrvConf);
+    let uscf = current_upstream(cf);
+    let name = str_of(&(*uscf).host);
+    if conf.upsync.is_some() {
+        conf_err!(cf, "\"upsync\" is given twice in upstream \"{name}\"; one registry source per upstream");
+    }
+    let a = args(cf);
+    let argv: Vec<&str> = a.iter().map(String::as_str).collect();
+    let spec = match parse_upsync(&argv) {
+        Ok(s) => s,
+        Err(e) => conf_err!(cf, "upsync: {e} in upstream \"{name}\""),
+    };
+    let addrs: Vec<SocketAddr> = match (spec.endpoint.host.as_str(), spec.endpoint.port).to_socket_addrs() {
+        Ok(it) => it.collect(),
+        Err(e) => conf_err!(cf, "upsync: host \"{}\" of upstream \"{name}\" not found: {e}", spec.endpoint.host),
+    };
+    if addrs.is_empty() {
+        conf_err!(cf, "upsync: host \"{}\" of upstream \"{name}\" has no addresses", spec.endpoint.host);
+    }
+    let ours: ngx_stream_upstream_init_pt = Some(peer::init_upstream);
+    if (*uscf).peer.init_upstream.is_some() {
+        conf_err!(
+            cf,
+            "upsync: upstream \"{name}\" already has a load-balancing method (least_conn, hash, random); remove it and use \"upsync_lb\""
+        );
+    }
+    (*uscf).peer.init_upstream = ours;
+
+    let mut zname = format!("upsync_{name}").into_bytes();
+    let mut zstr = ngx_str_t {
+        len: zname.len(),
+        data: ngx_pnalloc((*cf).pool, zname.len()) as *mut u8,
+    };
+    if zstr.data.is_null() {
+        return CONF_ERROR;
+    }
+    ptr::copy_nonoverlapping(zname.as_mut_ptr(), zstr.data, zname.len());
+    let shm = ngx_shared_memory_add(cf, &mut zstr, ZONE_SIZE, ptr::addr_of_mut!(ngx_stream_upsync_module) as *mut c_void);
+    if shm.is_null() {
+        return CONF_ERROR;
+    }
+    if !(*shm).data.is_null() {
+        conf_err!(cf, "upsync: shared zone \"upsync_{name}\" is already used");
+    }
+    (*shm).init = Some(init_zone);
+    (*shm).data = conf as *mut SrvConf as *mut c_void;
+
+    conf.upsync = Some(spec);
+    conf.addrs = addrs;
+    conf.uscf = uscf;
+    conf.name = name;
+    conf.shm_zone = shm;
+    CONF_OK
+}
+
+unsafe extern "C" fn cmd_dump_path(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    let conf = &mut *(conf as *mut SrvConf);
+    if conf.dump_path.is_some() {
+        return c"is duplicate".as_ptr() as *mut c_char;
+    }
+    let a = args(cf);
+    let path = &a[0];
+    let dir_ok = match std::path::Path::new(path).parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.is_dir(),
+        _ => true,
+    };
+    if path.is_empty() || path.ends_with('/') {
+        conf_err!(cf, "upsync_dump_path: \"{path}\" is not a file path");
+    }
+    if !dir_ok {
+        ngx_conf_log_error!(
+            NGX_LOG_WARN,
+            cf,
+            "upsync_dump_path: directory of \"{path}\" does not exist; the dump cannot be written until it does"
+        );
+    }
+    conf.dump_path = Some(path.clone());
+    CONF_OK
+}
+
+unsafe extern "C" fn cmd_lb(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    let conf = &mut *(conf as *mut SrvConf);
+    if conf.lb.is_some() {
+        return c"is duplicate".as_ptr() as *mut c_char;
+    }
+    let a = args(cf);
+    match LbMethod::parse(&a[0]) {
+        Ok(m) => {
+            if m != LbMethod::RoundRobin {
+                ngx_conf_log_error!(
+                    NGX_LOG_WARN,
+                    cf,
+                    "upsync_lb: \"{}\" is not implemented in this version yet; the upstream uses roundrobin",
+                    m.name()
+                );
+            }
+            conf.lb = Some(m);
+            CONF_OK
+        }
+        Err(e) => conf_err!(cf, "upsync_lb: {e}"),
+    }
+}
+
+unsafe extern "C" fn cmd_upstream_show(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, _conf: *mut c_void) -> *mut c_char {
+    let ctx = (*cf).ctx as *mut ngx_stream_conf_ctx_t;
+    let cscf = *(*ctx).srv_conf.add(ngx_stream_core_module.ctx_index) as *mut ngx_stream_core_srv_conf_t;
+    if (*cscf).handler.is_some() {
+        conf_err!(cf, "upstream_show: this server already has a content handler (proxy_pass, return, pass or upstream_show)");
+    }
+    (*cscf).handler = Some(show_handler::handler);
+    CONF_OK
+}
+
+/// All stream upstreams of a configuration's main context.
+pub unsafe fn upstreams_of(main_conf: *mut *mut c_void) -> &'static [*mut ngx_stream_upstream_srv_conf_t] {
+    let umcf = *main_conf.add(ngx_stream_upstream_module.ctx_index) as *mut ngx_stream_upstream_main_conf_t;
+    if umcf.is_null() {
+        return &[];
+    }
+    let arr = &(*umcf).upstreams;
+    if arr.nelts == 0 {
+        return &[];
+    }
+    std::slice::from_raw_parts(arr.elts as *const *mut ngx_stream_upstream_srv_conf_t, arr.nelts)
+}
+
+/// All stream upstreams of the running cycle.
+pub unsafe fn cycle_upstreams(cycle: *mut ngx_cycle_t) -> &'static [*mut ngx_stream_upstream_srv_conf_t] {
+    let ctx = *(*cycle).conf_ctx.add(ngx_stream_module.index) as *mut ngx_stream_conf_ctx_t;
+    if ctx.is_null() {
+        return &[];
+    }
+    upstreams_of((*ctx).main_conf)
+}
+
+unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+    let ctx = (*cf).ctx as *mut ngx_stream_conf_ctx_t;
+    for &uscf in upstreams_of((*ctx).main_conf) {
+        if let Some(conf) = upstream_conf(uscf) {
+            if conf.upsync.is_some() && !conf.initialized {
+                ngx_conf_log_error!(
+                    NGX_LOG_EMERG,
+                    cf,
+                    "upsync: upstream \"{}\" also has a load-balancing directive (least_conn, hash, random) after \"upsync\"; remove it and use \"upsync_lb\"",
+                    conf.name
+                );
+                return NGX_ERROR as ngx_int_t;
+            }
+        }
+    }
+    NGX_OK as ngx_int_t
+}
+
+unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, _old: *mut c_void) -> ngx_int_t {
+    let conf = &mut *((*shm_zone).data as *mut SrvConf);
+    let pool = (*shm_zone).shm.addr as *mut ngx_slab_pool_t;
+    let log = (*shm_zone).shm.log;
+    match Zone::init(pool, conf.fingerprint(), &conf.initial) {
+        Ok((zone, outcome)) => {
+            conf.zone_kept = matches!(outcome, InitOutcome::Kept);
+            if conf.zone_kept {
+                let n = zone.lock().slots().len();
+                ngx::ngx_log_error!(NGX_LOG_NOTICE, log, "{}: keeping the running set of {n} servers across the reload", conf.log_prefix());
+            }
+            conf.zone = Some(zone);
+            NGX_OK as ngx_int_t
+        }
+        Err(e) => {
+            ngx::ngx_log_error!(NGX_LOG_EMERG, log, "{}: {e}", conf.log_prefix());
+            NGX_ERROR as ngx_int_t
+        }
+    }
+}
+
+unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+    if ngx_process != NGX_PROCESS_WORKER as ngx_uint_t && ngx_process != NGX_PROCESS_SINGLE as ngx_uint_t {
+        return NGX_OK as ngx_int_t;
+    }
+    for &uscf in cycle_upstreams(cycle) {
+        if let Some(conf) = upstream_conf(uscf) {
+            if conf.upsync.is_some() && conf.zone.is_some() {
+                poller::start(cycle, conf);
+            }
+        }
+    }
+    NGX_OK as ngx_int_t
+}
+
+unsafe extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
+    poller::stop_all();
+}

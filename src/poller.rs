@@ -1,0 +1,546 @@
+//! One poller per upsync upstream per nginx instance. Every worker runs a cheap election
+//! tick; the worker holding the lease in the shared zone keeps one connection to the
+//! registry and long-polls it on nginx's event loop. A worker that exits releases the
+//! lease; a worker that dies loses it when its pid is gone or the lease runs out, and
+//! another worker takes over on its next tick.
+
+use std::ffi::c_void;
+use std::mem::{size_of, zeroed};
+use std::ptr;
+
+use ngx::ffi::*;
+use ngx::ngx_log_error;
+
+use crate::dump;
+use crate::module::SrvConf;
+use crate::net::http::{get_request, ResponseParser};
+use crate::registry::{retry_delay_ms, source_for, Snapshot, Source};
+use crate::servers::Diff;
+use crate::zone::{sockaddr_of, Zone};
+
+/// Largest registry response accepted (a 10,000-server KV listing is about 2 MB).
+const BODY_LIMIT: usize = 8 * 1024 * 1024;
+/// Minimum spacing between two requests, whatever the registry answers.
+const MIN_GAP_MS: u64 = 20;
+
+pub struct Poller {
+    conf: *const SrvConf,
+    zone: Zone,
+    source: Box<dyn Source>,
+    prefix: String,
+    interval_ms: u64,
+    tick_ms: u64,
+    lease_ms: u64,
+    tick: ngx_event_t,
+    wake: ngx_event_t,
+    /// Connection-level errors go to a copy of the cycle log that only shows critical
+    /// messages: the poller logs each state change itself, once.
+    quiet_log: ngx_log_t,
+    pc: ngx_peer_connection_t,
+    sockaddr: libc::sockaddr_storage,
+    peer_name: ngx_str_t,
+    peer_name_buf: Vec<u8>,
+    addr_index: usize,
+    out: Vec<u8>,
+    sent: usize,
+    parser: Option<ResponseParser>,
+    connecting: bool,
+    in_flight: bool,
+    request_started: u64,
+    last_request: u64,
+    request_timeout: u64,
+    owner: bool,
+    failures: u32,
+    last_error: Option<String>,
+    empty_warned: bool,
+    rng: u64,
+}
+
+static mut POLLERS: Vec<*mut Poller> = Vec::new();
+
+fn mono_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn exiting() -> bool {
+    // SAFETY: process-global flags set by nginx's signal handling on this thread.
+    unsafe { ngx_exiting != 0 || ngx_quit != 0 || ngx_terminate != 0 }
+}
+
+fn pid_alive(pid: i64) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 || *libc::__errno_location() == libc::EPERM }
+}
+
+unsafe fn cycle_log() -> *mut ngx_log_t {
+    (*ngx_cycle).log
+}
+
+/// Starts the poller of one upstream in this worker.
+///
+/// # Safety
+/// Called from `init_process` with the running cycle and a configuration that outlives it.
+pub unsafe fn start(_cycle: *mut ngx_cycle_t, conf: &SrvConf) {
+    let spec = conf.upsync.as_ref().expect("upsync configured");
+    let zone = conf.zone.expect("zone initialized");
+    let interval = spec.interval_ms;
+    let tick_ms = (interval / 2).clamp(100, 2000);
+    let p: *mut Poller = Box::into_raw(Box::new(Poller {
+        conf,
+        zone,
+        source: source_for(spec),
+        prefix: conf.log_prefix(),
+        interval_ms: interval,
+        tick_ms,
+        lease_ms: (tick_ms * 3).max(interval),
+        tick: zeroed(),
+        wake: zeroed(),
+        quiet_log: *cycle_log(),
+        pc: zeroed(),
+        sockaddr: zeroed(),
+        peer_name: ngx_str_t::empty(),
+        peer_name_buf: Vec::new(),
+        addr_index: 0,
+        out: Vec::new(),
+        sent: 0,
+        parser: None,
+        connecting: false,
+        in_flight: false,
+        request_started: 0,
+        last_request: 0,
+        request_timeout: 0,
+        owner: false,
+        failures: 0,
+        last_error: None,
+        empty_warned: false,
+        rng: (ngx_pid as u64) << 32 ^ mono_ms() ^ 0x9e37_79b9_7f4a_7c15,
+    }));
+    let me = &mut *p;
+    me.quiet_log.log_level = NGX_LOG_CRIT as ngx_uint_t;
+    for (ev, handler) in [(&mut me.tick, tick_handler as unsafe extern "C" fn(*mut ngx_event_t)), (&mut me.wake, wake_handler)] {
+        ev.data = p as *mut c_void;
+        ev.handler = Some(handler);
+        ev.log = cycle_log();
+        ev.set_cancelable(1);
+    }
+    // Spread the first election tick so workers do not all race at once.
+    let first = me.random() % 50;
+    ngx_add_timer(&mut me.tick, first as ngx_msec_t);
+    (*ptr::addr_of_mut!(POLLERS)).push(p);
+}
+
+/// Releases every lease this worker holds (worker exit).
+pub fn stop_all() {
+    // SAFETY: single-threaded worker; pollers live until process exit.
+    unsafe {
+        for &p in (*ptr::addr_of!(POLLERS)).iter() {
+            (*p).shutdown();
+        }
+    }
+}
+
+unsafe extern "C" fn tick_handler(ev: *mut ngx_event_t) {
+    (*((*ev).data as *mut Poller)).on_tick();
+}
+
+unsafe extern "C" fn wake_handler(ev: *mut ngx_event_t) {
+    let p = &mut *((*ev).data as *mut Poller);
+    if p.owner && !p.in_flight && !exiting() {
+        p.start_request();
+    }
+}
+
+unsafe extern "C" fn conn_read_handler(ev: *mut ngx_event_t) {
+    let c = (*ev).data as *mut ngx_connection_t;
+    (*((*c).data as *mut Poller)).on_read(ev);
+}
+
+unsafe extern "C" fn conn_write_handler(ev: *mut ngx_event_t) {
+    let c = (*ev).data as *mut ngx_connection_t;
+    (*((*c).data as *mut Poller)).on_write(ev);
+}
+
+/// `pc.get` for our own connection: the address is already set.
+unsafe extern "C" fn registry_peer_get(_pc: *mut ngx_peer_connection_t, _data: *mut c_void) -> ngx_int_t {
+    NGX_OK as ngx_int_t
+}
+
+impl Poller {
+    fn conf(&self) -> &SrvConf {
+        // SAFETY: the configuration outlives the worker's pollers.
+        unsafe { &*self.conf }
+    }
+
+    fn random(&mut self) -> u64 {
+        // xorshift64*: enough to spread timers; not for anything secret.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn log(&self, level: u32, msg: &str) {
+        // SAFETY: the cycle log is valid for the life of the process.
+        unsafe {
+            ngx_log_error!(level, cycle_log(), "{}: {}", self.prefix, msg);
+        }
+    }
+
+    unsafe fn on_tick(&mut self) {
+        if exiting() {
+            self.shutdown();
+            return;
+        }
+        let now = mono_ms();
+        let me = ngx_pid as i64;
+        let owner_now = {
+            let l = self.zone.lock();
+            let h = &mut *l.hdr;
+            if h.poller_pid == me {
+                h.lease_until_ms = now + self.lease_ms;
+                true
+            } else if h.poller_pid == 0 || h.lease_until_ms < now || !pid_alive(h.poller_pid) {
+                h.poller_pid = me;
+                h.lease_until_ms = now + self.lease_ms;
+                true
+            } else {
+                false
+            }
+        };
+        if owner_now && !self.owner {
+            self.owner = true;
+            self.log(NGX_LOG_INFO, &format!("this worker (pid {me}) now polls the registry"));
+            self.source.reset();
+            self.schedule(0);
+        } else if !owner_now && self.owner {
+            self.owner = false;
+            self.log(NGX_LOG_WARN, "lost the polling lease to another worker");
+            self.close_connection();
+        }
+        ngx_add_timer(&mut self.tick, self.tick_ms as ngx_msec_t);
+    }
+
+    /// Stops polling and gives the lease back so another worker takes over at once.
+    unsafe fn shutdown(&mut self) {
+        self.close_connection();
+        for ev in [&mut self.tick, &mut self.wake] {
+            if ev.timer_set() != 0 {
+                ngx_del_timer(ev);
+            }
+        }
+        if self.owner {
+            self.owner = false;
+            let l = self.zone.lock();
+            if l.hdr.poller_pid == ngx_pid as i64 {
+                l.hdr.poller_pid = 0;
+                l.hdr.lease_until_ms = 0;
+            }
+        }
+    }
+
+    unsafe fn schedule(&mut self, delay_ms: u64) {
+        if self.wake.timer_set() != 0 {
+            ngx_del_timer(&mut self.wake);
+        }
+        ngx_add_timer(&mut self.wake, delay_ms as ngx_msec_t);
+    }
+
+    unsafe fn start_request(&mut self) {
+        let now = mono_ms();
+        let gap = self.last_request + MIN_GAP_MS;
+        if now < gap {
+            self.schedule(gap - now);
+            return;
+        }
+        let req = self.source.next_request();
+        let authority = self.conf().upsync.as_ref().unwrap().endpoint.authority();
+        self.out = get_request(&req.path_and_query, &authority, &req.headers);
+        self.sent = 0;
+        self.parser = Some(ResponseParser::new(BODY_LIMIT));
+        self.in_flight = true;
+        self.request_started = now;
+        self.last_request = now;
+        self.request_timeout = req.timeout_ms;
+        if !self.pc.connection.is_null() {
+            // Reuse the kept-alive connection.
+            self.send();
+            return;
+        }
+        self.connect();
+    }
+
+    unsafe fn connect(&mut self) {
+        let addrs = &self.conf().addrs;
+        let addr = addrs[self.addr_index % addrs.len()];
+        let (storage, len) = sockaddr_of(&addr);
+        self.sockaddr = storage;
+        self.peer_name_buf = addr.to_string().into_bytes();
+        self.peer_name = ngx_str_t {
+            len: self.peer_name_buf.len(),
+            data: self.peer_name_buf.as_mut_ptr(),
+        };
+        self.pc = zeroed();
+        self.pc.sockaddr = &mut self.sockaddr as *mut _ as *mut sockaddr;
+        self.pc.socklen = len;
+        self.pc.name = &mut self.peer_name;
+        self.pc.get = Some(registry_peer_get);
+        self.pc.log = &mut self.quiet_log;
+        self.pc.set_log_error(ngx_connection_log_error_e_NGX_ERROR_ERR as u32);
+        self.pc.tries = 1;
+        let rc = ngx_event_connect_peer(&mut self.pc);
+        if rc == NGX_ERROR as ngx_int_t || rc == NGX_BUSY as ngx_int_t || rc == NGX_DECLINED as ngx_int_t {
+            let err = std::io::Error::last_os_error();
+            self.pc.connection = ptr::null_mut();
+            self.fail(format!("cannot connect to {addr}: {err}"));
+            return;
+        }
+        let c = self.pc.connection;
+        (*c).data = self as *mut Poller as *mut c_void;
+        (*c).log = &mut self.quiet_log;
+        (*(*c).read).log = (*c).log;
+        (*(*c).write).log = (*c).log;
+        (*(*c).read).handler = Some(conn_read_handler);
+        (*(*c).write).handler = Some(conn_write_handler);
+        (*(*c).read).set_cancelable(1);
+        (*(*c).write).set_cancelable(1);
+        if rc == NGX_AGAIN as ngx_int_t {
+            self.connecting = true;
+            ngx_add_timer((*c).write, self.request_timeout.clamp(1_000, 5_000) as ngx_msec_t);
+            return;
+        }
+        self.connecting = false;
+        self.send();
+    }
+
+    unsafe fn on_write(&mut self, ev: *mut ngx_event_t) {
+        if !self.in_flight {
+            return;
+        }
+        if (*ev).timedout() != 0 {
+            (*ev).set_timedout(0);
+            let name = String::from_utf8_lossy(&self.peer_name_buf).into_owned();
+            self.fail(format!("connecting to {name} timed out"));
+            return;
+        }
+        if self.connecting {
+            self.connecting = false;
+            if (*ev).timer_set() != 0 {
+                ngx_del_timer(ev);
+            }
+            let mut err: libc::c_int = 0;
+            let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+            let fd = (*self.pc.connection).fd;
+            if libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, &mut err as *mut _ as *mut c_void, &mut len) == -1 {
+                err = *libc::__errno_location();
+            }
+            if err != 0 {
+                let name = String::from_utf8_lossy(&self.peer_name_buf).into_owned();
+                self.fail(format!("cannot connect to {name}: {}", std::io::Error::from_raw_os_error(err)));
+                return;
+            }
+        }
+        self.send();
+    }
+
+    unsafe fn send(&mut self) {
+        let c = self.pc.connection;
+        while self.sent < self.out.len() {
+            let send = (*c).send.expect("connection send");
+            let n = send(c, self.out.as_mut_ptr().add(self.sent), self.out.len() - self.sent);
+            if n > 0 {
+                self.sent += n as usize;
+            } else if n == NGX_AGAIN as isize {
+                if ngx_handle_write_event((*c).write, 0) != NGX_OK as ngx_int_t {
+                    self.fail("cannot wait for the connection to become writable".into());
+                }
+                return;
+            } else {
+                let err = std::io::Error::last_os_error();
+                self.fail(format!("sending the request failed: {err}"));
+                return;
+            }
+        }
+        ngx_add_timer((*c).read, self.request_timeout as ngx_msec_t);
+        if ngx_handle_read_event((*c).read, 0) != NGX_OK as ngx_int_t {
+            self.fail("cannot wait for the response".into());
+            return;
+        }
+        if (*(*c).read).ready() != 0 {
+            self.on_read((*c).read);
+        }
+    }
+
+    unsafe fn on_read(&mut self, ev: *mut ngx_event_t) {
+        let c = self.pc.connection;
+        if c.is_null() {
+            return;
+        }
+        if !self.in_flight {
+            // An idle kept-alive connection became readable: the registry closed it (or
+            // sent something unasked). Either way it cannot be reused.
+            self.close_connection();
+            return;
+        }
+        if (*ev).timedout() != 0 {
+            (*ev).set_timedout(0);
+            self.fail(format!("no complete response within {}ms (upsync_timeout)", self.request_timeout));
+            return;
+        }
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let recv = (*c).recv.expect("connection recv");
+            let n = recv(c, buf.as_mut_ptr(), buf.len());
+            let parser = self.parser.as_mut().expect("parser in flight");
+            if n > 0 {
+                match parser.feed(&buf[..n as usize]) {
+                    Ok(true) => return self.complete(),
+                    Ok(false) => continue,
+                    Err(e) => return self.fail(format!("bad response: {e}")),
+                }
+            } else if n == 0 {
+                return match parser.eof() {
+                    Ok(()) => self.complete(),
+                    Err(e) => self.fail(format!("bad response: {e}")),
+                };
+            } else if n == NGX_AGAIN as isize {
+                if ngx_handle_read_event((*c).read, 0) != NGX_OK as ngx_int_t {
+                    self.fail("cannot wait for the response".into());
+                }
+                return;
+            } else {
+                let err = std::io::Error::last_os_error();
+                return self.fail(format!("reading the response failed: {err}"));
+            }
+        }
+    }
+
+    unsafe fn complete(&mut self) {
+        let c = self.pc.connection;
+        if (*(*c).read).timer_set() != 0 {
+            ngx_del_timer((*c).read);
+        }
+        let parser = self.parser.take().expect("parser in flight");
+        self.in_flight = false;
+        if !parser.keep_alive() {
+            self.close_connection();
+        }
+        let head = parser.head().expect("complete response has a head");
+        match self.source.handle(head, parser.body()) {
+            Ok(snap) => {
+                let advanced = snap.advanced;
+                self.apply(snap);
+                let elapsed = mono_ms().saturating_sub(self.request_started);
+                // A change: ask again at once. No change and a quick answer (the registry
+                // does not block, or timed out early): wait out the interval.
+                let delay = if advanced { 0 } else { self.interval_ms.saturating_sub(elapsed) };
+                self.schedule(delay);
+            }
+            Err(e) => {
+                self.close_connection();
+                self.fail(e.to_string());
+            }
+        }
+    }
+
+    /// Records a failed exchange: logs it once per distinct error, keeps the last good
+    /// set, and retries after a backoff delay (trying the next registry address).
+    unsafe fn fail(&mut self, msg: String) {
+        self.close_connection();
+        self.in_flight = false;
+        self.parser = None;
+        self.failures = self.failures.saturating_add(1);
+        self.addr_index = self.addr_index.wrapping_add(1);
+        self.source.reset();
+        let jitter = (self.random() % 1000) as f64 / 1000.0;
+        let delay = retry_delay_ms(self.interval_ms, self.failures, jitter);
+        if self.last_error.as_deref() != Some(msg.as_str()) {
+            self.log(
+                NGX_LOG_ERR,
+                &format!("{msg}; keeping the current servers, retrying in {delay}ms (further identical errors are not logged)"),
+            );
+            self.last_error = Some(msg.clone());
+        }
+        {
+            let mut l = self.zone.lock();
+            l.hdr.status.consecutive_failures = self.failures as u64;
+            l.set_error(&msg);
+        }
+        self.schedule(delay);
+    }
+
+    unsafe fn apply(&mut self, snap: Snapshot) {
+        if self.failures > 0 {
+            self.log(NGX_LOG_NOTICE, &format!("registry answers again after {} failed attempts", self.failures));
+        }
+        self.failures = 0;
+        self.last_error = None;
+        if snap.duplicates > 0 {
+            self.log(NGX_LOG_WARN, &format!("{} entries repeat an address already listed; the first one is used", snap.duplicates));
+        }
+        let position = self.source.position();
+        let mut l = self.zone.lock();
+        l.hdr.status.position = position;
+        l.hdr.status.last_sync_ms = wall_ms();
+        l.hdr.status.consecutive_failures = 0;
+        l.set_error("");
+        let current = l.specs();
+        if snap.servers.is_empty() {
+            drop(l);
+            if !current.is_empty() && !self.empty_warned {
+                self.empty_warned = true;
+                self.log(
+                    NGX_LOG_WARN,
+                    &format!("the registry lists no servers; keeping the last {} (an upstream is never emptied)", current.len()),
+                );
+            }
+            return;
+        }
+        self.empty_warned = false;
+        let diff = Diff::between(&current, &snap.servers);
+        if diff.is_empty() {
+            return;
+        }
+        if let Err(e) = l.publish(&snap.servers) {
+            drop(l);
+            self.log(NGX_LOG_ERR, &format!("cannot apply {} servers: {e}; keeping the current ones", snap.servers.len()));
+            return;
+        }
+        let generation = l.generation();
+        l.hdr.status.updates += 1;
+        l.hdr.status.last_change_ms = wall_ms();
+        drop(l);
+        self.log(
+            NGX_LOG_NOTICE,
+            &format!(
+                "{} servers now (+{} -{} ~{}), index {position}, generation {generation}",
+                snap.servers.len(),
+                diff.added,
+                diff.removed,
+                diff.changed
+            ),
+        );
+        let path = self.conf().dump_path();
+        if let Err(e) = dump::write_atomic(std::path::Path::new(&path), dump::render(&snap.servers).as_bytes()) {
+            self.log(NGX_LOG_ERR, &format!("cannot write the dump file \"{path}\": {e}"));
+        }
+    }
+
+    unsafe fn close_connection(&mut self) {
+        let c = self.pc.connection;
+        if !c.is_null() {
+            ngx_close_connection(c);
+            self.pc.connection = ptr::null_mut();
+        }
+        self.connecting = false;
+    }
+}
