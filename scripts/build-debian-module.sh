@@ -147,9 +147,9 @@ else
     cp -a "$NGINX_DEV_SRC" "$NGINX_WORK_DIR"
     # nginx-dev is installed read-only for users; make the copy writable.
     chmod -R u+w "$NGINX_WORK_DIR"
-    if ! (cd "$NGINX_WORK_DIR" && ./configure "${ARGS[@]}") >"$NGINX_WORK_DIR.configure.log" 2>&1; then
-        tail -n 30 "$NGINX_WORK_DIR.configure.log" >&2
-        die "./configure failed in $NGINX_WORK_DIR (full log: $NGINX_WORK_DIR.configure.log)"
+    if ! (cd "$NGINX_WORK_DIR" && ./configure "${ARGS[@]}") >"$NGINX_WORK_DIR/upsync-configure.log" 2>&1; then
+        tail -n 30 "$NGINX_WORK_DIR/upsync-configure.log" >&2
+        die "./configure failed in $NGINX_WORK_DIR (full log: $NGINX_WORK_DIR/upsync-configure.log)"
     fi
     printf '%s\n' "$WANT_STAMP" >"$STAMP_FILE"
 fi

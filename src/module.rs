@@ -111,7 +111,7 @@ pub static mut ngx_stream_upsync_module: ngx_module_t = ngx_module_t {
     ctx: ptr::addr_of_mut!(NGX_STREAM_UPSYNC_MODULE_CTX) as *mut c_void,
     commands: ptr::addr_of_mut!(NGX_STREAM_UPSYNC_COMMANDS) as *mut ngx_command_t,
     type_: NGX_STREAM_MODULE as ngx_uint_t,
-    init_module: None,
+    init_module: Some(init_module),
     init_process: Some(init_process),
     exit_process: Some(exit_process),
     ..ngx_module_t::default()
@@ -368,6 +368,80 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, _old: *mut c_void)
             ngx::ngx_log_error!(NGX_LOG_EMERG, log, "{}: {e}", conf.log_prefix());
             NGX_ERROR as ngx_int_t
         }
+    }
+}
+
+/// Runs in the master once the configuration is in place (also for `nginx -t`, where it
+/// does nothing): the `strong_dependency=on` first read, and a check that workers can
+/// write each dump file. Never fails a reload: on a reload the running set is kept.
+unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+    if ngx_test_config != 0 {
+        return NGX_OK as ngx_int_t;
+    }
+    let log = (*cycle).log;
+    let ccf = *(*cycle).conf_ctx.add(ngx_core_module.index) as *mut ngx_core_conf_t;
+    for &uscf in cycle_upstreams(cycle) {
+        let Some(conf) = upstream_conf(uscf) else { continue };
+        let Some(spec) = conf.upsync.clone() else { continue };
+        if !ccf.is_null() && (*ccf).user != 0 && (*ccf).user != u32::MAX as ngx_uid_t {
+            check_dump_dir(log, conf, (*ccf).user as u32, (*ccf).group as u32);
+        }
+        if !spec.strong_dependency || conf.zone_kept {
+            continue;
+        }
+        let mut source = crate::registry::source_for(&spec);
+        let authority = spec.endpoint.authority();
+        let timeout = std::time::Duration::from_millis(spec.timeout_ms.clamp(1_000, 5_000));
+        match crate::registry::blocking::fetch(&conf.addrs, &authority, source.as_mut(), 3, timeout) {
+            Ok(snap) if snap.servers.is_empty() => {
+                ngx::ngx_log_error!(NGX_LOG_WARN, log, "{}: strong_dependency=on: the registry lists no servers; starting with the configured ones", conf.log_prefix());
+            }
+            Ok(snap) => {
+                let Some(zone) = conf.zone else { continue };
+                if let Err(e) = zone.lock().publish(&snap.servers) {
+                    ngx::ngx_log_error!(NGX_LOG_EMERG, log, "{}: {e}", conf.log_prefix());
+                    return NGX_ERROR as ngx_int_t;
+                }
+                let path = conf.dump_path();
+                if let Err(e) = crate::dump::write_atomic(std::path::Path::new(&path), crate::dump::render(&snap.servers).as_bytes()) {
+                    ngx::ngx_log_error!(NGX_LOG_ERR, log, "{}: cannot write the dump file \"{path}\": {e}", conf.log_prefix());
+                }
+                ngx::ngx_log_error!(NGX_LOG_NOTICE, log, "{}: strong_dependency=on: starting with {} servers from the registry", conf.log_prefix(), snap.servers.len());
+            }
+            Err(e) => {
+                ngx::ngx_log_error!(
+                    NGX_LOG_EMERG,
+                    log,
+                    "{}: strong_dependency=on and the registry cannot be read: {e}; nginx does not start",
+                    conf.log_prefix()
+                );
+                return NGX_ERROR as ngx_int_t;
+            }
+        }
+    }
+    NGX_OK as ngx_int_t
+}
+
+/// Warns at startup when the worker user cannot replace the dump file (the dump is written
+/// by a worker, atomically, so it needs write access to the directory).
+fn check_dump_dir(log: *mut ngx_log_t, conf: &SrvConf, uid: u32, gid: u32) {
+    use std::os::unix::fs::MetadataExt;
+    let path = conf.dump_path();
+    let dir = match std::path::Path::new(&path).parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let Ok(m) = std::fs::metadata(&dir) else { return };
+    let mode = m.mode();
+    let writable = (m.uid() == uid && mode & 0o200 != 0) || (m.gid() == gid && mode & 0o020 != 0) || mode & 0o002 != 0;
+    if !writable {
+        ngx::ngx_log_error!(
+            NGX_LOG_WARN,
+            log,
+            "{}: worker user (uid {uid}) cannot write to \"{}\"; the dump file \"{path}\" will not be updated",
+            conf.log_prefix(),
+            dir.display()
+        );
     }
 }
 

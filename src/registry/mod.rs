@@ -1,6 +1,7 @@
 //! Registry protocols. Each one turns "what do I know so far" into the next HTTP request,
 //! and a response into a server list. No I/O here: the poller drives the requests.
 
+pub mod blocking;
 pub mod consul;
 
 use std::fmt;
