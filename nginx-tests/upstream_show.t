@@ -18,7 +18,7 @@ use Test::Nginx;
 use IO::Select;
 use POSIX ();
 use Socket qw/PF_INET SOCK_STREAM SOL_SOCKET SO_RCVBUF SHUT_WR
-	inet_aton pack_sockaddr_in/;
+	inet_aton pack_sockaddr_in sockaddr_in/;
 use Time::HiRes qw/time/;
 
 ###############################################################################
@@ -26,7 +26,7 @@ use Time::HiRes qw/time/;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/stream upsync/)->plan(32);
+my $t = Test::Nginx->new()->has(qw/stream upsync/)->plan(36);
 
 $t->write_file_expand('nginx.conf', <<'EOF');
 %%TEST_GLOBALS%%
@@ -184,6 +184,13 @@ $big
         listen 127.0.0.1:%%PORT_8088%%;
         upstream_show;
     }
+
+    # a small send buffer (no autotuning), so that the report cannot be
+    # handed to the kernel at once: nginx must wait for the slow reader
+    server {
+        listen 127.0.0.1:%%PORT_8091%% sndbuf=4k;
+        upstream_show;
+    }
 }
 EOF
 
@@ -194,29 +201,58 @@ ok(length $big_body > 65536, 'report body is larger than 64 KiB ('
 	. length($big_body) . ')');
 
 my ($worker) = $t->worker_pids;
+my $fds = fd_count($worker);
+
+my $sock = talk_open(port => port(8091), send => "GET / HTTP/1.0\r\n\r\n",
+	rcvbuf => 1024);
+
+# the client reads nothing yet: nginx's socket is still established with a
+# full send queue, so nginx holds the rest of the report itself
+ok(wait_for(sub { my ($st, $txq) = tcp_state(port(8091),
+		$sock ? (sockaddr_in(getsockname($sock)))[0] : 0);
+	defined $st && $st == 1 && $txq > 0 }),
+	'slow reader: nginx waits for a full socket');
+
 my $cpu0 = cpu_seconds($worker);
-
 my $t0 = time;
-($data, $err) = talk(port => $show, send => "GET / HTTP/1.0\r\n\r\n",
-	rcvbuf => 1024, chunk => 512, pause => 0.002, timeout => 30);
-my $elapsed = time - $t0;
 
+# the client behaviour under test: stall, then read in small pieces
+Time::HiRes::sleep(1);
+($data, $err) = talk_read($sock, chunk => 512, pause => 0.002,
+	timeout => 30);
+
+my $elapsed = time - $t0;
 my $cpu1 = cpu_seconds($worker);
 
 is($err, '', 'slow reader: clean close');
 ($status, $h, $b) = http_parse($data);
 is($h->{'content-length'}, length $big_body, 'slow reader: content-length');
-ok($b eq $big_body, 'slow reader: complete body ('
+ok(($b // "") eq $big_body, 'slow reader: complete body ('
 	. length($b // '') . ' of ' . length($big_body) . ' bytes)');
 is($data, response($big_body), 'slow reader: response byte for byte');
-ok(defined $cpu0 && defined $cpu1 && $cpu1 - $cpu0 < 1,
+ok(defined $cpu0 && defined $cpu1 && $cpu1 - $cpu0 < 0.5,
 	sprintf('worker did not spin: %.2fs CPU during a %.2fs slow read',
 		($cpu1 // 0) - ($cpu0 // 0), $elapsed));
 is($t->grep_log(qr/\[alert\]|\[crit\]|exited on signal/, from => $off), 0,
 	'slow reader: no alert or crit in error.log');
 
-# the worker is still fine
-is(http_get($show), response($big_body), 'report after the slow reader');
+# a slow reader that goes away in the middle of the report
+
+$sock = talk_open(port => port(8091), send => "GET / HTTP/1.0\r\n\r\n",
+	rcvbuf => 1024);
+ok(wait_for(sub { my ($st, $txq) = tcp_state(port(8091),
+		$sock ? (sockaddr_in(getsockname($sock)))[0] : 0);
+	defined $st && $st == 1 && $txq > 0 }),
+	'aborting reader: nginx waits for a full socket');
+close $sock if $sock;
+
+# the worker is still fine, and has closed every client connection
+is(http_get(port(8091)), response($big_body),
+	'report after the aborted reader');
+is(join(',', $t->worker_pids), $worker, 'same worker after the abort');
+ok(wait_for(sub { fd_count($worker) == $fds }, timeout => 15),
+	"worker closed its client connections ($fds descriptors before, "
+	. fd_count($worker) . " now)");
 
 ###############################################################################
 # no upstreams at all
@@ -272,14 +308,20 @@ sub response {
 # server closed cleanly (EOF), else what went wrong (e.g. a reset)
 sub talk {
 	my (%o) = @_;
+	my $s = talk_open(%o) or return (undef, "connect or write: $!");
+	return talk_read($s, %o);
+}
 
-	socket(my $s, PF_INET, SOCK_STREAM, 0) or return (undef, "socket: $!");
+# talk_open(port => P, send => DATA, shutdown => 1, rcvbuf => N): socket
+sub talk_open {
+	my (%o) = @_;
+
+	socket(my $s, PF_INET, SOCK_STREAM, 0) or return undef;
 	if ($o{rcvbuf}) {
-		setsockopt($s, SOL_SOCKET, SO_RCVBUF, $o{rcvbuf})
-			or return (undef, "setsockopt: $!");
+		setsockopt($s, SOL_SOCKET, SO_RCVBUF, $o{rcvbuf}) or return undef;
 	}
 	connect($s, pack_sockaddr_in($o{port}, inet_aton('127.0.0.1')))
-		or return (undef, "connect: $!");
+		or return undef;
 	binmode $s;
 
 	if (defined $o{send}) {
@@ -287,11 +329,19 @@ sub talk {
 		my $off = 0;
 		while ($off < length $o{send}) {
 			my $n = syswrite($s, $o{send}, length($o{send}) - $off, $off);
-			return (undef, "write: $!") unless defined $n;
+			return undef unless defined $n;
 			$off += $n;
 		}
 	}
 	shutdown($s, SHUT_WR) if $o{shutdown};
+	return $s;
+}
+
+# talk_read($sock, chunk => N, pause => SECS, timeout => SECS):
+# reads until EOF, then closes; ($data, $err)
+sub talk_read {
+	my ($s, %o) = @_;
+	return (undef, 'no socket') unless $s;
 
 	my ($data, $err) = ('', '');
 	my $sel = IO::Select->new($s);
@@ -319,6 +369,28 @@ sub talk {
 
 	close $s;
 	return ($data, $err);
+}
+
+# (state, tx_queue) of the TCP socket 127.0.0.1:$lport <-> 127.0.0.1:$rport
+# from /proc/net/tcp (state 1 is ESTABLISHED)
+sub tcp_state {
+	my ($lport, $rport) = @_;
+	open my $fh, '<', '/proc/net/tcp' or return;
+	my $want = sprintf('0100007F:%04X 0100007F:%04X', $lport, $rport);
+	while (<$fh>) {
+		my @f = split ' ';
+		next unless @f > 4 && "$f[1] $f[2]" eq $want;
+		my ($tx) = split /:/, $f[4];
+		return (hex $f[3], hex $tx);
+	}
+	return;
+}
+
+# open descriptors of a process
+sub fd_count {
+	my ($pid) = @_;
+	opendir my $d, "/proc/$pid/fd" or return -1;
+	return scalar grep { /^\d+$/ } readdir $d;
 }
 
 # utime + stime of a process, in seconds
