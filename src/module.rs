@@ -33,6 +33,8 @@ pub struct SrvConf {
     pub shm_zone: *mut ngx_shm_zone_t,
     pub zone: Option<Zone>,
     pub zone_kept: bool,
+    /// `upstream_show` is set in this (stream server) block.
+    pub show: bool,
 }
 
 impl SrvConf {
@@ -177,6 +179,7 @@ unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
         shm_zone: ptr::null_mut(),
         zone: None,
         zone_kept: false,
+        show: false,
     }));
     // The Rust fields own heap memory: free it with the configuration pool.
     let cln = ngx_pool_cleanup_add((*cf).pool, 0);
@@ -300,7 +303,8 @@ unsafe extern "C" fn cmd_lb(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf:
     }
 }
 
-unsafe extern "C" fn cmd_upstream_show(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, _conf: *mut c_void) -> *mut c_char {
+unsafe extern "C" fn cmd_upstream_show(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+    (*(conf as *mut SrvConf)).show = true;
     let ctx = (*cf).ctx as *mut ngx_stream_conf_ctx_t;
     let cscf = *(*ctx).srv_conf.add(ngx_stream_core_module.ctx_index) as *mut ngx_stream_core_srv_conf_t;
     if (*cscf).handler.is_some() {
@@ -334,6 +338,28 @@ pub unsafe fn cycle_upstreams(cycle: *mut ngx_cycle_t) -> &'static [*mut ngx_str
 
 unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     let ctx = (*cf).ctx as *mut ngx_stream_conf_ctx_t;
+    // `upstream_show` must stay the server's only content handler: a later proxy_pass or
+    // return would silently replace it.
+    let cmcf = *(*ctx).main_conf.add(ngx_stream_core_module.ctx_index) as *mut ngx_stream_core_main_conf_t;
+    let servers: &[*mut ngx_stream_core_srv_conf_t] = (*cmcf).servers.as_slice();
+    for &cscf in servers {
+        let ours = *(*(*cscf).ctx).srv_conf.add(ctx_index()) as *mut SrvConf;
+        let show: unsafe extern "C" fn(*mut ngx_stream_session_t) = show_handler::handler;
+        if !ours.is_null() && (*ours).show && (*cscf).handler.map(|h| h as usize) != Some(show as usize) {
+            let file = if (*cscf).file_name.is_null() {
+                String::new()
+            } else {
+                std::ffi::CStr::from_ptr((*cscf).file_name as *const c_char).to_string_lossy().into_owned()
+            };
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "upstream_show: the server defined in {file}:{} also has proxy_pass, return or pass; upstream_show must be its only content handler",
+                (*cscf).line
+            );
+            return NGX_ERROR as ngx_int_t;
+        }
+    }
     for &uscf in upstreams_of((*ctx).main_conf) {
         if let Some(conf) = upstream_conf(uscf) {
             if conf.upsync.is_some() && !conf.initialized {

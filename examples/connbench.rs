@@ -1,0 +1,82 @@
+//! Load tool for scripts/bench (not part of the module).
+//!
+//! `connbench serve PORT ID`: a TCP backend on 127.0.0.1:PORT that writes "ID\n" to
+//! every connection and closes it.
+//! `connbench load PORT SECONDS MAX_CONNS THREADS`: opens connections to
+//! 127.0.0.1:PORT (connect, read one line, close) from THREADS threads until SECONDS
+//! pass or MAX_CONNS are done; prints `conns=N secs=S rate=R failed=F`.
+//! `connbench first PORT ID TIMEOUT_MS`: connects repeatedly until a connection greets
+//! with ID; prints the milliseconds it took (or `timeout`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn greet(port: u16) -> Option<String> {
+    let s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    if line.is_empty() {
+        None
+    } else {
+        Some(line.trim_end().to_string())
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let num = |i: usize| -> u64 { args[i].parse().expect("number") };
+    match args.get(1).map(String::as_str) {
+        Some("serve") => {
+            let l = TcpListener::bind(("127.0.0.1", num(2) as u16)).expect("bind");
+            let msg = format!("{}\n", args[3]);
+            for mut c in l.incoming().flatten() {
+                let _ = c.write_all(msg.as_bytes());
+            }
+        }
+        Some("load") => {
+            let (port, secs, max, threads) = (num(2) as u16, num(3), num(4), num(5));
+            let done = Arc::new(AtomicU64::new(0));
+            let failed = Arc::new(AtomicU64::new(0));
+            let start = Instant::now();
+            let deadline = start + Duration::from_secs(secs);
+            let hs: Vec<_> = (0..threads)
+                .map(|_| {
+                    let (done, failed) = (done.clone(), failed.clone());
+                    std::thread::spawn(move || {
+                        while Instant::now() < deadline && done.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) < max {
+                            match greet(port) {
+                                Some(_) => done.fetch_add(1, Ordering::Relaxed),
+                                None => failed.fetch_add(1, Ordering::Relaxed),
+                            };
+                        }
+                    })
+                })
+                .collect();
+            for h in hs {
+                let _ = h.join();
+            }
+            let el = start.elapsed().as_secs_f64();
+            let n = done.load(Ordering::Relaxed);
+            println!("conns={n} secs={el:.2} rate={:.0} failed={}", n as f64 / el, failed.load(Ordering::Relaxed));
+        }
+        Some("first") => {
+            let (port, id, timeout) = (num(2) as u16, args[3].clone(), num(4));
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_millis(timeout) {
+                if greet(port).as_deref() == Some(id.as_str()) {
+                    println!("{:.3}", start.elapsed().as_secs_f64() * 1000.0);
+                    return;
+                }
+            }
+            println!("timeout");
+        }
+        _ => {
+            eprintln!("usage: connbench serve PORT ID | load PORT SECONDS MAX THREADS | first PORT ID TIMEOUT_MS");
+            std::process::exit(2);
+        }
+    }
+}
