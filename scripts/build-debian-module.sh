@@ -80,13 +80,14 @@ DROPPED=()
 for a in "${ALL_ARGS[@]}"; do
     case $a in
     --add-module=*|--add-dynamic-module=*)
-        # Third-party modules compiled into Debian's nginx (or shipped as
-        # libnginx-mod-*): their sources are not part of nginx-dev.  If the
-        # directory is there we keep it (an --add-module'd static module can
-        # add fields to core structures only via its own headers, and keeping
-        # it keeps objs/ identical); if it is missing configure would abort
-        # with "no ./config was found", so we drop it.  Dynamic modules never
-        # change the layout of core/stream structures or the module signature.
+        # Third-party modules built into a Debian nginx flavour (or shipped
+        # as libnginx-mod-*): their sources are not part of nginx-dev, and
+        # configure aborts with "no <dir>/config was found" when the
+        # directory is missing, so such an entry is dropped.  Kept when the
+        # directory exists, so objs/ is as close to Debian's as possible.
+        # (A dynamic module never changes core/stream layouts or the module
+        # signature; a static one could only through its own headers, which
+        # a stream module does not include.)
         path=${a#*=}
         if [ -f "$path/config" ]; then
             ARGS+=("$a")
@@ -94,27 +95,31 @@ for a in "${ALL_ARGS[@]}"; do
             DROPPED+=("$a  (module source $path not present)")
         fi
         ;;
-    --with-http_geoip_module=dynamic|--with-stream_geoip_module=dynamic|\
-    --with-http_image_filter_module=dynamic|--with-http_xslt_module=dynamic|\
-    --with-http_perl_module=dynamic)
-        # Separate .so files in Debian (libnginx-mod-http-geoip, ...), each
-        # needing an extra -dev library at configure time (libgeoip-dev,
-        # libgd-dev, libxslt1-dev, libperl-dev).  Being dynamic, they add no
-        # code or fields to the core, http or stream structures and do not
-        # enter NGX_MODULE_SIGNATURE, so they are irrelevant to our ABI;
-        # dropping them avoids configure failing on a missing library.
-        DROPPED+=("$a  (separate dynamic module needing an external library; no effect on the ABI)")
-        ;;
     *)
         # Everything else is kept as is: --with-compat, --with-debug,
         # --with-threads, the ssl/v2/realip/... modules and --with-cc-opt
         # all influence ngx_auto_config.h, struct layouts or the signature.
         # The paths (--prefix, --conf-path, temp paths, the
-        # -ffile-prefix-map= in --with-cc-opt) need not exist at configure time.
+        # -ffile-prefix-map= in --with-cc-opt) need not exist at configure
+        # time and are not checked by configure.
         ARGS+=("$a")
         ;;
     esac
 done
+
+# Dynamic modules that need an extra -dev library at configure time
+# (libgeoip-dev, libgd-dev, libperl-dev, libxslt1-dev).  nginx-dev depends on
+# all of these, so normally they are present and the arguments are kept.  If
+# configure fails with them, it is retried without them: they are separate
+# .so files in Debian (libnginx-mod-http-geoip, ...), add nothing to the core,
+# http or stream structures (the only define they set that others read,
+# NGX_HTTP_X_FORWARDED_FOR, is set by --with-compat anyway) and do not enter
+# NGX_MODULE_SIGNATURE, so the ABI seen by this module is unchanged.
+OPTIONAL_LIB_MODULES=(
+    --with-http_geoip_module=dynamic --with-stream_geoip_module=dynamic
+    --with-http_image_filter_module=dynamic --with-http_perl_module=dynamic
+    --with-http_xslt_module=dynamic
+)
 
 # Sanity: without these the result cannot work with Debian's nginx.
 have_arg() { local x; for x in "${ARGS[@]}"; do [ "$x" = "$1" ] && return 0; done; return 1; }
@@ -123,11 +128,12 @@ have_arg --with-compat ||
 have_arg --with-stream=dynamic || have_arg --with-stream ||
     die "$NGINX_BIN was built without the stream module"
 
-for d in "${DROPPED[@]}"; do note "dropping configure argument: $d"; done
+for d in "${DROPPED[@]+"${DROPPED[@]}"}"; do note "dropping configure argument: $d"; done
 
 # --- configure a copy of the nginx-dev tree (or reuse it) --------------------
 
 STAMP_FILE=$NGINX_WORK_DIR/.upsync-configure-stamp
+CONFIGURE_LOG=$NGINX_WORK_DIR/upsync-configure.log
 stamp() {
     printf 'nginx-bin: %s\n' "$(readlink -f "$NGINX_BIN")"
     printf 'nginx -V: %s\n' "$NGINX_V"
@@ -136,10 +142,17 @@ stamp() {
 }
 WANT_STAMP=$(stamp)
 
+run_configure() {
+    (cd "$NGINX_WORK_DIR" && ./configure "$@") >"$CONFIGURE_LOG" 2>&1
+}
+
 if [ -f "$STAMP_FILE" ] && [ -f "$NGINX_WORK_DIR/objs/ngx_auto_config.h" ] &&
    [ -f "$NGINX_WORK_DIR/objs/Makefile" ] &&
    [ "$(cat "$STAMP_FILE")" = "$WANT_STAMP" ]; then
     note "reusing configured tree $NGINX_WORK_DIR"
+    if [ -f "$NGINX_WORK_DIR/.upsync-dropped" ]; then
+        while IFS= read -r d; do note "(configured without $d)"; done <"$NGINX_WORK_DIR/.upsync-dropped"
+    fi
 else
     note "configuring nginx $SRC_VERSION in $NGINX_WORK_DIR"
     rm -rf "$NGINX_WORK_DIR"
@@ -147,9 +160,32 @@ else
     cp -a "$NGINX_DEV_SRC" "$NGINX_WORK_DIR"
     # nginx-dev is installed read-only for users; make the copy writable.
     chmod -R u+w "$NGINX_WORK_DIR"
-    if ! (cd "$NGINX_WORK_DIR" && ./configure "${ARGS[@]}") >"$NGINX_WORK_DIR/upsync-configure.log" 2>&1; then
-        tail -n 30 "$NGINX_WORK_DIR/upsync-configure.log" >&2
-        die "./configure failed in $NGINX_WORK_DIR (full log: $NGINX_WORK_DIR/upsync-configure.log)"
+    : >"$NGINX_WORK_DIR/.upsync-dropped"
+    if ! run_configure "${ARGS[@]}"; then
+        err=$(grep -E 'error:' "$CONFIGURE_LOG" | tail -n1 || true)
+        REDUCED=()
+        for a in "${ARGS[@]}"; do
+            skip=0
+            for o in "${OPTIONAL_LIB_MODULES[@]}"; do
+                if [ "$a" = "$o" ]; then skip=1; fi
+            done
+            if [ "$skip" = 1 ]; then
+                printf '%s\n' "$a" >>"$NGINX_WORK_DIR/.upsync-dropped"
+            else
+                REDUCED+=("$a")
+            fi
+        done
+        [ "${#REDUCED[@]}" -lt "${#ARGS[@]}" ] || {
+            tail -n 30 "$CONFIGURE_LOG" >&2
+            die "./configure failed in $NGINX_WORK_DIR (full log: $CONFIGURE_LOG)"
+        }
+        note "./configure failed (${err:-see $CONFIGURE_LOG}); retrying without the" \
+             "library-dependent dynamic modules:"
+        while IFS= read -r d; do note "dropping configure argument: $d"; done <"$NGINX_WORK_DIR/.upsync-dropped"
+        if ! run_configure "${REDUCED[@]}"; then
+            tail -n 30 "$CONFIGURE_LOG" >&2
+            die "./configure failed in $NGINX_WORK_DIR (full log: $CONFIGURE_LOG)"
+        fi
     fi
     printf '%s\n' "$WANT_STAMP" >"$STAMP_FILE"
 fi

@@ -1492,6 +1492,9 @@ def apply_fault(fault: Fault | None, resp: Response) -> Response:
 # --------------------------------------------------------------------------
 
 class Handler(BaseHTTPRequestHandler):
+    # Like Consul (Go sets TCP_NODELAY on every connection): without it, the
+    # separate header and body writes meet the client's delayed ACK (~40 ms).
+    disable_nagle_algorithm = True
     protocol_version = "HTTP/1.1"
     server_version = "consul-emulator"
     sys_version = ""
