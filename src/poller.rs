@@ -49,6 +49,8 @@ pub struct Poller {
     request_started: u64,
     last_request: u64,
     request_timeout: u64,
+    /// The request in flight is a watch the server never ends: its timeout is normal.
+    timeout_is_normal: bool,
     owner: bool,
     failures: u32,
     last_error: Option<String>,
@@ -119,6 +121,7 @@ pub unsafe fn start(_cycle: *mut ngx_cycle_t, conf: &SrvConf) {
         request_started: 0,
         last_request: 0,
         request_timeout: 0,
+        timeout_is_normal: false,
         owner: false,
         failures: 0,
         last_error: None,
@@ -271,6 +274,7 @@ impl Poller {
         self.request_started = now;
         self.last_request = now;
         self.request_timeout = req.timeout_ms;
+        self.timeout_is_normal = req.timeout_is_normal;
         if !self.pc.connection.is_null() {
             // Reuse the kept-alive connection.
             self.send();
@@ -393,6 +397,14 @@ impl Poller {
         }
         if (*ev).timedout() != 0 {
             (*ev).set_timedout(0);
+            if self.timeout_is_normal {
+                // A quiet watch reached upsync_timeout: start it again.
+                self.close_connection();
+                self.in_flight = false;
+                self.parser = None;
+                self.schedule(0);
+                return;
+            }
             self.fail(format!("no complete response within {}ms (upsync_timeout)", self.request_timeout));
             return;
         }
@@ -436,7 +448,11 @@ impl Poller {
         }
         let head = parser.head().expect("complete response has a head");
         match self.source.handle(head, parser.body()) {
-            Ok(snap) => {
+            Ok(None) => {
+                // A watch fired: read again at once.
+                self.schedule(0);
+            }
+            Ok(Some(snap)) => {
                 let advanced = snap.advanced;
                 self.apply(snap);
                 let elapsed = mono_ms().saturating_sub(self.request_started);

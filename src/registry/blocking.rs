@@ -48,5 +48,8 @@ fn fetch_one(addr: SocketAddr, authority: &str, source: &mut dyn Source, timeout
         }
     }
     let head = p.head().ok_or("no response")?.clone();
-    source.handle(&head, p.body()).map_err(|e| e.to_string())
+    match source.handle(&head, p.body()).map_err(|e| e.to_string())? {
+        Some(snap) => Ok(snap),
+        None => Err("the registry answered with an event instead of a listing".into()),
+    }
 }

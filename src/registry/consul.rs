@@ -77,10 +77,11 @@ impl Source for Consul {
             path_and_query: format!("{}?{}", self.path, q),
             headers: vec![],
             timeout_ms: if self.index == 0 { self.deadline_ms.min(30_000) } else { self.deadline_ms },
+            timeout_is_normal: false,
         }
     }
 
-    fn handle(&mut self, head: &Head, body: &[u8]) -> Result<Snapshot, RegistryError> {
+    fn handle(&mut self, head: &Head, body: &[u8]) -> Result<Option<Snapshot>, RegistryError> {
         let empty_kv = head.status == 404 && self.kind == SourceKind::ConsulKv;
         if head.status != 200 && !empty_kv {
             return Err(RegistryError::Status {
@@ -103,7 +104,7 @@ impl Source for Consul {
         };
         let advanced = returned != self.index;
         self.index = next_index(self.index, returned);
-        Ok(Snapshot::new(servers, advanced))
+        Ok(Some(Snapshot::new(servers, advanced)))
     }
 
     fn reset(&mut self) {
@@ -233,7 +234,7 @@ mod tests {
         let r = c.next_request();
         assert!(r.path_and_query.starts_with("/v1/kv/upstreams/test/?recurse&index=0&wait="), "{}", r.path_and_query);
         let body = format!(r#"[{{"Key":"upstreams/test/127.0.0.1:8089","Value":null}},{{"Key":"upstreams/test/","Value":null}},{{"Key":"upstreams/test/127.0.0.1:8088","Value":"{}"}}]"#, b64(r#"{"weight":40}"#));
-        let snap = c.handle(&head(200, Some("17")), body.as_bytes()).unwrap();
+        let snap = c.handle(&head(200, Some("17")), body.as_bytes()).unwrap().unwrap();
         assert_eq!(snap.servers.len(), 2);
         assert_eq!(snap.servers[0].addr.port(), 8088);
         assert_eq!(snap.servers[0].weight, 40);
@@ -247,7 +248,7 @@ mod tests {
     #[test]
     fn kv_404_with_index_is_empty() {
         let mut c = kv_source();
-        let snap = c.handle(&head(404, Some("5")), b"").unwrap();
+        let snap = c.handle(&head(404, Some("5")), b"").unwrap().unwrap();
         assert!(snap.servers.is_empty());
         assert_eq!(c.position(), 5);
     }
@@ -276,7 +277,7 @@ mod tests {
         assert_eq!(next_index(0, 0), 1);
         let mut c = kv_source();
         c.handle(&head(200, Some("50")), b"[]").unwrap();
-        let s = c.handle(&head(200, Some("50")), b"[]").unwrap();
+        let s = c.handle(&head(200, Some("50")), b"[]").unwrap().unwrap();
         assert!(!s.advanced);
         c.handle(&head(200, Some("2")), b"[]").unwrap();
         assert_eq!(c.position(), 0);

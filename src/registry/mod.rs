@@ -3,6 +3,7 @@
 
 pub mod blocking;
 pub mod consul;
+pub mod etcd_v2;
 
 use std::fmt;
 
@@ -18,6 +19,9 @@ pub struct Request {
     pub headers: Vec<String>,
     /// How long to wait for the whole response.
     pub timeout_ms: u64,
+    /// A watch the server never ends by itself (etcd): reaching the timeout is normal,
+    /// and the same request is simply sent again.
+    pub timeout_is_normal: bool,
 }
 
 /// The result of one successful exchange.
@@ -88,7 +92,8 @@ pub trait Source: Send {
     /// The request to send next.
     fn next_request(&self) -> Request;
     /// Turns a complete response into a snapshot, updating the position (index/revision).
-    fn handle(&mut self, head: &Head, body: &[u8]) -> Result<Snapshot, RegistryError>;
+    /// `Ok(None)`: nothing to apply, ask again at once (a watch fired; re-read).
+    fn handle(&mut self, head: &Head, body: &[u8]) -> Result<Option<Snapshot>, RegistryError>;
     /// Forgets the position, so the next request reads everything (after errors).
     fn reset(&mut self);
     /// The position, for status output (Consul index, etcd index).
@@ -99,30 +104,7 @@ pub trait Source: Send {
 pub fn source_for(spec: &UpsyncSpec) -> Box<dyn Source> {
     match spec.kind {
         SourceKind::ConsulKv | SourceKind::ConsulServices => Box::new(consul::Consul::new(spec)),
-        SourceKind::EtcdV2 => Box::new(Unsupported),
-    }
-}
-
-/// Placeholder for protocols not implemented yet: every poll fails with a clear reason.
-struct Unsupported;
-
-impl Source for Unsupported {
-    fn next_request(&self) -> Request {
-        Request {
-            path_and_query: "/".into(),
-            headers: vec![],
-            timeout_ms: 10_000,
-        }
-    }
-    fn handle(&mut self, _: &Head, _: &[u8]) -> Result<Snapshot, RegistryError> {
-        Err(RegistryError::Status {
-            code: 0,
-            body: "this upsync_type is not implemented in this build".into(),
-        })
-    }
-    fn reset(&mut self) {}
-    fn position(&self) -> u64 {
-        0
+        SourceKind::EtcdV2 => Box::new(etcd_v2::EtcdV2::new(spec)),
     }
 }
 
