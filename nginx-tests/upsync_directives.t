@@ -81,7 +81,7 @@ sub emerg {
 	return qr/\[emerg\] \Q$text\E in \S+:\d+$/m;
 }
 
-my $ACC_TYPES = 'accepted: consul, consul_services, etcd';
+my $ACC_TYPES = 'accepted: consul, consul_services, consul_health, etcd, etcdv3';
 my $ACC_PARAMS = 'accepted: upsync_type=, upsync_interval=, '
 	. 'upsync_timeout=, strong_dependency=';
 my $EXAMPLE = 'expected HOST[:PORT]/PATH, for example '

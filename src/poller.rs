@@ -13,7 +13,7 @@ use ngx::ngx_log_error;
 
 use crate::dump;
 use crate::module::SrvConf;
-use crate::net::http::{get_request, ResponseParser};
+use crate::net::http::{build_request, ResponseParser};
 use crate::registry::{retry_delay_ms, source_for, Snapshot, Source};
 use crate::servers::Diff;
 use crate::zone::{sockaddr_of, Zone};
@@ -267,7 +267,7 @@ impl Poller {
         }
         let req = self.source.next_request();
         let authority = self.conf().upsync.as_ref().unwrap().endpoint.authority();
-        self.out = get_request(&req.path_and_query, &authority, &req.headers);
+        self.out = build_request(req.method, &req.path_and_query, &authority, &req.headers, &req.body);
         self.sent = 0;
         self.parser = Some(ResponseParser::new(BODY_LIMIT));
         self.in_flight = true;
@@ -416,7 +416,15 @@ impl Poller {
             if n > 0 {
                 match parser.feed(&buf[..n as usize]) {
                     Ok(true) => return self.complete(),
-                    Ok(false) => continue,
+                    Ok(false) => {
+                        // A streaming response (etcd v3 watch) may be done before it ends.
+                        if let Some(head) = parser.head() {
+                            if self.source.on_partial(head, parser.body()) {
+                                return self.complete();
+                            }
+                        }
+                        continue;
+                    }
                     Err(e) => return self.fail(format!("bad response: {e}")),
                 }
             } else if n == 0 {

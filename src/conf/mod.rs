@@ -15,18 +15,24 @@ pub enum SourceKind {
     /// Consul catalog (`/v1/catalog/service/NAME`) or health (`/v1/health/service/NAME`),
     /// settings from service tags.
     ConsulServices,
+    /// Consul health (`/v1/health/service/NAME`), passing instances only.
+    ConsulHealth,
     /// etcd v2: `GET /v2/keys/<dir>?recursive=true`, then watches.
     EtcdV2,
+    /// etcd v3 through its JSON gateway: the path is the key prefix.
+    EtcdV3,
 }
 
 impl SourceKind {
-    pub const ACCEPTED: &'static str = "consul, consul_services, etcd";
+    pub const ACCEPTED: &'static str = "consul, consul_services, consul_health, etcd, etcdv3";
 
     pub fn parse(s: &str) -> Option<SourceKind> {
         match s {
             "consul" => Some(SourceKind::ConsulKv),
             "consul_services" => Some(SourceKind::ConsulServices),
+            "consul_health" => Some(SourceKind::ConsulHealth),
             "etcd" => Some(SourceKind::EtcdV2),
+            "etcdv3" => Some(SourceKind::EtcdV3),
             _ => None,
         }
     }
@@ -35,7 +41,9 @@ impl SourceKind {
         match self {
             SourceKind::ConsulKv => "consul",
             SourceKind::ConsulServices => "consul_services",
+            SourceKind::ConsulHealth => "consul_health",
             SourceKind::EtcdV2 => "etcd",
+            SourceKind::EtcdV3 => "etcdv3",
         }
     }
 }
@@ -200,7 +208,10 @@ fn normalize_path(kind: SourceKind, ep: &mut Endpoint) -> Result<(), ConfError> 
             &["/v1/catalog/service/", "/v1/health/service/"],
             "/v1/catalog/service/ or /v1/health/service/",
         ),
+        SourceKind::ConsulHealth => (&["/v1/health/service/"], "/v1/health/service/"),
         SourceKind::EtcdV2 => (&["/v2/keys/"], "/v2/keys/"),
+        // the key prefix itself, e.g. /upstreams/NAME/
+        SourceKind::EtcdV3 => (&["/"], "/ (the key prefix, such as /upstreams/NAME/)"),
     };
     let ok = needles
         .iter()
@@ -213,12 +224,12 @@ fn normalize_path(kind: SourceKind, ep: &mut Endpoint) -> Result<(), ConfError> 
         });
     }
     match kind {
-        SourceKind::ConsulKv | SourceKind::EtcdV2 => {
+        SourceKind::ConsulKv | SourceKind::EtcdV2 | SourceKind::EtcdV3 => {
             if !ep.path.ends_with('/') {
                 ep.path.push('/');
             }
         }
-        SourceKind::ConsulServices => {
+        SourceKind::ConsulServices | SourceKind::ConsulHealth => {
             while ep.path.ends_with('/') {
                 ep.path.pop();
             }

@@ -345,18 +345,24 @@ impl ResponseParser {
     }
 }
 
-/// Builds a GET request. `extra` are complete header lines without CRLF.
-pub fn get_request(path_and_query: &str, authority: &str, extra: &[String]) -> Vec<u8> {
+/// Builds a request. `extra` are complete header lines without CRLF; a non-empty body
+/// is sent as JSON with its length.
+pub fn build_request(method: &str, path_and_query: &str, authority: &str, extra: &[String], body: &[u8]) -> Vec<u8> {
     let mut r = format!(
-        "GET {path_and_query} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: ngx-stream-upsync/{}\r\nAccept: application/json\r\n",
+        "{method} {path_and_query} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: ngx-stream-upsync/{}\r\nAccept: application/json\r\n",
         env!("CARGO_PKG_VERSION")
     );
     for h in extra {
         r.push_str(h);
         r.push_str("\r\n");
     }
+    if !body.is_empty() || method != "GET" {
+        r.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+    }
     r.push_str("\r\n");
-    r.into_bytes()
+    let mut out = r.into_bytes();
+    out.extend_from_slice(body);
+    out
 }
 
 #[cfg(test)]
@@ -469,9 +475,11 @@ mod tests {
 
     #[test]
     fn request_shape() {
-        let r = get_request("/v1/kv/a/?recurse&index=3", "127.0.0.1:8500", &["X-Consul-Token: t".into()]);
+        let r = build_request("GET", "/v1/kv/a/?recurse&index=3", "127.0.0.1:8500", &["X-Consul-Token: t".into()], b"");
         let s = String::from_utf8(r).unwrap();
         assert!(s.starts_with("GET /v1/kv/a/?recurse&index=3 HTTP/1.1\r\nHost: 127.0.0.1:8500\r\n"));
         assert!(s.ends_with("X-Consul-Token: t\r\n\r\n"));
+        let r = String::from_utf8(build_request("POST", "/v3/kv/range", "h:1", &[], b"{}")).unwrap();
+        assert!(r.ends_with("Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"));
     }
 }

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use super::{Snapshot, Source};
-use crate::net::http::{get_request, ResponseParser};
+use crate::net::http::{build_request, ResponseParser};
 
 /// Tries each address in turn, `attempts` rounds; returns the first snapshot or the last error.
 pub fn fetch(addrs: &[SocketAddr], authority: &str, source: &mut dyn Source, attempts: u32, timeout: Duration) -> Result<Snapshot, String> {
@@ -30,7 +30,7 @@ fn fetch_one(addr: SocketAddr, authority: &str, source: &mut dyn Source, timeout
     let req = source.next_request();
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    s.write_all(&get_request(&req.path_and_query, authority, &req.headers))
+    s.write_all(&build_request(req.method, &req.path_and_query, authority, &req.headers, &req.body))
         .map_err(|e| format!("send: {e}"))?;
     let mut p = ResponseParser::new(8 * 1024 * 1024);
     let mut buf = [0u8; 16 * 1024];
@@ -45,6 +45,12 @@ fn fetch_one(addr: SocketAddr, authority: &str, source: &mut dyn Source, timeout
         }
         if p.feed(&buf[..n]).map_err(|e| e.to_string())? {
             break;
+        }
+        if let Some(h) = p.head() {
+            let h = h.clone();
+            if source.on_partial(&h, p.body()) {
+                break;
+            }
         }
     }
     let head = p.head().ok_or("no response")?.clone();

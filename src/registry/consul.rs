@@ -68,17 +68,16 @@ impl Source for Consul {
         if self.kind == SourceKind::ConsulKv {
             q.push_str("recurse&");
         }
+        if self.kind == SourceKind::ConsulHealth && !self.user_query.split('&').any(|p| p == "passing" || p.starts_with("passing=")) {
+            q.push_str("passing&");
+        }
         q.push_str(&format!("index={}&wait={}ms", self.index, self.wait_ms));
         if !self.user_query.is_empty() {
             q.push('&');
             q.push_str(&self.user_query);
         }
-        Request {
-            path_and_query: format!("{}?{}", self.path, q),
-            headers: vec![],
-            timeout_ms: if self.index == 0 { self.deadline_ms.min(30_000) } else { self.deadline_ms },
-            timeout_is_normal: false,
-        }
+        let timeout = if self.index == 0 { self.deadline_ms.min(30_000) } else { self.deadline_ms };
+        Request::get(format!("{}?{}", self.path, q), timeout)
     }
 
     fn handle(&mut self, head: &Head, body: &[u8]) -> Result<Option<Snapshot>, RegistryError> {

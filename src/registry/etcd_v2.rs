@@ -111,18 +111,14 @@ impl Source for EtcdV2 {
             format!("&{}", self.user_query)
         };
         if self.wait_index == 0 {
-            Request {
-                path_and_query: format!("{}?recursive=true{extra}", self.path),
-                headers: vec![],
-                timeout_ms: self.timeout_ms.min(30_000),
-                timeout_is_normal: false,
-            }
+            Request::get(format!("{}?recursive=true{extra}", self.path), self.timeout_ms.min(30_000))
         } else {
             Request {
-                path_and_query: format!("{}?wait=true&recursive=true&waitIndex={}{extra}", self.path, self.wait_index),
-                headers: vec![],
-                timeout_ms: self.timeout_ms,
                 timeout_is_normal: true,
+                ..Request::get(
+                    format!("{}?wait=true&recursive=true&waitIndex={}{extra}", self.path, self.wait_index),
+                    self.timeout_ms,
+                )
             }
         }
     }

@@ -4,6 +4,7 @@
 pub mod blocking;
 pub mod consul;
 pub mod etcd_v2;
+pub mod etcd_v3;
 
 use std::fmt;
 
@@ -14,6 +15,7 @@ use crate::servers::{normalize, ServerSpec, SpecError};
 /// The next request to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
+    pub method: &'static str,
     pub path_and_query: String,
     /// Complete header lines without CRLF.
     pub headers: Vec<String>,
@@ -22,6 +24,20 @@ pub struct Request {
     /// A watch the server never ends by itself (etcd): reaching the timeout is normal,
     /// and the same request is simply sent again.
     pub timeout_is_normal: bool,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    pub fn get(path_and_query: String, timeout_ms: u64) -> Request {
+        Request {
+            method: "GET",
+            path_and_query,
+            headers: vec![],
+            timeout_ms,
+            timeout_is_normal: false,
+            body: vec![],
+        }
+    }
 }
 
 /// The result of one successful exchange.
@@ -94,6 +110,12 @@ pub trait Source: Send {
     /// Turns a complete response into a snapshot, updating the position (index/revision).
     /// `Ok(None)`: nothing to apply, ask again at once (a watch fired; re-read).
     fn handle(&mut self, head: &Head, body: &[u8]) -> Result<Option<Snapshot>, RegistryError>;
+    /// Called with the body received so far of a response that is still streaming (etcd
+    /// v3 watches never end). Returning true ends the exchange and hands that body to
+    /// `handle`.
+    fn on_partial(&mut self, _head: &Head, _body: &[u8]) -> bool {
+        false
+    }
     /// Forgets the position, so the next request reads everything (after errors).
     fn reset(&mut self);
     /// The position, for status output (Consul index, etcd index).
@@ -103,8 +125,9 @@ pub trait Source: Send {
 /// Builds the protocol for a parsed `upsync` directive.
 pub fn source_for(spec: &UpsyncSpec) -> Box<dyn Source> {
     match spec.kind {
-        SourceKind::ConsulKv | SourceKind::ConsulServices => Box::new(consul::Consul::new(spec)),
+        SourceKind::ConsulKv | SourceKind::ConsulServices | SourceKind::ConsulHealth => Box::new(consul::Consul::new(spec)),
         SourceKind::EtcdV2 => Box::new(etcd_v2::EtcdV2::new(spec)),
+        SourceKind::EtcdV3 => Box::new(etcd_v3::EtcdV3::new(spec)),
     }
 }
 

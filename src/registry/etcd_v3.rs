@@ -1,0 +1,255 @@
+//! etcd v3 through its JSON gateway (`upsync_type=etcdv3`). The `upsync` path is the key
+//! prefix: `upsync 127.0.0.1:2379/upstreams/NAME/ upsync_type=etcdv3` syncs the keys
+//! `/upstreams/NAME/<ip:port>`.
+//!
+//! A range read (`POST /v3/kv/range` over the prefix) gives the servers and the store
+//! revision; then a watch (`POST /v3/watch` from revision + 1) streams chunked JSON
+//! messages. The first message with events — or a cancellation, as when the start
+//! revision was compacted — ends the exchange and the prefix is read again. int64 fields
+//! arrive as JSON strings; empty results omit `kvs`.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde_json::Value;
+
+use super::{excerpt, RegistryError, Request, Snapshot, Source};
+use crate::conf::UpsyncSpec;
+use crate::net::http::Head;
+use crate::servers::{apply_json_attrs, parse_addr, ServerSpec};
+
+pub struct EtcdV3 {
+    prefix: String,
+    /// Revision to watch from; 0 = read the range first.
+    watch_from: u64,
+    revision: u64,
+    timeout_ms: u64,
+}
+
+/// The end of a prefix range: the prefix with its last byte incremented.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // every key
+}
+
+/// An int64 field, sent by the gateway as a string (or, by some proxies, a number).
+fn int64(v: Option<&Value>) -> Option<u64> {
+    match v? {
+        Value::String(s) => s.parse().ok(),
+        Value::Number(n) => n.as_u64(),
+        _ => None,
+    }
+}
+
+fn b64_field(v: Option<&Value>) -> Result<Vec<u8>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => B64.decode(s).map_err(|e| format!("not base64: {e}")),
+        Some(other) => Err(format!("unexpected {}", excerpt(other.to_string().as_bytes()))),
+    }
+}
+
+/// The servers of a range response and its revision.
+pub fn parse_range(body: &[u8], prefix: &str) -> Result<(Vec<ServerSpec>, u64), RegistryError> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| RegistryError::Json(e.to_string()))?;
+    if let Some(e) = v.get("error").or_else(|| v.get("message").filter(|_| v.get("code").is_some())) {
+        return Err(RegistryError::Status { code: 200, body: excerpt(e.to_string().as_bytes()) });
+    }
+    let revision = int64(v.get("header").and_then(|h| h.get("revision")))
+        .ok_or_else(|| RegistryError::Json("response has no header.revision".into()))?;
+    let mut out = Vec::new();
+    let kvs = match v.get("kvs") {
+        None | Some(Value::Null) => return Ok((out, revision)),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(RegistryError::Json("\"kvs\" is not a list".into())),
+    };
+    for kv in kvs {
+        let key_bytes = b64_field(kv.get("key")).map_err(|e| RegistryError::Json(format!("key {e}")))?;
+        let key = String::from_utf8_lossy(&key_bytes).into_owned();
+        if key.ends_with('/') || !key.starts_with(prefix) {
+            continue;
+        }
+        let err = |err| RegistryError::Entry { key: excerpt(key.as_bytes()), err };
+        let name = key.rsplit('/').next().unwrap_or("");
+        let mut spec = ServerSpec::new(parse_addr(name).map_err(err)?);
+        let value = b64_field(kv.get("value")).map_err(|e| {
+            err(crate::servers::SpecError::NotObject(format!("value {e}")))
+        })?;
+        apply_json_attrs(&mut spec, &value).map_err(err)?;
+        out.push(spec);
+    }
+    Ok((out, revision))
+}
+
+/// What a watch stream has said so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WatchState {
+    /// Only "created" (or nothing complete yet): keep waiting.
+    Waiting,
+    /// Events, or the watch was cancelled (compaction): read again.
+    Reread,
+    Error(String),
+}
+
+/// Reads the complete JSON messages of a watch stream.
+pub fn watch_state(body: &[u8]) -> WatchState {
+    let mut it = serde_json::Deserializer::from_slice(body).into_iter::<Value>();
+    loop {
+        match it.next() {
+            None => return WatchState::Waiting,
+            Some(Err(e)) if e.is_eof() => return WatchState::Waiting,
+            Some(Err(e)) => return WatchState::Error(format!("invalid JSON in watch stream: {e}")),
+            Some(Ok(msg)) => {
+                if let Some(e) = msg.get("error") {
+                    let text = e.get("message").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| e.to_string());
+                    return WatchState::Error(format!("watch error: {}", excerpt(text.as_bytes())));
+                }
+                let Some(r) = msg.get("result") else {
+                    return WatchState::Error(format!("unexpected watch message {}", excerpt(msg.to_string().as_bytes())));
+                };
+                let events = r.get("events").and_then(Value::as_array).is_some_and(|e| !e.is_empty());
+                let canceled = r.get("canceled").and_then(Value::as_bool).unwrap_or(false);
+                if events || canceled {
+                    return WatchState::Reread;
+                }
+            }
+        }
+    }
+}
+
+impl EtcdV3 {
+    pub fn new(spec: &UpsyncSpec) -> EtcdV3 {
+        EtcdV3 {
+            prefix: spec.endpoint.path.clone(),
+            watch_from: 0,
+            revision: 0,
+            timeout_ms: spec.timeout_ms,
+        }
+    }
+
+    fn range_json(&self) -> String {
+        format!(
+            "\"key\":\"{}\",\"range_end\":\"{}\"",
+            B64.encode(self.prefix.as_bytes()),
+            B64.encode(prefix_end(self.prefix.as_bytes()))
+        )
+    }
+}
+
+impl Source for EtcdV3 {
+    fn next_request(&self) -> Request {
+        if self.watch_from == 0 {
+            Request {
+                method: "POST",
+                body: format!("{{{}}}", self.range_json()).into_bytes(),
+                ..Request::get("/v3/kv/range".into(), self.timeout_ms.min(30_000))
+            }
+        } else {
+            Request {
+                method: "POST",
+                body: format!(
+                    "{{\"create_request\":{{{},\"start_revision\":\"{}\"}}}}",
+                    self.range_json(),
+                    self.watch_from
+                )
+                .into_bytes(),
+                timeout_is_normal: true,
+                ..Request::get("/v3/watch".into(), self.timeout_ms)
+            }
+        }
+    }
+
+    fn on_partial(&mut self, head: &Head, body: &[u8]) -> bool {
+        self.watch_from != 0 && head.status == 200 && watch_state(body) != WatchState::Waiting
+    }
+
+    fn handle(&mut self, head: &Head, body: &[u8]) -> Result<Option<Snapshot>, RegistryError> {
+        if head.status != 200 {
+            return Err(RegistryError::Status { code: head.status, body: excerpt(body) });
+        }
+        if self.watch_from != 0 {
+            self.watch_from = 0;
+            return match watch_state(body) {
+                WatchState::Error(e) => Err(RegistryError::Json(e)),
+                // events, cancellation, or a stream the server ended: read again
+                _ => Ok(None),
+            };
+        }
+        let (servers, revision) = parse_range(body, &self.prefix)?;
+        self.revision = revision;
+        self.watch_from = revision + 1;
+        Ok(Some(Snapshot::new(servers, true)))
+    }
+
+    fn reset(&mut self) {
+        self.watch_from = 0;
+    }
+
+    fn position(&self) -> u64 {
+        self.revision
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conf::parse_upsync;
+
+    fn head(status: u16) -> Head {
+        Head { status, http11: true, headers: vec![] }
+    }
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff"), vec![0]);
+    }
+
+    #[test]
+    fn range_then_watch() {
+        let mut s = EtcdV3::new(&parse_upsync(&["127.0.0.1:2379/upstreams/x", "upsync_type=etcdv3"]).unwrap());
+        let r = s.next_request();
+        assert_eq!((r.method, r.path_and_query.as_str()), ("POST", "/v3/kv/range"));
+        let body = String::from_utf8(r.body).unwrap();
+        assert!(body.contains(&B64.encode("/upstreams/x/")), "{body}");
+        let resp = format!(
+            r#"{{"header":{{"cluster_id":"1","member_id":"2","revision":"7","raft_term":"2"}},"kvs":[{{"key":"{}","create_revision":"5","mod_revision":"6","version":"2","value":"{}"}}],"count":"1"}}"#,
+            B64.encode("/upstreams/x/127.0.0.1:8080"),
+            B64.encode(r#"{"weight":3}"#)
+        );
+        let snap = s.handle(&head(200), resp.as_bytes()).unwrap().unwrap();
+        assert_eq!((snap.servers.len(), snap.servers[0].weight), (1, 3));
+        let w = s.next_request();
+        assert_eq!(w.path_and_query, "/v3/watch");
+        assert!(w.timeout_is_normal);
+        assert!(String::from_utf8(w.body).unwrap().contains("\"start_revision\":\"8\""));
+        let created = br#"{"result":{"header":{"revision":"7"},"created":true}}"#;
+        assert!(!s.on_partial(&head(200), created));
+        let mut stream = created.to_vec();
+        stream.extend_from_slice(b"\n{\"result\":{\"header\":{\"revision\":\"8\"},\"events\":[{\"kv\":{\"key\":\"eA==\"}}]");
+        assert!(!s.on_partial(&head(200), &stream), "incomplete message");
+        stream.extend_from_slice(b"}}\n");
+        assert!(s.on_partial(&head(200), &stream));
+        assert_eq!(s.handle(&head(200), &stream).unwrap(), None);
+        assert_eq!(s.next_request().path_and_query, "/v3/kv/range");
+    }
+
+    #[test]
+    fn empty_compacted_and_errors() {
+        let (v, rev) = parse_range(br#"{"header":{"revision":"3"}}"#, "/u/").unwrap();
+        assert!(v.is_empty());
+        assert_eq!(rev, 3);
+        assert_eq!(watch_state(br#"{"result":{"header":{},"canceled":true,"compact_revision":"9"}}"#), WatchState::Reread);
+        assert!(matches!(watch_state(br#"{"error":{"grpc_code":16,"message":"invalid auth token"}}"#), WatchState::Error(_)));
+        assert!(matches!(watch_state(b"}{"), WatchState::Error(_)));
+        let bad = format!(r#"{{"header":{{"revision":"3"}},"kvs":[{{"key":"{}","value":""}}]}}"#, B64.encode("/u/not-an-address"));
+        assert!(parse_range(bad.as_bytes(), "/u/").is_err());
+        assert!(parse_range(br#"{"kvs":[]}"#, "/u/").is_err());
+    }
+}
