@@ -69,6 +69,15 @@ sub put { my ($self, $key, $value) = @_; $self->request('PUT', "/v1/kv/$key", $v
 sub delete { my ($self, $key) = @_; $self->request('DELETE', "/v1/kv/$key") }
 sub delete_tree { my ($self, $key) = @_; $self->request('DELETE', "/v1/kv/$key?recurse") }
 
+# Agent API: services and checks (the same calls on the emulator and a real agent).
+sub register_service {
+	my ($self, $def) = @_;
+	$self->request('PUT', '/v1/agent/service/register', encode_json($def));
+}
+sub deregister_service { $_[0]->request('PUT', "/v1/agent/service/deregister/$_[1]") }
+# check($check_id, 'pass'|'warn'|'fail'); a service's TTL check is "service:ID"
+sub check { $_[0]->request('PUT', "/v1/agent/check/$_[2]/$_[1]") }
+
 # Emulator control API (see consul_emulator.py).
 sub control {
 	my ($self, $what, $json) = @_;
