@@ -455,7 +455,11 @@ impl Poller {
             self.close_connection();
         }
         let head = parser.head().expect("complete response has a head");
-        match self.source.handle(head, parser.body()) {
+        let result = self.source.handle(head, parser.body());
+        if let Some(note) = self.source.take_note() {
+            self.log(NGX_LOG_NOTICE, &note);
+        }
+        match result {
             Ok(None) => {
                 // A watch fired: read again at once.
                 self.schedule(0);

@@ -25,6 +25,7 @@ pub struct EtcdV2 {
     /// Index of the last read, for status output.
     read_index: u64,
     timeout_ms: u64,
+    note: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -62,6 +63,7 @@ impl EtcdV2 {
             wait_index: 0,
             read_index: 0,
             timeout_ms: spec.timeout_ms,
+            note: None,
         }
     }
 
@@ -136,6 +138,10 @@ impl Source for EtcdV2 {
                 }
                 (400, Some(e)) if e.error_code == 401 => {
                     // History cleared past our index: read everything again.
+                    self.note = Some(format!(
+                        "etcd no longer has the events since index {} (it keeps the last 1000); reading everything again",
+                        self.wait_index
+                    ));
                     self.wait_index = 0;
                     Ok(None)
                 }
@@ -160,6 +166,10 @@ impl Source for EtcdV2 {
         self.read_index = index;
         self.wait_index = index + 1;
         Ok(Some(Snapshot::new(servers, true)))
+    }
+
+    fn take_note(&mut self) -> Option<String> {
+        self.note.take()
     }
 
     fn reset(&mut self) {

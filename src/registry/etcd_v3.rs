@@ -23,6 +23,7 @@ pub struct EtcdV3 {
     watch_from: u64,
     revision: u64,
     timeout_ms: u64,
+    note: Option<String>,
 }
 
 /// The end of a prefix range: the prefix with its last byte incremented.
@@ -91,8 +92,10 @@ pub fn parse_range(body: &[u8], prefix: &str) -> Result<(Vec<ServerSpec>, u64), 
 pub enum WatchState {
     /// Only "created" (or nothing complete yet): keep waiting.
     Waiting,
-    /// Events, or the watch was cancelled (compaction): read again.
+    /// Events: read again.
     Reread,
+    /// The watch was cancelled (its start revision was compacted): read again.
+    Canceled(String),
     Error(String),
 }
 
@@ -113,8 +116,14 @@ pub fn watch_state(body: &[u8]) -> WatchState {
                     return WatchState::Error(format!("unexpected watch message {}", excerpt(msg.to_string().as_bytes())));
                 };
                 let events = r.get("events").and_then(Value::as_array).is_some_and(|e| !e.is_empty());
-                let canceled = r.get("canceled").and_then(Value::as_bool).unwrap_or(false);
-                if events || canceled {
+                if r.get("canceled").and_then(Value::as_bool).unwrap_or(false) {
+                    let why = match int64(r.get("compact_revision")) {
+                        Some(c) if c > 0 => format!("compacted up to revision {c}"),
+                        _ => r.get("cancel_reason").and_then(Value::as_str).unwrap_or("no reason given").to_string(),
+                    };
+                    return WatchState::Canceled(why);
+                }
+                if events {
                     return WatchState::Reread;
                 }
             }
@@ -129,6 +138,7 @@ impl EtcdV3 {
             watch_from: 0,
             revision: 0,
             timeout_ms: spec.timeout_ms,
+            note: None,
         }
     }
 
@@ -173,10 +183,14 @@ impl Source for EtcdV3 {
             return Err(RegistryError::Status { code: head.status, body: excerpt(body) });
         }
         if self.watch_from != 0 {
-            self.watch_from = 0;
+            let from = std::mem::replace(&mut self.watch_from, 0);
             return match watch_state(body) {
                 WatchState::Error(e) => Err(RegistryError::Json(e)),
-                // events, cancellation, or a stream the server ended: read again
+                WatchState::Canceled(why) => {
+                    self.note = Some(format!("the watch from revision {from} was cancelled ({why}); reading everything again"));
+                    Ok(None)
+                }
+                // events, or a stream the server ended: read again
                 _ => Ok(None),
             };
         }
@@ -184,6 +198,10 @@ impl Source for EtcdV3 {
         self.revision = revision;
         self.watch_from = revision + 1;
         Ok(Some(Snapshot::new(servers, true)))
+    }
+
+    fn take_note(&mut self) -> Option<String> {
+        self.note.take()
     }
 
     fn reset(&mut self) {
@@ -245,7 +263,10 @@ mod tests {
         let (v, rev) = parse_range(br#"{"header":{"revision":"3"}}"#, "/u/").unwrap();
         assert!(v.is_empty());
         assert_eq!(rev, 3);
-        assert_eq!(watch_state(br#"{"result":{"header":{},"canceled":true,"compact_revision":"9"}}"#), WatchState::Reread);
+        assert_eq!(
+            watch_state(br#"{"result":{"header":{},"canceled":true,"compact_revision":"9"}}"#),
+            WatchState::Canceled("compacted up to revision 9".into())
+        );
         assert!(matches!(watch_state(br#"{"error":{"grpc_code":16,"message":"invalid auth token"}}"#), WatchState::Error(_)));
         assert!(matches!(watch_state(b"}{"), WatchState::Error(_)));
         let bad = format!(r#"{{"header":{{"revision":"3"}},"kvs":[{{"key":"{}","value":""}}]}}"#, B64.encode("/u/not-an-address"));

@@ -116,6 +116,11 @@ pub trait Source: Send {
     fn on_partial(&mut self, _head: &Head, _body: &[u8]) -> bool {
         false
     }
+    /// A notable recovery the source made on its own (history cleared, watch compacted),
+    /// for the poller to log once.
+    fn take_note(&mut self) -> Option<String> {
+        None
+    }
     /// Forgets the position, so the next request reads everything (after errors).
     fn reset(&mut self);
     /// The position, for status output (Consul index, etcd index).
