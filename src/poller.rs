@@ -20,8 +20,13 @@ use crate::zone::{sockaddr_of, Zone};
 
 /// Largest registry response accepted (a 10,000-server KV listing is about 2 MB).
 const BODY_LIMIT: usize = 8 * 1024 * 1024;
-/// Minimum spacing between two requests, whatever the registry answers.
+/// Hot-loop guard: requests are spaced by `MIN_GAP_MS` once the registry has answered
+/// `FAST_STREAK` requests in a row within `MIN_GAP_MS` without any progress (a server
+/// that does not block), or once more than `MAX_PER_SECOND` requests went out in the
+/// current second. Quick answers that carry changes are followed at full speed.
 const MIN_GAP_MS: u64 = 20;
+const FAST_STREAK: u32 = 3;
+const MAX_PER_SECOND: u32 = 100;
 
 pub struct Poller {
     conf: *const SrvConf,
@@ -48,6 +53,10 @@ pub struct Poller {
     in_flight: bool,
     request_started: u64,
     last_request: u64,
+    /// Consecutive exchanges that completed in under MIN_GAP_MS with no progress.
+    fast_streak: u32,
+    window_start: u64,
+    window_count: u32,
     request_timeout: u64,
     /// The request in flight is a watch the server never ends: its timeout is normal.
     timeout_is_normal: bool,
@@ -120,6 +129,9 @@ pub unsafe fn start(_cycle: *mut ngx_cycle_t, conf: &SrvConf) {
         in_flight: false,
         request_started: 0,
         last_request: 0,
+        fast_streak: 0,
+        window_start: 0,
+        window_count: 0,
         request_timeout: 0,
         timeout_is_normal: false,
         owner: false,
@@ -260,11 +272,16 @@ impl Poller {
 
     unsafe fn start_request(&mut self) {
         let now = mono_ms();
+        if now.saturating_sub(self.window_start) >= 1000 {
+            self.window_start = now;
+            self.window_count = 0;
+        }
         let gap = self.last_request + MIN_GAP_MS;
-        if now < gap {
+        if (self.fast_streak >= FAST_STREAK || self.window_count >= MAX_PER_SECOND) && now < gap {
             self.schedule(gap - now);
             return;
         }
+        self.window_count += 1;
         let req = self.source.next_request();
         let authority = self.conf().upsync.as_ref().unwrap().endpoint.authority();
         self.out = build_request(req.method, &req.path_and_query, &authority, &req.headers, &req.body);
@@ -451,6 +468,7 @@ impl Poller {
         }
         let parser = self.parser.take().expect("parser in flight");
         self.in_flight = false;
+        let fast = mono_ms().saturating_sub(self.request_started) < MIN_GAP_MS;
         if !parser.keep_alive() {
             self.close_connection();
         }
@@ -459,6 +477,12 @@ impl Poller {
         if let Some(note) = self.source.take_note() {
             self.log(NGX_LOG_NOTICE, &note);
         }
+        let progress = match &result {
+            Ok(None) => true, // a watch fired
+            Ok(Some(snap)) => snap.advanced,
+            Err(_) => false,
+        };
+        self.fast_streak = if fast && !progress { self.fast_streak.saturating_add(1) } else { 0 };
         match result {
             Ok(None) => {
                 // A watch fired: read again at once.
