@@ -188,7 +188,13 @@ EOF
 EOF
 
 (map { ["upsync_lb $_", ups_sync("upsync_lb $_;")] }
-	qw/roundrobin round_robin least_conn ip_hash hash_modula hash_ketama/),
+	qw/roundrobin round_robin least_conn ip_hash hash_modula hash_ketama random/,
+	'hash_ketama $remote_port', 'hash_modula $remote_addr',
+	'hash $remote_port consistent', 'hash $remote_addr', 'random two',
+	'random two least_conn'),
+
+['consul_health type', upsync('127.0.0.1:8500/v1/health/service/web upsync_type=consul_health')],
+['etcdv3 type', upsync('127.0.0.1:2379/upstreams/v/ upsync_type=etcdv3')],
 
 ['consul_services catalog path',
 	upsync('127.0.0.1:8500/v1/catalog/service/web '
@@ -383,7 +389,20 @@ EOF
 
 ['upsync_lb unknown method', ups_sync('upsync_lb fastest;'),
 	emerg(q{upsync_lb: unknown method "fastest"; accepted: roundrobin, }
-	. q{least_conn, ip_hash, hash_modula, hash_ketama})],
+	. q{least_conn, ip_hash, hash_modula [KEY], hash_ketama [KEY], }
+	. q{hash KEY [consistent], random [two [least_conn]]})],
+['upsync_lb least_conn with a key', ups_sync('upsync_lb least_conn $remote_addr;'),
+	emerg(q{upsync_lb: unknown method "least_conn $remote_addr"; accepted: roundrobin, least_conn, ip_hash, hash_modula [KEY], hash_ketama [KEY], hash KEY [consistent], random [two [least_conn]]})],
+['upsync_lb hash without a key', ups_sync('upsync_lb hash;'),
+	emerg(q{upsync_lb: unknown method "hash"; accepted: roundrobin, least_conn, ip_hash, hash_modula [KEY], hash_ketama [KEY], hash KEY [consistent], random [two [least_conn]]})],
+['upsync_lb random three', ups_sync('upsync_lb random three;'),
+	emerg(q{upsync_lb: unknown method "random three"; accepted: roundrobin, least_conn, ip_hash, hash_modula [KEY], hash_ketama [KEY], hash KEY [consistent], random [two [least_conn]]})],
+['upsync_lb with an unknown variable', ups_sync('upsync_lb hash_ketama $no_such_var;'),
+	qr/\[emerg\] unknown "no_such_var" variable$/m],
+['upsync_lb without upsync', ups("upsync_lb least_conn;\n        server 127.0.0.1:8081;"),
+	emerg(q{upsync_lb: upstream "u" has no "upsync"; upsync_lb only applies to upsync upstreams})],
+['upsync_dump_path without upsync', ups("upsync_dump_path /tmp/x.conf;\n        server 127.0.0.1:8081;"),
+	emerg(q{upsync_dump_path: upstream "u" has no "upsync"; upsync_dump_path only applies to upsync upstreams})],
 ['upsync_lb twice', ups_sync("upsync_lb roundrobin;\n"
 	. "        upsync_lb roundrobin;"),
 	emerg(q{"upsync_lb" directive is duplicate})],

@@ -1,5 +1,14 @@
-//! Load-balancing algorithms over a list of peers, independent of where the peers live
-//! (plain slices in tests, the shared zone in nginx).
+//! Load-balancing algorithms, independent of where the peers live (plain slices in tests,
+//! the shared zone in nginx).
+//!
+//! Every published server set gets a `Plan`, built once per set and worker: a smooth
+//! weighted round-robin schedule (so a round-robin pick is O(1) with a cursor shared by
+//! all workers), prefix sums of the primary weights (hash, ip_hash and random pick the
+//! same server nginx's linear weight walk would, in O(log n)), and for `hash_ketama` a
+//! ring built exactly like nginx's `hash ... consistent`. Per-connection state
+//! (connections, failures) stays in `PeerState`.
+
+use std::cmp::Ordering;
 
 /// The per-server state the algorithms read and update.
 #[repr(C)]
@@ -36,6 +45,13 @@ impl PeerState {
             return false;
         }
         true
+    }
+
+    /// The peer was chosen: open a new failure window if the last one expired (nginx).
+    pub fn picked(&mut self, now: i64) {
+        if now - self.checked > self.fail_timeout {
+            self.checked = now;
+        }
     }
 
     /// Records the end of a connection attempt (nginx's `free` rules).
@@ -79,23 +95,178 @@ impl Peers for [PeerState] {
     }
 }
 
-/// nginx's smooth weighted round robin among the peers with `backup == want_backup` that
-/// are available and not yet tried by this session (`tried(i)`). Returns the chosen index.
-pub fn smooth_wrr<P: Peers + ?Sized>(
+/// How an upstream picks its server (`upsync_lb`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Method {
+    #[default]
+    RoundRobin,
+    LeastConn,
+    IpHash,
+    HashModula,
+    HashKetama,
+    /// `random`, or `random two` (the less loaded of two random picks).
+    Random { two: bool },
+}
+
+/// What the plan needs to know about each server of a set, in set order.
+#[derive(Debug, Clone)]
+pub struct PlanPeer<'a> {
+    /// `ip:port` as nginx would print the `server` (ketama hashes it).
+    pub name: &'a str,
+    pub weight: u32,
+    pub down: bool,
+    pub backup: bool,
+}
+
+/// Precomputed selection structures for one server set.
+#[derive(Debug, Default, Clone)]
+pub struct Plan {
+    pub generation: u64,
+    /// Smooth weighted round-robin order of set indices: primaries, then backups.
+    pub schedule: [Vec<u32>; 2],
+    /// Set indices of the primary servers, in set order.
+    pub primaries: Vec<u32>,
+    /// prefix[k] = total weight of primaries[0..=k].
+    pub prefix: Vec<u64>,
+    pub total_weight: u64,
+    /// (point, set index), sorted by point: nginx's consistent-hash ring.
+    pub ring: Vec<(u32, u32)>,
+}
+
+/// Longest round-robin schedule: weights are divided by their gcd and, if still larger,
+/// scaled down (keeping every server at least once).
+const MAX_SCHEDULE: u64 = 1 << 16;
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// A smooth order in which each server appears `weight` times per cycle: the k-th turn of
+/// server i is due at (k + 1/2) / w_i (earliest deadline first), which interleaves heavy
+/// and light servers the way nginx's smooth round robin does.
+fn smooth_schedule(members: &[(u32, u64)]) -> Vec<u32> {
+    if members.is_empty() {
+        return Vec::new();
+    }
+    let g = members.iter().fold(0, |g, &(_, w)| gcd(g, w)).max(1);
+    let sum: u64 = members.iter().map(|&(_, w)| w / g).sum();
+    let scale = if sum > MAX_SCHEDULE.max(members.len() as u64 * 4) {
+        (MAX_SCHEDULE.max(members.len() as u64 * 4)) as f64 / sum as f64
+    } else {
+        1.0
+    };
+    let mut turns: Vec<(f64, u32)> = Vec::new();
+    for &(idx, w) in members {
+        let w = (((w / g) as f64 * scale).round() as u64).max(1);
+        for k in 0..w {
+            turns.push(((k as f64 + 0.5) / w as f64, idx));
+        }
+    }
+    turns.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(Ordering::Equal).then(a.1.cmp(&b.1)));
+    turns.into_iter().map(|(_, i)| i).collect()
+}
+
+/// nginx's `hash ... consistent` points for one server: crc32(HOST \0 PORT PREV_HASH).
+fn ketama_points(name: &str, weight: u32, idx: u32, out: &mut Vec<(u32, u32)>) {
+    let b = name.as_bytes();
+    // split at the last ':' followed only by digits (nginx's rule)
+    let digits = b.iter().rev().take_while(|c| c.is_ascii_digit()).count();
+    let (host, port) = if digits < b.len() && b[b.len() - digits - 1] == b':' {
+        (&b[..b.len() - digits - 1], &b[b.len() - digits..])
+    } else {
+        (b, &b[..0])
+    };
+    let mut base = crc32fast::Hasher::new();
+    base.update(host);
+    base.update(&[0]);
+    base.update(port);
+    let mut prev: u32 = 0;
+    for _ in 0..weight as u64 * 160 {
+        let mut h = base.clone();
+        h.update(&prev.to_le_bytes());
+        let v = h.finalize();
+        out.push((v, idx));
+        prev = v;
+    }
+}
+
+impl Plan {
+    pub fn build(generation: u64, peers: &[PlanPeer<'_>], method: Method) -> Plan {
+        let mut plan = Plan {
+            generation,
+            ..Plan::default()
+        };
+        for want_backup in [false, true] {
+            let members: Vec<(u32, u64)> = peers
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.backup == want_backup && !p.down)
+                .map(|(i, p)| (i as u32, p.weight.max(1) as u64))
+                .collect();
+            plan.schedule[want_backup as usize] = smooth_schedule(&members);
+        }
+        let mut total = 0u64;
+        for (i, p) in peers.iter().enumerate().filter(|(_, p)| !p.backup) {
+            total += p.weight.max(1) as u64;
+            plan.primaries.push(i as u32);
+            plan.prefix.push(total);
+        }
+        plan.total_weight = total;
+        if method == Method::HashKetama {
+            for (i, p) in peers.iter().enumerate().filter(|(_, p)| !p.backup) {
+                ketama_points(p.name, p.weight.max(1), i as u32, &mut plan.ring);
+            }
+            plan.ring.sort_unstable();
+            plan.ring.dedup_by_key(|p| p.0);
+        }
+        plan
+    }
+
+    /// The primary whose weight range holds `w` (< total_weight): nginx's weight walk.
+    fn by_weight(&self, w: u64) -> usize {
+        let k = self.prefix.partition_point(|&end| end <= w);
+        self.primaries[k] as usize
+    }
+}
+
+/// Round robin: the next available server in the schedule after `cursor`.
+pub fn pick_round_robin<P: Peers + ?Sized>(
     peers: &mut P,
-    want_backup: bool,
+    plan: &Plan,
+    backup: bool,
+    cursor: &mut u64,
     now: i64,
-    tried: impl Fn(usize) -> bool,
+    tried: &dyn Fn(usize) -> bool,
 ) -> Option<usize> {
+    let sched = &plan.schedule[backup as usize];
+    let len = sched.len() as u64;
+    if len == 0 {
+        return None;
+    }
+    let start = *cursor % len;
+    for step in 0..len {
+        let pos = (start + step) % len;
+        let i = sched[pos as usize] as usize;
+        if !tried(i) && peers.peer(i).available(now) {
+            *cursor = pos + 1;
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// nginx's smooth weighted round robin over the peers for which `eligible(i)` holds.
+pub fn smooth_wrr<P: Peers + ?Sized>(peers: &mut P, eligible: &dyn Fn(usize, &PeerState) -> bool) -> Option<usize> {
     let mut best: Option<usize> = None;
     let mut best_cw = i64::MIN;
     let mut total = 0i64;
     for i in 0..peers.len() {
-        if tried(i) {
-            continue;
-        }
         let p = peers.peer(i);
-        if p.backup != want_backup || !p.available(now) {
+        if !eligible(i, p) {
             continue;
         }
         p.current_weight += p.effective_weight;
@@ -109,12 +280,189 @@ pub fn smooth_wrr<P: Peers + ?Sized>(
         }
     }
     let b = best?;
-    let p = peers.peer(b);
-    p.current_weight -= total;
-    if now - p.checked > p.fail_timeout {
-        p.checked = now;
-    }
+    peers.peer(b).current_weight -= total;
     Some(b)
+}
+
+/// nginx's least_conn: fewest connections per weight among available peers (primaries,
+/// then backups); ties go to smooth weighted round robin among the tied peers.
+pub fn pick_least_conn<P: Peers + ?Sized>(peers: &mut P, now: i64, tried: &dyn Fn(usize) -> bool) -> Option<usize> {
+    for backup in [false, true] {
+        let ok = |i: usize, p: &PeerState| p.backup == backup && !tried(i) && p.available(now);
+        let mut best: Option<(u64, u64)> = None; // (conns, weight) of the best ratio
+        let mut many = false;
+        for i in 0..peers.len() {
+            let p = peers.peer(i);
+            if !ok(i, p) {
+                continue;
+            }
+            let (c, w) = (p.conns as u64, p.weight.max(1) as u64);
+            match best {
+                None => best = Some((c, w)),
+                Some((bc, bw)) => match (c * bw).cmp(&(bc * w)) {
+                    Ordering::Less => {
+                        best = Some((c, w));
+                        many = false;
+                    }
+                    Ordering::Equal => many = true,
+                    Ordering::Greater => {}
+                },
+            }
+        }
+        let Some((bc, bw)) = best else { continue };
+        let same = |i: usize, p: &PeerState| ok(i, p) && p.conns as u64 * bw == bc * p.weight.max(1) as u64;
+        if !many {
+            return (0..peers.len()).find(|&i| {
+                let p = peers.peer(i);
+                same(i, p)
+            });
+        }
+        return smooth_wrr(peers, &same);
+    }
+    None
+}
+
+/// How many times a hash method looks for another server before falling back to round
+/// robin (nginx's limit).
+const HASH_TRIES: u32 = 20;
+
+/// nginx's `hash KEY` (no `consistent`): ((crc32([REHASH] KEY) >> 16) & 0x7fff) summed
+/// over attempts, modulo the total weight.
+pub fn pick_hash_modula<P: Peers + ?Sized>(
+    peers: &mut P,
+    plan: &Plan,
+    key: &[u8],
+    now: i64,
+    tried: &dyn Fn(usize) -> bool,
+) -> Option<usize> {
+    if plan.primaries.len() < 2 || key.is_empty() || plan.total_weight == 0 {
+        return None;
+    }
+    let mut hash: u64 = 0;
+    for rehash in 0..=HASH_TRIES {
+        let mut h = crc32fast::Hasher::new();
+        if rehash > 0 {
+            h.update(rehash.to_string().as_bytes());
+        }
+        h.update(key);
+        hash += ((h.finalize() >> 16) & 0x7fff) as u64;
+        let i = plan.by_weight(hash % plan.total_weight);
+        if !tried(i) && peers.peer(i).available(now) {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// nginx's `ip_hash`: the first three octets of an IPv4 client (all 16 bytes of IPv6).
+pub fn pick_ip_hash<P: Peers + ?Sized>(
+    peers: &mut P,
+    plan: &Plan,
+    addr: &[u8],
+    now: i64,
+    tried: &dyn Fn(usize) -> bool,
+) -> Option<usize> {
+    if plan.primaries.len() < 2 || plan.total_weight == 0 {
+        return None;
+    }
+    let bytes = if addr.len() == 4 { &addr[..3] } else { addr };
+    let mut hash: u64 = 89;
+    for _ in 0..=HASH_TRIES {
+        for &b in bytes {
+            hash = (hash * 113 + b as u64) % 6271;
+        }
+        let i = plan.by_weight(hash % plan.total_weight);
+        if !tried(i) && peers.peer(i).available(now) {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// nginx's `hash KEY consistent`: the first ring point at or after crc32(KEY), then the
+/// following points while the server there cannot be used.
+pub fn pick_ketama<P: Peers + ?Sized>(
+    peers: &mut P,
+    plan: &Plan,
+    key: &[u8],
+    now: i64,
+    tried: &dyn Fn(usize) -> bool,
+) -> Option<usize> {
+    if plan.ring.is_empty() || plan.primaries.len() < 2 || key.is_empty() {
+        return None;
+    }
+    let hash = crc32fast::hash(key);
+    let start = plan.ring.partition_point(|&(p, _)| p < hash);
+    for k in 0..=HASH_TRIES as usize {
+        let i = plan.ring[(start + k) % plan.ring.len()].1 as usize;
+        if !tried(i) && peers.peer(i).available(now) {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// nginx's `random [two]`: a server drawn with probability proportional to its weight;
+/// with `two`, the less loaded (connections per weight) of two different draws.
+pub fn pick_random<P: Peers + ?Sized>(
+    peers: &mut P,
+    plan: &Plan,
+    two: bool,
+    now: i64,
+    tried: &dyn Fn(usize) -> bool,
+    rand: &mut dyn FnMut() -> u64,
+) -> Option<usize> {
+    if plan.total_weight == 0 {
+        return None;
+    }
+    let mut draw = |peers: &mut P, not: Option<usize>| -> Option<usize> {
+        for _ in 0..=HASH_TRIES {
+            let i = plan.by_weight(rand() % plan.total_weight);
+            if Some(i) != not && !tried(i) && peers.peer(i).available(now) {
+                return Some(i);
+            }
+        }
+        None
+    };
+    let first = draw(peers, None)?;
+    if !two || plan.primaries.len() < 2 {
+        return Some(first);
+    }
+    let Some(second) = draw(peers, Some(first)) else {
+        return Some(first);
+    };
+    let (a, b) = (peers.peer(first).clone(), peers.peer(second).clone());
+    if (b.conns as i64) * a.weight.max(1) < (a.conns as i64) * b.weight.max(1) {
+        Some(second)
+    } else {
+        Some(first)
+    }
+}
+
+/// Picks a server with `method`; hash and random methods fall back to round robin (as
+/// nginx does) when they find nothing, and backups serve when no primary can.
+#[allow(clippy::too_many_arguments)]
+pub fn pick<P: Peers + ?Sized>(
+    peers: &mut P,
+    plan: &Plan,
+    method: Method,
+    key: &[u8],
+    cursors: &mut [u64; 2],
+    now: i64,
+    tried: &dyn Fn(usize) -> bool,
+    rand: &mut dyn FnMut() -> u64,
+) -> Option<usize> {
+    let chosen = match method {
+        Method::RoundRobin => None,
+        Method::LeastConn => return pick_least_conn(peers, now, tried),
+        Method::IpHash => pick_ip_hash(peers, plan, key, now, tried),
+        Method::HashModula => pick_hash_modula(peers, plan, key, now, tried),
+        Method::HashKetama => pick_ketama(peers, plan, key, now, tried),
+        Method::Random { two } => pick_random(peers, plan, two, now, tried, rand),
+    };
+    chosen
+        .or_else(|| pick_round_robin(peers, plan, false, &mut cursors[0], now, tried))
+        .or_else(|| pick_round_robin(peers, plan, true, &mut cursors[1], now, tried))
 }
 
 #[cfg(test)]
@@ -131,46 +479,196 @@ mod tests {
         }
     }
 
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("127.0.0.1:{}", 8000 + i)).collect()
+    }
+
+    fn plan_for(ps: &[PeerState], names: &[String], method: Method) -> Plan {
+        let pp: Vec<PlanPeer> = ps
+            .iter()
+            .zip(names)
+            .map(|(p, n)| PlanPeer { name: n, weight: p.weight as u32, down: p.down, backup: p.backup })
+            .collect();
+        Plan::build(1, &pp, method)
+    }
+
+    fn no(_: usize) -> bool {
+        false
+    }
+
     #[test]
-    fn smooth_sequence_matches_nginx() {
+    fn nginx_smooth_wrr_sequence() {
         // nginx's documented example: weights 5,1,1 give a a b a c a a
         let mut v = vec![peer(5), peer(1), peer(1)];
-        let seq: Vec<usize> = (0..7).map(|_| smooth_wrr(v.as_mut_slice(), false, 0, |_| false).unwrap()).collect();
+        let seq: Vec<usize> = (0..7).map(|_| smooth_wrr(v.as_mut_slice(), &|_, _| true).unwrap()).collect();
         assert_eq!(seq, vec![0, 0, 1, 0, 2, 0, 0]);
     }
 
     #[test]
-    fn weights_proportional_and_states_respected() {
+    fn schedule_is_weighted_and_interleaved() {
+        let mut v = vec![peer(5), peer(1), peer(1)];
+        let n = names(3);
+        let plan = plan_for(&v, &n, Method::RoundRobin);
+        assert_eq!(plan.schedule[0].len(), 7);
+        let mut cur = 0;
+        let seq: Vec<usize> = (0..7).map(|_| pick_round_robin(v.as_mut_slice(), &plan, false, &mut cur, 0, &no).unwrap()).collect();
+        let count = |k| seq.iter().filter(|&&i| i == k).count();
+        assert_eq!((count(0), count(1), count(2)), (5, 1, 1));
+        // never three of the heavy one in a row across the cycle boundary
+        assert!(!seq.windows(4).any(|w| w.iter().all(|&i| i == 0)), "{seq:?}");
+        // gcd reduction
+        let v2 = vec![peer(300), peer(100)];
+        assert_eq!(plan_for(&v2, &names(2), Method::RoundRobin).schedule[0].len(), 4);
+    }
+
+    #[test]
+    fn round_robin_skips_unavailable_and_uses_backup() {
         let mut v = vec![peer(3), peer(1), peer(1)];
-        v[2].down = true;
+        v[2].backup = true;
+        let n = names(3);
+        let plan = plan_for(&v, &n, Method::RoundRobin);
+        let mut cursors = [0, 0];
         let mut counts = [0; 3];
+        let mut r = || 0u64;
         for _ in 0..400 {
-            counts[smooth_wrr(v.as_mut_slice(), false, 0, |_| false).unwrap()] += 1;
+            counts[pick(v.as_mut_slice(), &plan, Method::RoundRobin, b"", &mut cursors, 0, &no, &mut r).unwrap()] += 1;
         }
         assert_eq!(counts, [300, 100, 0]);
-    }
-
-    #[test]
-    fn backup_only_when_asked_and_failures_expire() {
-        let mut v = vec![peer(1), peer(1)];
-        v[1].backup = true;
-        assert_eq!(smooth_wrr(v.as_mut_slice(), false, 100, |_| false), Some(0));
-        v[0].release(true, 100);
-        v[0].release(true, 100);
-        assert_eq!(smooth_wrr(v.as_mut_slice(), false, 105, |_| false), None);
-        assert_eq!(smooth_wrr(v.as_mut_slice(), true, 105, |_| false), Some(1));
-        // fail_timeout passed: the primary is tried again
-        assert_eq!(smooth_wrr(v.as_mut_slice(), false, 111, |_| false), Some(0));
-        v[0].connected();
-        assert_eq!(v[0].fails, 0);
-    }
-
-    #[test]
-    fn tried_and_max_conns_skip() {
-        let mut v = vec![peer(1), peer(1)];
-        assert_eq!(smooth_wrr(v.as_mut_slice(), false, 0, |i| i == 0), Some(1));
+        v[0].down = true;
         v[1].max_conns = 1;
         v[1].conns = 1;
-        assert_eq!(smooth_wrr(v.as_mut_slice(), false, 0, |i| i == 0), None);
+        assert_eq!(pick(v.as_mut_slice(), &plan, Method::RoundRobin, b"", &mut cursors, 0, &no, &mut r), Some(2));
+        v[2].fails = 2;
+        v[2].checked = 0;
+        assert_eq!(pick(v.as_mut_slice(), &plan, Method::RoundRobin, b"", &mut cursors, 5, &no, &mut r), None);
+        // fail_timeout over: tried again
+        assert_eq!(pick(v.as_mut_slice(), &plan, Method::RoundRobin, b"", &mut cursors, 11, &no, &mut r), Some(2));
+    }
+
+    #[test]
+    fn failures_expire_and_connect_resets() {
+        let mut p = peer(1);
+        p.release(true, 100);
+        p.release(true, 100);
+        assert!(!p.available(105));
+        assert!(p.available(111));
+        // picked again after fail_timeout opens a new window; success then clears fails
+        p.picked(111);
+        p.connected();
+        assert_eq!(p.fails, 0);
+    }
+
+    #[test]
+    fn least_conn_prefers_fewest_per_weight() {
+        let mut v = vec![peer(1), peer(2), peer(1)];
+        v[0].conns = 1;
+        v[1].conns = 1;
+        v[2].conns = 1;
+        // ratios 1, 0.5, 1 -> peer 1
+        assert_eq!(pick_least_conn(v.as_mut_slice(), 0, &no), Some(1));
+        v[1].conns = 2; // ties 1,1,1: weighted round robin among them
+        let mut counts = [0; 3];
+        for _ in 0..40 {
+            counts[pick_least_conn(v.as_mut_slice(), 0, &no).unwrap()] += 1;
+        }
+        assert_eq!(counts, [10, 20, 10]);
+    }
+
+    /// nginx's ip_hash and hash walk, written the way nginx writes them, as the oracle.
+    fn nginx_walk(weights: &[u64], w: u64) -> usize {
+        let mut w = w;
+        let mut p = 0;
+        while w >= weights[p] {
+            w -= weights[p];
+            p += 1;
+        }
+        p
+    }
+
+    #[test]
+    fn hash_modula_and_ip_hash_match_nginx_walk() {
+        let ws = [3u64, 1, 7, 2, 5];
+        let mut v: Vec<PeerState> = ws.iter().map(|&w| peer(w as i64)).collect();
+        let n = names(5);
+        let plan = plan_for(&v, &n, Method::HashModula);
+        let total: u64 = ws.iter().sum();
+        for k in 0..200 {
+            let key = format!("10.0.{}.{}", k / 7, k);
+            let h = ((crc32fast::hash(key.as_bytes()) >> 16) & 0x7fff) as u64;
+            assert_eq!(pick_hash_modula(v.as_mut_slice(), &plan, key.as_bytes(), 0, &no), Some(nginx_walk(&ws, h % total)));
+            let addr = [10u8, 0, (k / 7) as u8, k as u8];
+            let mut hh = 89u64;
+            for &b in &addr[..3] {
+                hh = (hh * 113 + b as u64) % 6271;
+            }
+            assert_eq!(pick_ip_hash(v.as_mut_slice(), &plan, &addr, 0, &no), Some(nginx_walk(&ws, hh % total)));
+        }
+        // an unavailable server: the key moves on (rehash), not to nothing
+        v[nginx_walk(&ws, ((crc32fast::hash(b"x") >> 16) & 0x7fff) as u64 % total)].down = true;
+        assert!(pick_hash_modula(v.as_mut_slice(), &plan, b"x", 0, &no).is_some());
+    }
+
+    #[test]
+    fn ketama_ring_like_nginx() {
+        let v = vec![peer(1), peer(2)];
+        let n = names(2);
+        let plan = plan_for(&v, &n, Method::HashKetama);
+        assert!(plan.ring.len() > 470 && plan.ring.len() <= 480);
+        assert!(plan.ring.windows(2).all(|w| w[0].0 < w[1].0));
+        // first point of 127.0.0.1:8000: crc32("127.0.0.1" "\0" "8000" 00 00 00 00)
+        let mut b = b"127.0.0.1\x008000".to_vec();
+        b.extend_from_slice(&0u32.to_le_bytes());
+        let first = crc32fast::hash(&b);
+        assert!(plan.ring.contains(&(first, 0)));
+    }
+
+    #[test]
+    fn ketama_moves_about_one_nth_when_a_server_is_added() {
+        let n = names(5);
+        let mut four: Vec<PeerState> = (0..4).map(|_| peer(1)).collect();
+        let mut five: Vec<PeerState> = (0..5).map(|_| peer(1)).collect();
+        let p4 = plan_for(&four, &n[..4], Method::HashKetama);
+        let p5 = plan_for(&five, &n, Method::HashKetama);
+        let keys = 10_000;
+        let moved = (0..keys)
+            .filter(|k| {
+                let key = format!("key-{k}");
+                pick_ketama(four.as_mut_slice(), &p4, key.as_bytes(), 0, &no)
+                    != pick_ketama(five.as_mut_slice(), &p5, key.as_bytes(), 0, &no)
+            })
+            .count();
+        // ideal 1/5 = 2000; ketama with 160 points per server stays close
+        assert!((1500..2500).contains(&moved), "moved {moved}");
+    }
+
+    #[test]
+    fn random_two_prefers_less_loaded() {
+        let mut v = vec![peer(1), peer(1)];
+        v[0].conns = 10;
+        let n = names(2);
+        let plan = plan_for(&v, &n, Method::Random { two: true });
+        let mut seed = 7u64;
+        let mut r = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed >> 33
+        };
+        for _ in 0..50 {
+            assert_eq!(pick_random(v.as_mut_slice(), &plan, true, 0, &no, &mut r), Some(1));
+        }
+        let mut counts = [0; 2];
+        v[0].conns = 0;
+        for _ in 0..2000 {
+            counts[pick_random(v.as_mut_slice(), &plan, false, 0, &no, &mut r).unwrap()] += 1;
+        }
+        assert!((900..1100).contains(&counts[0]), "{counts:?}");
+    }
+
+    #[test]
+    fn large_schedules_are_bounded() {
+        let v: Vec<PeerState> = (0..10_000).map(|i| peer(1 + (i % 97))).collect();
+        let n = names(10_000);
+        let plan = plan_for(&v, &n, Method::RoundRobin);
+        assert!(plan.schedule[0].len() as u64 <= MAX_SCHEDULE + 10_000);
+        assert!(plan.schedule[0].len() >= 10_000);
     }
 }

@@ -10,7 +10,8 @@ use std::ptr;
 use ngx::ffi::*;
 use ngx::{ngx_conf_log_error, ngx_string};
 
-use crate::conf::{parse_upsync, LbMethod, UpsyncSpec};
+use crate::balancer::Plan;
+use crate::conf::{parse_lb, parse_upsync, LbSpec, UpsyncSpec};
 use crate::servers::ServerSpec;
 use crate::zone::{InitOutcome, Zone};
 use crate::{peer, poller, show_handler};
@@ -24,7 +25,11 @@ pub struct SrvConf {
     /// Registry addresses, resolved when the configuration is read.
     pub addrs: Vec<SocketAddr>,
     pub dump_path: Option<String>,
-    pub lb: Option<LbMethod>,
+    pub lb: Option<LbSpec>,
+    /// The hash key of `upsync_lb`, compiled; null means `$remote_addr`.
+    pub lb_key: *mut ngx_stream_complex_value_t,
+    /// This worker's selection plan for the current set (rebuilt when the set changes).
+    pub plan: Option<Plan>,
     pub uscf: *mut ngx_stream_upstream_srv_conf_t,
     pub name: String,
     /// The `server` lines of the configuration (usually the included dump).
@@ -90,7 +95,7 @@ static mut NGX_STREAM_UPSYNC_COMMANDS: [ngx_command_t; 5] = [
     },
     ngx_command_t {
         name: ngx_string!("upsync_lb"),
-        type_: (NGX_STREAM_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        type_: (NGX_STREAM_UPS_CONF | NGX_CONF_TAKE123) as ngx_uint_t,
         set: Some(cmd_lb),
         conf: NGX_STREAM_SRV_CONF_OFFSET,
         offset: 0,
@@ -172,6 +177,8 @@ unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
         addrs: Vec::new(),
         dump_path: None,
         lb: None,
+        lb_key: ptr::null_mut(),
+        plan: None,
         uscf: ptr::null_mut(),
         name: String::new(),
         initial: Vec::new(),
@@ -286,21 +293,32 @@ unsafe extern "C" fn cmd_lb(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf:
         return c"is duplicate".as_ptr() as *mut c_char;
     }
     let a = args(cf);
-    match LbMethod::parse(&a[0]) {
-        Ok(m) => {
-            if m != LbMethod::RoundRobin {
-                ngx_conf_log_error!(
-                    NGX_LOG_WARN,
-                    cf,
-                    "upsync_lb: \"{}\" is not implemented in this version yet; the upstream uses roundrobin",
-                    m.name()
-                );
-            }
-            conf.lb = Some(m);
-            CONF_OK
-        }
+    let argv: Vec<&str> = a.iter().map(String::as_str).collect();
+    let spec = match parse_lb(&argv) {
+        Ok(s) => s,
         Err(e) => conf_err!(cf, "upsync_lb: {e}"),
+    };
+    if let Some(key) = spec.key.as_deref().filter(|k| *k != "$remote_addr") {
+        // Compile the key like nginx's own `hash` directive does.
+        let value = ngx_palloc((*cf).pool, std::mem::size_of::<ngx_str_t>()) as *mut ngx_str_t;
+        let cv = ngx_pcalloc((*cf).pool, std::mem::size_of::<ngx_stream_complex_value_t>()) as *mut ngx_stream_complex_value_t;
+        let data = ngx_pnalloc((*cf).pool, key.len()) as *mut u8;
+        if value.is_null() || cv.is_null() || data.is_null() {
+            return CONF_ERROR;
+        }
+        ptr::copy_nonoverlapping(key.as_ptr(), data, key.len());
+        *value = ngx_str_t { len: key.len(), data };
+        let mut ccv: ngx_stream_compile_complex_value_t = std::mem::zeroed();
+        ccv.cf = cf;
+        ccv.value = value;
+        ccv.complex_value = cv;
+        if ngx_stream_compile_complex_value(&mut ccv) != NGX_OK as ngx_int_t {
+            return CONF_ERROR;
+        }
+        conf.lb_key = cv;
     }
+    conf.lb = Some(spec);
+    CONF_OK
 }
 
 unsafe extern "C" fn cmd_upstream_show(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
@@ -362,6 +380,16 @@ unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     }
     for &uscf in upstreams_of((*ctx).main_conf) {
         if let Some(conf) = upstream_conf(uscf) {
+            if conf.upsync.is_none() && (conf.lb.is_some() || conf.dump_path.is_some()) {
+                let name = str_of(&(*uscf).host);
+                let what = if conf.lb.is_some() { "upsync_lb" } else { "upsync_dump_path" };
+                ngx_conf_log_error!(
+                    NGX_LOG_EMERG,
+                    cf,
+                    "{what}: upstream \"{name}\" has no \"upsync\"; {what} only applies to upsync upstreams"
+                );
+                return NGX_ERROR as ngx_int_t;
+            }
             if conf.upsync.is_some() && !conf.initialized {
                 ngx_conf_log_error!(
                     NGX_LOG_EMERG,

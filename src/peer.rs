@@ -9,8 +9,8 @@ use std::ptr;
 
 use ngx::ffi::*;
 
-use crate::balancer::smooth_wrr;
-use crate::module::upstream_conf;
+use crate::balancer::{pick, Method, Plan, PlanPeer};
+use crate::module::{upstream_conf, SrvConf};
 use crate::servers::ServerSpec;
 use crate::zone::{SetPeers, Slot, Zone, NAME_MAX};
 
@@ -18,7 +18,12 @@ use crate::zone::{SetPeers, Slot, Zone, NAME_MAX};
 #[repr(C)]
 struct PeerData {
     zone: Zone,
+    conf: *mut SrvConf,
     upstream_name: *mut ngx_str_t,
+    /// The hash key (hash methods) or the client address bytes (ip_hash).
+    key: ngx_str_t,
+    addr: [u8; 16],
+    addr_len: u8,
     /// The slot this session holds a reference on (null when none).
     current: *mut Slot,
     /// Generation of the set `tried` refers to.
@@ -28,6 +33,22 @@ struct PeerData {
     sockaddr: libc::sockaddr_storage,
     name: ngx_str_t,
     name_buf: [u8; NAME_MAX],
+}
+
+/// A per-worker xorshift generator for `random` (not for anything secret).
+fn random() -> u64 {
+    static mut STATE: u64 = 0;
+    // SAFETY: workers are single-threaded; only this function touches STATE.
+    unsafe {
+        let st = &mut *std::ptr::addr_of_mut!(STATE);
+        if *st == 0 {
+            *st = (ngx_pid as u64) << 32 ^ (*ngx_cached_time).msec as u64 ^ 0x9e37_79b9_7f4a_7c15;
+        }
+        *st ^= *st << 13;
+        *st ^= *st >> 7;
+        *st ^= *st << 17;
+        *st
+    }
 }
 
 fn now_sec() -> i64 {
@@ -110,7 +131,29 @@ unsafe extern "C" fn init_peer(s: *mut ngx_stream_session_t, us: *mut ngx_stream
         return NGX_ERROR as ngx_int_t;
     }
     (*pd).zone = zone;
+    (*pd).conf = conf;
     (*pd).upstream_name = &mut (*us).host;
+    let c = (*s).connection;
+    match conf.lb.as_ref().map(|l| l.method) {
+        Some(Method::HashModula | Method::HashKetama) => {
+            if conf.lb_key.is_null() {
+                (*pd).key = (*c).addr_text;
+            } else if ngx_stream_complex_value(s, conf.lb_key, &mut (*pd).key) != NGX_OK as ngx_int_t {
+                return NGX_ERROR as ngx_int_t;
+            }
+        }
+        Some(Method::IpHash) => {
+            if let Some(a) = socket_addr((*c).sockaddr, (*c).socklen) {
+                let bytes: Vec<u8> = match a.ip() {
+                    std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+                    std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+                };
+                (&mut (*pd).addr)[..bytes.len()].copy_from_slice(&bytes);
+                (*pd).addr_len = bytes.len() as u8;
+            }
+        }
+        _ => {}
+    }
     let n = {
         let locked = zone.lock();
         (*pd).generation = locked.generation();
@@ -170,14 +213,44 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     let tried = pd.tried;
     let is_tried = |i: usize| i / 64 < tried_words && *tried.add(i / 64) & (1u64 << (i % 64)) != 0;
     let slots_copy: &[*mut Slot] = std::slice::from_raw_parts(slots.as_ptr(), slots.len());
+    let conf = &mut *pd.conf;
+    let lb = conf.lb.clone().unwrap_or_default();
+    // This worker's plan follows the set's generation; rebuilt under the lock, once per
+    // change and worker.
+    if conf.plan.as_ref().map(|p| p.generation) != Some(gen) {
+        let names: Vec<String> = slots_copy
+            .iter()
+            .map(|&s| String::from_utf8_lossy((*s).name()).into_owned())
+            .collect();
+        let pp: Vec<PlanPeer> = slots_copy
+            .iter()
+            .zip(&names)
+            .map(|(&s, n)| PlanPeer {
+                name: n,
+                weight: (*s).spec_weight,
+                down: (*s).spec_down,
+                backup: (*s).spec_backup,
+            })
+            .collect();
+        conf.plan = Some(Plan::build(gen, &pp, lb.method));
+    }
+    let plan = conf.plan.as_ref().expect("plan built above");
+    let key: &[u8] = match lb.method {
+        Method::IpHash => &pd.addr[..pd.addr_len as usize],
+        _ if pd.key.len > 0 => std::slice::from_raw_parts(pd.key.data, pd.key.len),
+        _ => &[],
+    };
     let mut peers = SetPeers { slots: slots_copy };
-    let pick = smooth_wrr(&mut peers, false, now, is_tried).or_else(|| smooth_wrr(&mut peers, true, now, is_tried));
+    let mut cursors = locked.hdr.cursors;
+    let pick = pick(&mut peers, plan, lb.method, key, &mut cursors, now, &is_tried, &mut random);
+    locked.hdr.cursors = cursors;
     let Some(i) = pick else {
         drop(locked);
         (*pc).name = pd.upstream_name;
         return NGX_BUSY as ngx_int_t;
     };
     let slot = slots_copy[i];
+    (*slot).state.picked(now);
     locked.acquire(slot);
     if i / 64 < pd.tried_words {
         *pd.tried.add(i / 64) |= 1u64 << (i % 64);

@@ -129,6 +129,9 @@ pub struct ZoneHeader {
     /// Worker pid that polls the registry (0: nobody), and until when (ms since epoch).
     pub poller_pid: i64,
     pub lease_until_ms: u64,
+    /// Round-robin positions in the primary and backup schedules, shared by all workers
+    /// so the weighted order holds for the whole instance.
+    pub cursors: [u64; 2],
     pub status: SyncStatus,
 }
 

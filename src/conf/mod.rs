@@ -7,6 +7,8 @@ use std::fmt;
 
 use time::parse_time_ms;
 
+pub use crate::balancer::Method;
+
 /// Which registry protocol an upstream follows (`upsync_type=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceKind {
@@ -124,7 +126,7 @@ pub enum ConfError {
     },
     #[error("https registries are not supported yet in \"{0}\"; use plain http on a trusted network")]
     Https(String),
-    #[error("unknown method \"{0}\"; accepted: roundrobin, least_conn, ip_hash, hash_modula, hash_ketama")]
+    #[error("unknown method \"{0}\"; accepted: {accepted}", accepted = LbSpec::ACCEPTED)]
     UnknownLb(String),
 }
 
@@ -282,38 +284,53 @@ pub fn parse_upsync(args: &[&str]) -> Result<UpsyncSpec, ConfError> {
     })
 }
 
-/// `upsync_lb` methods.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LbMethod {
-    #[default]
-    RoundRobin,
-    LeastConn,
-    IpHash,
-    HashModula,
-    HashKetama,
+/// A parsed `upsync_lb`: the method, and the hash key when one was given (the hash
+/// methods use `$remote_addr` by default).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LbSpec {
+    pub method: Method,
+    pub key: Option<String>,
 }
 
-impl LbMethod {
-    pub fn parse(s: &str) -> Result<LbMethod, ConfError> {
-        match s {
-            "roundrobin" | "round_robin" => Ok(LbMethod::RoundRobin),
-            "least_conn" => Ok(LbMethod::LeastConn),
-            "ip_hash" => Ok(LbMethod::IpHash),
-            "hash_modula" => Ok(LbMethod::HashModula),
-            "hash_ketama" => Ok(LbMethod::HashKetama),
-            _ => Err(ConfError::UnknownLb(s.to_string())),
-        }
-    }
+impl LbSpec {
+    pub const ACCEPTED: &'static str =
+        "roundrobin, least_conn, ip_hash, hash_modula [KEY], hash_ketama [KEY], hash KEY [consistent], random [two [least_conn]]";
 
-    pub fn name(self) -> &'static str {
-        match self {
-            LbMethod::RoundRobin => "roundrobin",
-            LbMethod::LeastConn => "least_conn",
-            LbMethod::IpHash => "ip_hash",
-            LbMethod::HashModula => "hash_modula",
-            LbMethod::HashKetama => "hash_ketama",
+    /// The method's name as configured, for logs and status.
+    pub fn name(&self) -> &'static str {
+        match self.method {
+            Method::RoundRobin => "roundrobin",
+            Method::LeastConn => "least_conn",
+            Method::IpHash => "ip_hash",
+            Method::HashModula => "hash_modula",
+            Method::HashKetama => "hash_ketama",
+            Method::Random { two: false } => "random",
+            Method::Random { two: true } => "random two",
         }
     }
+}
+
+/// Parses the arguments of `upsync_lb` (the C module's five names, plus nginx's own
+/// `hash KEY [consistent]` and `random [two [least_conn]]` forms).
+pub fn parse_lb(args: &[&str]) -> Result<LbSpec, ConfError> {
+    let bad = || ConfError::UnknownLb(args.join(" "));
+    let key = |a: Option<&&str>| a.map(|k| k.to_string());
+    let spec = match args {
+        ["roundrobin" | "round_robin"] => LbSpec { method: Method::RoundRobin, key: None },
+        ["least_conn"] => LbSpec { method: Method::LeastConn, key: None },
+        ["ip_hash"] => LbSpec { method: Method::IpHash, key: None },
+        ["hash_modula", rest @ ..] if rest.len() <= 1 => LbSpec { method: Method::HashModula, key: key(rest.first()) },
+        ["hash_ketama", rest @ ..] if rest.len() <= 1 => LbSpec { method: Method::HashKetama, key: key(rest.first()) },
+        ["hash", k] => LbSpec { method: Method::HashModula, key: Some(k.to_string()) },
+        ["hash", k, "consistent"] => LbSpec { method: Method::HashKetama, key: Some(k.to_string()) },
+        ["random"] => LbSpec { method: Method::Random { two: false }, key: None },
+        ["random", "two"] | ["random", "two", "least_conn"] => LbSpec { method: Method::Random { two: true }, key: None },
+        _ => return Err(bad()),
+    };
+    if spec.key.as_deref() == Some("") {
+        return Err(bad());
+    }
+    Ok(spec)
 }
 
 #[cfg(test)]
@@ -399,10 +416,20 @@ mod tests {
 
     #[test]
     fn lb_methods() {
-        for m in ["roundrobin", "least_conn", "ip_hash", "hash_modula", "hash_ketama"] {
-            assert_eq!(LbMethod::parse(m).unwrap().name(), m);
+        let m = |a: &[&str]| parse_lb(a).map(|s| (s.method, s.key));
+        assert_eq!(m(&["roundrobin"]), Ok((Method::RoundRobin, None)));
+        assert_eq!(m(&["round_robin"]), Ok((Method::RoundRobin, None)));
+        assert_eq!(m(&["least_conn"]), Ok((Method::LeastConn, None)));
+        assert_eq!(m(&["ip_hash"]), Ok((Method::IpHash, None)));
+        assert_eq!(m(&["hash_modula"]), Ok((Method::HashModula, None)));
+        assert_eq!(m(&["hash_ketama", "$remote_port"]), Ok((Method::HashKetama, Some("$remote_port".into()))));
+        assert_eq!(m(&["hash", "$x"]), Ok((Method::HashModula, Some("$x".into()))));
+        assert_eq!(m(&["hash", "$x", "consistent"]), Ok((Method::HashKetama, Some("$x".into()))));
+        assert_eq!(m(&["random"]), Ok((Method::Random { two: false }, None)));
+        assert_eq!(m(&["random", "two", "least_conn"]), Ok((Method::Random { two: true }, None)));
+        for bad in [&["rr"][..], &["least_conn", "x"], &["hash"], &["hash", "$x", "ring"], &["random", "three"], &["ip_hash", "$x"]] {
+            let e = parse_lb(bad).unwrap_err();
+            assert!(e.to_string().contains("accepted: roundrobin"), "{e}");
         }
-        assert_eq!(LbMethod::parse("round_robin"), Ok(LbMethod::RoundRobin));
-        assert!(LbMethod::parse("random").is_err());
     }
 }
