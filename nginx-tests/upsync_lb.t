@@ -24,7 +24,7 @@ use Test::Nginx::Consul;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new(workers => 4)->has(qw/stream upsync/)->plan(21);
+my $t = Test::Nginx->new(workers => 4)->has(qw/stream upsync/)->plan(26);
 
 my @p = map { port(8081 + $_) } 0 .. 4;          # 5 backends
 my ($u1, $u2) = (port(8091), port(8092));         # UDP backends
@@ -34,10 +34,10 @@ my $seed = port(8099);
 my $stock = join "\n", map { "        server 127.0.0.1:$_;" } sort { $a <=> $b } @p[0 .. 3];
 
 my $ups = '';
-for my $m (qw/rr lc ket mod rnd two udp zoned/) {
+for my $m (qw/rr lc ket mod rnd two udp zoned ss/) {
 	my %lb = (rr => '', lc => 'upsync_lb least_conn;', ket => 'upsync_lb hash_ketama $remote_port;',
 		mod => 'upsync_lb hash $remote_port;', rnd => 'upsync_lb random;',
-		two => 'upsync_lb random two;', udp => '', zoned => 'zone zoned 64k;');
+		two => 'upsync_lb random two;', udp => '', zoned => 'zone zoned 64k;', ss => '');
 	$ups .= <<"EOF";
     upstream $m {
         upsync 127.0.0.1:%%PORT_8500%%/v1/kv/upstreams/$m/ upsync_type=consul upsync_interval=200ms;
@@ -67,6 +67,7 @@ $stock
     server { listen 127.0.0.1:%%PORT_8066%% udp; proxy_pass udp; proxy_responses 1; proxy_timeout 1s; }
     server { listen 127.0.0.1:%%PORT_8067%%; proxy_pass zoned; }
     server { listen 127.0.0.1:%%PORT_8068%%; proxy_pass stock; }
+    server { listen 127.0.0.1:%%PORT_8070%%; proxy_pass ss; }
     server { listen 127.0.0.1:%%PORT_8088%%; upstream_show; }
 }
 EOF
@@ -84,6 +85,7 @@ for my $m (qw/rr lc rnd two zoned/) {
 for my $m (qw/ket mod/) {
 	$consul->put("upstreams/$m/127.0.0.1:$p[$_]", '') for 0 .. 3;
 }
+$consul->put("upstreams/ss/127.0.0.1:$p[0]", '');
 $consul->put("upstreams/udp/127.0.0.1:$u1", '');
 $consul->put("upstreams/udp/127.0.0.1:$u2", '');
 
@@ -100,6 +102,16 @@ ok(wait_for(sub {
 	!grep({ section($_) !~ /count: 2\n/ } qw/rr lc rnd two zoned udp/)
 		&& section('ket') =~ /count: 4\n/ && section('mod') =~ /count: 4\n/
 }, timeout => 10), 'all upstreams synced');
+
+# Client ports chosen by the test sit above the kernel's ephemeral range, so no
+# connection nginx or the harness opens can hold them.
+my $range = '';
+if (open(my $f, '<', '/proc/sys/net/ipv4/ip_local_port_range')) {
+	$range = <$f>;
+}
+my ($eph_hi) = ($range // '') =~ /(\d+)\s*$/;
+use constant LOCAL_BASE => 62000;
+die "ephemeral ports reach into the test's client ports\n" if ($eph_hi // 60999) >= LOCAL_BASE;
 
 # one connection from a chosen local port; returns the backend id
 sub via_port {
@@ -119,11 +131,17 @@ sub via_port {
 my $c = count_by_backend($t, port(8060), 400);
 is_deeply($c, { b0 => 300, b1 => 100 }, 'roundrobin 3:1 across 4 workers: exactly 300/100');
 
-# sequential sessions: the previous one may still be closing in another worker,
-# so least_conn sees real load differences; weights hold within 10%
-$c = count_by_backend($t, port(8061), 400);
-ok(abs(($c->{b0} // 0) - 300) <= 30 && ($c->{b0} // 0) + ($c->{b1} // 0) == 400,
-	'least_conn, light load: weights 3:1 within 10% (b0=' . ($c->{b0} // 0) . ')');
+# least_conn with sessions held open: each new session goes to the lowest
+# connections/weight, so 12 open sessions over weights 3:1 end exactly 9:3
+{
+	my @open = map { Test::Nginx::Stream->new(port => port(8061)) } 1 .. 12;
+	my %n;
+	$n{ ($_->readline // '') =~ s/\n//r }++ for @open;
+	is_deeply(\%n, { b0 => 9, b1 => 3 }, 'least_conn: 12 open sessions over weights 3:1 split 9:3');
+	$_->close for @open;
+	ok(wait_for(sub { $backends[0]->open_connections == 0 && $backends[1]->open_connections == 0 },
+		timeout => 5), 'least_conn sessions closed');
+}
 
 $c = count_by_backend($t, port(8064), 800);
 ok(abs(($c->{b0} // 0) - 600) <= 60, 'random 3:1 within 10% (b0=' . ($c->{b0} // 0) . ')');
@@ -138,7 +156,7 @@ is_deeply($c, { b0 => 300, b1 => 100 }, 'zone directive in the same upstream: no
 
 # hash_modula on $remote_port spreads keys over all 4 servers
 my %mod;
-$mod{ via_port(port(8063), 40000 + $_) }++ for 1 .. 200;
+$mod{ via_port(port(8063), LOCAL_BASE + $_) }++ for 1 .. 200;
 is(scalar(grep { /^b[0-3]$/ } keys %mod), 4, 'hash_modula: keys spread over all 4 servers');
 ok(!grep({ $_ > 90 } values %mod), 'hash_modula: no server takes more than 45% of 200 keys')
 	or diag(explain \%mod);
@@ -148,13 +166,14 @@ ok(!grep({ $_ > 90 } values %mod), 'hash_modula: no server takes more than 45% o
 
 my (%ket, $same);
 for my $k (1 .. 200) {
-	my $local = 41000 + $k;
+	my $local = LOCAL_BASE + 1000 + $k;
 	my $a = via_port(port(8062), $local);
 	my $b = via_port(port(8068), $local);
 	$ket{$local} = $a;
 	$same++ if $a eq $b && $a =~ /^b\d$/;
 }
-is($same, 200, 'hash_ketama places all 200 keys exactly like "hash $remote_port consistent"');
+is($same, 200, 'hash_ketama places all 200 keys exactly like "hash $remote_port consistent"')
+	or diag(join ' ', map { "$_=$ket{$_}" } grep { $ket{$_} !~ /^b\d$/ } sort keys %ket);
 
 # Adding a 5th server moves about 1/5 of the keys, all of them to the new
 # server. The key is the client's port: the "after" connections use the same
@@ -164,7 +183,7 @@ $consul->put("upstreams/ket/127.0.0.1:$p[4]", '');
 ok(wait_for(sub { section('ket') =~ /count: 5\n/ }, timeout => 5), 'ketama: 5th server added');
 my ($moved, $elsewhere) = (0, 0);
 for my $k (1 .. 200) {
-	my $local = 41000 + $k;
+	my $local = LOCAL_BASE + 1000 + $k;
 	my $now = via_port(port(8069), $local);
 	next if $now eq $ket{$local};
 	$moved++;
@@ -214,6 +233,22 @@ for (1 .. 10) {
 	$udp{$r}++;
 }
 is_deeply(\%udp, { u2 => 10 }, 'UDP: the change applies');
+
+###############################################################################
+# slow_start: a server added with slow_start=3s takes a growing share
+
+ok(wait_for(sub { section('ss') =~ /count: 1\n/ }, timeout => 5), 'slow_start upstream synced');
+use Time::HiRes ();
+my $t0 = Time::HiRes::time();
+$consul->put("upstreams/ss/127.0.0.1:$p[1]", '{"slow_start":"3s"}');
+ok(wait_for(sub { section('ss') =~ /count: 2\n/ }, timeout => 5), 'slow_start: server added');
+$c = count_by_backend($t, port(8070), 100);
+ok(($c->{b1} // 0) < 30, 'slow_start: early share well under half (' . ($c->{b1} // 0) . '/100)');
+my $full = wait_for(sub {
+	my $c = count_by_backend($t, port(8070), 100);
+	($c->{b1} // 0) >= 45 ? Time::HiRes::time() : 0;
+}, timeout => 8, interval => 0.1);
+ok($full && $full - $t0 >= 1.5, sprintf('slow_start: full share only after the ramp (%.1fs)', ($full || 0) - $t0));
 
 my @bad = $t->grep_log(qr/\[(alert|crit|emerg)\]/);
 is(scalar @bad, 0, 'no alerts') or diag(join '', @bad);

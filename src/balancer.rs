@@ -30,9 +30,21 @@ pub struct PeerState {
     pub total: u64,
     pub down: bool,
     pub backup: bool,
+    /// slow_start window (ms; 0: none) and when the current ramp began (ms).
+    pub slow_start_ms: u64,
+    pub ramp_start_ms: u64,
 }
 
 impl PeerState {
+    /// While ramping after `slow_start`: the fraction of its share the peer gets now.
+    pub fn ramp(&self, now_ms: u64) -> Option<f64> {
+        let elapsed = now_ms.saturating_sub(self.ramp_start_ms);
+        if self.slow_start_ms == 0 || self.ramp_start_ms == 0 || elapsed >= self.slow_start_ms {
+            return None;
+        }
+        Some(elapsed as f64 / self.slow_start_ms as f64)
+    }
+
     /// Whether the peer may take a new connection at time `now` (seconds).
     pub fn available(&self, now: i64) -> bool {
         if self.down {
@@ -131,7 +143,15 @@ pub struct Plan {
     pub total_weight: u64,
     /// (point, set index), sorted by point: nginx's consistent-hash ring.
     pub ring: Vec<(u32, u32)>,
+    /// For each weight unit w < total_weight, the server whose range holds it (when the
+    /// total is at most `MAX_WEIGHT_TABLE`): O(1) weight walks.
+    pub weight_table: Vec<u32>,
+    /// ring_index[b] = first ring position whose point's top 16 bits are >= b.
+    pub ring_index: Vec<u32>,
 }
+
+/// Largest total weight given a direct weight -> server table (1 MB per plan).
+const MAX_WEIGHT_TABLE: u64 = 1 << 18;
 
 /// Longest round-robin schedule: weights are divided by their gcd and, if still larger,
 /// scaled down (keeping every server at least once).
@@ -216,20 +236,48 @@ impl Plan {
             plan.prefix.push(total);
         }
         plan.total_weight = total;
+        let uses_weights = matches!(method, Method::IpHash | Method::HashModula | Method::Random { .. });
+        if uses_weights && total <= MAX_WEIGHT_TABLE {
+            plan.weight_table.reserve(total as usize);
+            let mut start = 0u64;
+            for (k, &end) in plan.prefix.iter().enumerate() {
+                plan.weight_table.extend(std::iter::repeat(plan.primaries[k]).take((end - start) as usize));
+                start = end;
+            }
+        }
         if method == Method::HashKetama {
             for (i, p) in peers.iter().enumerate().filter(|(_, p)| !p.backup) {
                 ketama_points(p.name, p.weight.max(1), i as u32, &mut plan.ring);
             }
             plan.ring.sort_unstable();
             plan.ring.dedup_by_key(|p| p.0);
+            let mut pos = 0usize;
+            plan.ring_index = (0..=65536u64)
+                .map(|b| {
+                    while pos < plan.ring.len() && ((plan.ring[pos].0 as u64) >> 16) < b {
+                        pos += 1;
+                    }
+                    pos as u32
+                })
+                .collect();
         }
         plan
     }
 
     /// The primary whose weight range holds `w` (< total_weight): nginx's weight walk.
     fn by_weight(&self, w: u64) -> usize {
+        if let Some(&i) = self.weight_table.get(w as usize) {
+            return i as usize;
+        }
         let k = self.prefix.partition_point(|&end| end <= w);
         self.primaries[k] as usize
+    }
+
+    /// The first ring position whose point is >= hash (== ring.len() past the end).
+    fn ring_start(&self, hash: u32) -> usize {
+        let b = (hash >> 16) as usize;
+        let (lo, hi) = (self.ring_index[b] as usize, self.ring_index[b + 1] as usize);
+        lo + self.ring[lo..hi].partition_point(|&(p, _)| p < hash)
     }
 }
 
@@ -392,7 +440,7 @@ pub fn pick_ketama<P: Peers + ?Sized>(
         return None;
     }
     let hash = crc32fast::hash(key);
-    let start = plan.ring.partition_point(|&(p, _)| p < hash);
+    let start = plan.ring_start(hash);
     for k in 0..=HASH_TRIES as usize {
         let i = plan.ring[(start + k) % plan.ring.len()].1 as usize;
         if !tried(i) && peers.peer(i).available(now) {
@@ -440,9 +488,41 @@ pub fn pick_random<P: Peers + ?Sized>(
 }
 
 /// Picks a server with `method`; hash and random methods fall back to round robin (as
-/// nginx does) when they find nothing, and backups serve when no primary can.
+/// nginx does) when they find nothing, and backups serve when no primary can. A server
+/// in its `slow_start` ramp is passed over with probability 1 - ramp (a few times at
+/// most, so a lone ramping server still serves).
 #[allow(clippy::too_many_arguments)]
 pub fn pick<P: Peers + ?Sized>(
+    peers: &mut P,
+    plan: &Plan,
+    method: Method,
+    key: &[u8],
+    cursors: &mut [u64; 2],
+    now: i64,
+    now_ms: u64,
+    tried: &dyn Fn(usize) -> bool,
+    rand: &mut dyn FnMut() -> u64,
+) -> Option<usize> {
+    let mut skipped: [usize; 3] = [usize::MAX; 3];
+    let mut last = None;
+    for attempt in 0..=skipped.len() {
+        let skip = skipped;
+        let excluded = |i: usize| tried(i) || skip.contains(&i);
+        let chosen = pick_once(peers, plan, method, key, cursors, now, &excluded, rand);
+        let Some(i) = chosen else { return last };
+        last = Some(i);
+        match peers.peer(i).ramp(now_ms) {
+            Some(frac) if attempt < skipped.len() && (rand() % 10_000) as f64 >= frac * 10_000.0 => {
+                skipped[attempt] = i;
+            }
+            _ => return Some(i),
+        }
+    }
+    last
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pick_once<P: Peers + ?Sized>(
     peers: &mut P,
     plan: &Plan,
     method: Method,
@@ -531,18 +611,18 @@ mod tests {
         let mut counts = [0; 3];
         let mut r = || 0u64;
         for _ in 0..400 {
-            counts[pick(v.as_mut_slice(), &plan, Method::RoundRobin, b"", &mut cursors, 0, &no, &mut r).unwrap()] += 1;
+            counts[pick(v.as_mut_slice(), &plan, Method::RoundRobin, b"", &mut cursors, 0, 0, &no, &mut r).unwrap()] += 1;
         }
         assert_eq!(counts, [300, 100, 0]);
         v[0].down = true;
         v[1].max_conns = 1;
         v[1].conns = 1;
-        assert_eq!(pick(v.as_mut_slice(), &plan, Method::RoundRobin, b"", &mut cursors, 0, &no, &mut r), Some(2));
+        assert_eq!(pick(v.as_mut_slice(), &plan, Method::RoundRobin, b"", &mut cursors, 0, 0, &no, &mut r), Some(2));
         v[2].fails = 2;
         v[2].checked = 0;
-        assert_eq!(pick(v.as_mut_slice(), &plan, Method::RoundRobin, b"", &mut cursors, 5, &no, &mut r), None);
+        assert_eq!(pick(v.as_mut_slice(), &plan, Method::RoundRobin, b"", &mut cursors, 5, 0, &no, &mut r), None);
         // fail_timeout over: tried again
-        assert_eq!(pick(v.as_mut_slice(), &plan, Method::RoundRobin, b"", &mut cursors, 11, &no, &mut r), Some(2));
+        assert_eq!(pick(v.as_mut_slice(), &plan, Method::RoundRobin, b"", &mut cursors, 11, 0, &no, &mut r), Some(2));
     }
 
     #[test]
@@ -620,6 +700,9 @@ mod tests {
         b.extend_from_slice(&0u32.to_le_bytes());
         let first = crc32fast::hash(&b);
         assert!(plan.ring.contains(&(first, 0)));
+        for h in [0u32, 1, first, first.wrapping_add(1), 0x8000_0000, u32::MAX] {
+            assert_eq!(plan.ring_start(h), plan.ring.partition_point(|&(p, _)| p < h), "hash {h}");
+        }
     }
 
     #[test]
@@ -661,6 +744,39 @@ mod tests {
             counts[pick_random(v.as_mut_slice(), &plan, false, 0, &no, &mut r).unwrap()] += 1;
         }
         assert!((900..1100).contains(&counts[0]), "{counts:?}");
+    }
+
+    #[test]
+    fn slow_start_ramps_share() {
+        let mut v = vec![peer(1), peer(1)];
+        v[1].slow_start_ms = 10_000;
+        v[1].ramp_start_ms = 1_000;
+        let n = names(2);
+        let plan = plan_for(&v, &n, Method::RoundRobin);
+        let mut seed = 1u64;
+        let mut r = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed >> 33
+        };
+        let share = |v: &mut Vec<PeerState>, now_ms: u64, r: &mut dyn FnMut() -> u64| {
+            let mut cursors = [0, 0];
+            (0..4000)
+                .filter(|_| pick(v.as_mut_slice(), &plan, Method::RoundRobin, b"", &mut cursors, 0, now_ms, &no, r) == Some(1))
+                .count()
+        };
+        let early = share(&mut v, 2_000, &mut r); // 10% into the ramp
+        let mid = share(&mut v, 6_000, &mut r); // 50%
+        let done = share(&mut v, 11_000, &mut r); // over
+        assert!(early < mid && mid < done, "{early} {mid} {done}");
+        assert!(early < 800, "early {early}");
+        assert_eq!(done, 2000);
+        // a lone ramping server still serves
+        let mut lone = vec![peer(1)];
+        lone[0].slow_start_ms = 10_000;
+        lone[0].ramp_start_ms = 1_000;
+        let p1 = plan_for(&lone, &n[..1], Method::RoundRobin);
+        let mut cursors = [0, 0];
+        assert_eq!(pick(lone.as_mut_slice(), &p1, Method::RoundRobin, b"", &mut cursors, 0, 1_001, &no, &mut r), Some(0));
     }
 
     #[test]

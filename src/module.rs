@@ -452,7 +452,7 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
             }
             Ok(snap) => {
                 let Some(zone) = conf.zone else { continue };
-                if let Err(e) = zone.lock().publish(&snap.servers) {
+                if let Err(e) = zone.lock().publish(&snap.servers, None) {
                     ngx::ngx_log_error!(NGX_LOG_EMERG, log, "{}: {e}", conf.log_prefix());
                     return NGX_ERROR as ngx_int_t;
                 }

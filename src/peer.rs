@@ -12,7 +12,7 @@ use ngx::ffi::*;
 use crate::balancer::{pick, Method, Plan, PlanPeer};
 use crate::module::{upstream_conf, SrvConf};
 use crate::servers::ServerSpec;
-use crate::zone::{SetPeers, Slot, Zone, NAME_MAX};
+use crate::zone::{mono_ms, SetPeers, Slot, Zone, NAME_MAX};
 
 /// Per-session state, allocated from the session's pool.
 #[repr(C)]
@@ -92,6 +92,7 @@ unsafe fn configured_servers(us: *mut ngx_stream_upstream_srv_conf_t) -> Vec<Ser
                 max_conns: s.max_conns as u32,
                 down: s.down != 0,
                 backup: s.backup() != 0,
+                slow_start: 0,
             });
         }
     }
@@ -242,7 +243,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     };
     let mut peers = SetPeers { slots: slots_copy };
     let mut cursors = locked.hdr.cursors;
-    let pick = pick(&mut peers, plan, lb.method, key, &mut cursors, now, &is_tried, &mut random);
+    let pick = pick(&mut peers, plan, lb.method, key, &mut cursors, now, mono_ms(), &is_tried, &mut random);
     locked.hdr.cursors = cursors;
     let Some(i) = pick else {
         drop(locked);
@@ -295,7 +296,13 @@ unsafe extern "C" fn notify_peer(pc: *mut ngx_peer_connection_t, data: *mut c_vo
         && (*(*pc).connection).type_ == libc::SOCK_STREAM
     {
         let _locked = pd.zone.lock();
-        (*pd.current).state.connected();
+        let st = &mut (*pd.current).state;
+        let was_failed = st.max_fails > 0 && st.fails >= st.max_fails;
+        st.connected();
+        if was_failed && st.fails == 0 {
+            // recovered: ramp up again (slow_start)
+            st.ramp_start_ms = mono_ms();
+        }
     }
 }
 

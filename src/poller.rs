@@ -16,7 +16,7 @@ use crate::module::SrvConf;
 use crate::net::http::{build_request, ResponseParser};
 use crate::registry::{retry_delay_ms, source_for, Snapshot, Source};
 use crate::servers::Diff;
-use crate::zone::{sockaddr_of, Zone};
+use crate::zone::{mono_ms, sockaddr_of, Zone};
 
 /// Largest registry response accepted (a 10,000-server KV listing is about 2 MB).
 const BODY_LIMIT: usize = 8 * 1024 * 1024;
@@ -68,13 +68,6 @@ pub struct Poller {
 }
 
 static mut POLLERS: Vec<*mut Poller> = Vec::new();
-
-fn mono_ms() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
-}
 
 fn wall_ms() -> u64 {
     std::time::SystemTime::now()
@@ -562,7 +555,7 @@ impl Poller {
         if diff.is_empty() {
             return;
         }
-        if let Err(e) = l.publish(&snap.servers) {
+        if let Err(e) = l.publish(&snap.servers, Some(mono_ms())) {
             drop(l);
             self.log(NGX_LOG_ERR, &format!("cannot apply {} servers: {e}; keeping the current ones", snap.servers.len()));
             return;

@@ -27,7 +27,7 @@ use nginx_sys::{
 use crate::balancer::{PeerState, Peers};
 use crate::servers::ServerSpec;
 
-const MAGIC: u64 = 0x7570_7379_6e63_0001; // "upsync" v1
+const MAGIC: u64 = 0x7570_7379_6e63_0002; // "upsync", layout v2
 
 /// Longest address text: `[ffff:...:ffff%scope]:65535` fits easily.
 pub const NAME_MAX: usize = 64;
@@ -43,6 +43,7 @@ pub struct Slot {
     pub spec_max_conns: u32,
     pub spec_down: bool,
     pub spec_backup: bool,
+    pub spec_slow_start: u32,
     pub socklen: u32,
     pub sockaddr: libc::sockaddr_storage,
     pub name_len: u8,
@@ -65,11 +66,20 @@ impl Slot {
             max_conns: self.spec_max_conns,
             down: self.spec_down,
             backup: self.spec_backup,
+            slow_start: self.spec_slow_start,
         }
     }
 
-    fn set_spec(&mut self, s: &ServerSpec) {
+    fn set_spec(&mut self, s: &ServerSpec, now_ms: Option<u64>) {
         let weight_changed = self.spec_weight != s.weight;
+        // a server coming back from `down` ramps up again (slow_start)
+        if let Some(now) = now_ms {
+            if self.spec_down && !s.down {
+                self.state.ramp_start_ms = now;
+            }
+        }
+        self.spec_slow_start = s.slow_start;
+        self.state.slow_start_ms = s.slow_start as u64 * 1000;
         self.spec_weight = s.weight;
         self.spec_max_fails = s.max_fails;
         self.spec_fail_timeout = s.fail_timeout;
@@ -196,7 +206,7 @@ impl Zone {
             (*hdr).status.position = 0;
             let zone = Zone { pool, hdr };
             let mut locked = Locked { pool, hdr: &mut *hdr };
-            let r = locked.publish(initial).map(|_| (zone, InitOutcome::Fresh));
+            let r = locked.publish(initial, None).map(|_| (zone, InitOutcome::Fresh));
             std::mem::forget(locked);
             r
         };
@@ -251,7 +261,9 @@ impl Locked<'_> {
 
     /// Replaces the set with `specs` (sorted by address). Servers that stay keep their slot,
     /// and so their counters and open sessions. On allocation failure nothing changes.
-    pub fn publish(&mut self, specs: &[ServerSpec]) -> Result<(), &'static str> {
+    /// `now_ms` (monotonic) starts the slow_start ramp of servers that are new or come
+    /// back from `down`; None for the set nginx starts with.
+    pub fn publish(&mut self, specs: &[ServerSpec], now_ms: Option<u64>) -> Result<(), &'static str> {
         let old: Vec<*mut Slot> = self.slots().to_vec();
         // SAFETY: all pointers below come from this pool and are used under its mutex.
         unsafe {
@@ -279,6 +291,7 @@ impl Locked<'_> {
                         return Err("shared zone is full (cannot allocate a server)");
                     }
                     init_slot(s, spec, &name);
+                    (*s).state.ramp_start_ms = now_ms.unwrap_or(0);
                     created.push(s);
                     s
                 };
@@ -295,7 +308,7 @@ impl Locked<'_> {
                     (*s).refs = 1;
                 }
                 (*s).in_set = true;
-                (*s).set_spec(spec);
+                (*s).set_spec(spec, now_ms);
             }
             for &s in &old {
                 if !(*s).in_set {
@@ -380,7 +393,16 @@ unsafe fn init_slot(s: *mut Slot, spec: &ServerSpec, name: &str) {
     slot.name_len = n as u8;
     slot.state.effective_weight = spec.weight as i64;
     slot.spec_weight = spec.weight;
-    slot.set_spec(spec);
+    slot.set_spec(spec, None);
+}
+
+/// Milliseconds of CLOCK_MONOTONIC: the same clock in every process, for leases and
+/// slow_start ramps that one process starts and others read.
+pub fn mono_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
 /// Converts a socket address to the C form nginx connects with.
