@@ -7,6 +7,9 @@
 //! pass or MAX_CONNS are done; prints `conns=N secs=S rate=R failed=F`.
 //! `connbench first PORT ID TIMEOUT_MS`: connects repeatedly until a connection greets
 //! with ID; prints the milliseconds it took (or `timeout`).
+//! `connbench serve-many FIRST_PORT COUNT OUTFILE`: binds COUNT free ports on 127.0.0.1
+//! from FIRST_PORT up (skipping busy ones), writes them to OUTFILE, and answers every
+//! connection on any of them with "p<port>\n" (one epoll loop, one thread).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -74,9 +77,44 @@ fn main() {
             }
             println!("timeout");
         }
+        Some("serve-many") => serve_many(num(2) as u16, num(3) as usize, &args[4]),
         _ => {
-            eprintln!("usage: connbench serve PORT ID | load PORT SECONDS MAX THREADS | first PORT ID TIMEOUT_MS");
+            eprintln!("usage: connbench serve PORT ID | load PORT SECONDS MAX THREADS | first PORT ID TIMEOUT_MS | serve-many FIRST COUNT OUTFILE");
             std::process::exit(2);
+        }
+    }
+}
+
+fn serve_many(first: u16, count: usize, outfile: &str) {
+    use std::os::fd::AsRawFd;
+    let mut listeners = Vec::with_capacity(count);
+    let mut port = first;
+    while listeners.len() < count && port < u16::MAX {
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            l.set_nonblocking(true).expect("nonblocking");
+            listeners.push((port, l));
+        }
+        port += 1;
+    }
+    let list: String = listeners.iter().map(|(p, _)| format!("{p}\n")).collect();
+    std::fs::write(outfile, list).expect("write port list");
+    // SAFETY: plain epoll calls on descriptors we own; events is a local buffer.
+    unsafe {
+        let ep = libc::epoll_create1(0);
+        assert!(ep >= 0, "epoll_create1");
+        for (i, (_, l)) in listeners.iter().enumerate() {
+            let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: i as u64 };
+            assert_eq!(libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, l.as_raw_fd(), &mut ev), 0);
+        }
+        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+        loop {
+            let n = libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, -1);
+            for e in events.iter().take(n.max(0) as usize) {
+                let (p, l) = &listeners[e.u64 as usize];
+                while let Ok((mut c, _)) = l.accept() {
+                    let _ = c.write_all(format!("p{p}\n").as_bytes());
+                }
+            }
         }
     }
 }

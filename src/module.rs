@@ -16,9 +16,6 @@ use crate::servers::ServerSpec;
 use crate::zone::{InitOutcome, Zone};
 use crate::{peer, poller, show_handler};
 
-/// Size of each upstream's shared zone: about 4,000 servers with room for updates.
-pub const ZONE_SIZE: usize = 1024 * 1024;
-
 /// Per-`upstream {}` (and per `server {}`) configuration of this module.
 pub struct SrvConf {
     pub upsync: Option<UpsyncSpec>,
@@ -244,7 +241,7 @@ unsafe extern "C" fn cmd_upsync(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, c
         return CONF_ERROR;
     }
     ptr::copy_nonoverlapping(zname.as_mut_ptr(), zstr.data, zname.len());
-    let shm = ngx_shared_memory_add(cf, &mut zstr, ZONE_SIZE, ptr::addr_of_mut!(ngx_stream_upsync_module) as *mut c_void);
+    let shm = ngx_shared_memory_add(cf, &mut zstr, spec.zone_size, ptr::addr_of_mut!(ngx_stream_upsync_module) as *mut c_void);
     if shm.is_null() {
         return CONF_ERROR;
     }

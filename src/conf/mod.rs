@@ -93,9 +93,15 @@ pub struct UpsyncSpec {
     /// How long one long poll may take before the client gives up on it.
     pub timeout_ms: u64,
     pub strong_dependency: bool,
+    /// Size of the upstream's shared zone (servers, their state, the status).
+    pub zone_size: usize,
 }
 
 pub const DEFAULT_INTERVAL_MS: u64 = 5_000;
+/// About 300 bytes per server: room for ~20,000 servers and an update in flight. Pages
+/// are only touched as they are used.
+pub const DEFAULT_ZONE_SIZE: usize = 8 * 1024 * 1024;
+const MIN_ZONE_SIZE: usize = 64 * 1024;
 pub const DEFAULT_TIMEOUT_MS: u64 = 360_000;
 
 /// A directive value nginx must refuse. The Display text is the `nginx -t` message; the
@@ -114,8 +120,10 @@ pub enum ConfError {
     Time(String),
     #[error("invalid value \"{0}\": it must be \"on\" or \"off\"")]
     OnOff(String),
-    #[error("unknown parameter \"{0}\"; accepted: upsync_type=, upsync_interval=, upsync_timeout=, strong_dependency=")]
+    #[error("unknown parameter \"{0}\"; accepted: upsync_type=, upsync_interval=, upsync_timeout=, strong_dependency=, zone_size=")]
     UnknownParam(String),
+    #[error("invalid zone_size \"{0}\": expected a size of at least 64k, such as 8m")]
+    ZoneSize(String),
     #[error("\"{0}\" is given twice")]
     Duplicate(&'static str),
     #[error("path \"{path}\" does not fit upsync_type={kind}: expected a path under {expected}")]
@@ -248,6 +256,7 @@ pub fn parse_upsync(args: &[&str]) -> Result<UpsyncSpec, ConfError> {
     let mut interval = None;
     let mut timeout = None;
     let mut strong = None;
+    let mut zone_size = None;
     for arg in &args[1..] {
         let (k, v) = arg
             .split_once('=')
@@ -270,6 +279,14 @@ pub fn parse_upsync(args: &[&str]) -> Result<UpsyncSpec, ConfError> {
                 dup(strong.is_some(), "strong_dependency")?;
                 strong = Some(parse_on_off(v)?);
             }
+            "zone_size" => {
+                dup(zone_size.is_some(), "zone_size")?;
+                zone_size = Some(
+                    time::parse_size(v)
+                        .filter(|&n| n >= MIN_ZONE_SIZE)
+                        .ok_or_else(|| ConfError::ZoneSize(v.to_string()))?,
+                );
+            }
             _ => return Err(ConfError::UnknownParam(arg.to_string())),
         }
     }
@@ -281,6 +298,7 @@ pub fn parse_upsync(args: &[&str]) -> Result<UpsyncSpec, ConfError> {
         interval_ms: interval.unwrap_or(DEFAULT_INTERVAL_MS),
         timeout_ms: timeout.unwrap_or(DEFAULT_TIMEOUT_MS),
         strong_dependency: strong.unwrap_or(false),
+        zone_size: zone_size.unwrap_or(DEFAULT_ZONE_SIZE),
     })
 }
 
@@ -396,6 +414,8 @@ mod tests {
             (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "strong_dependency=yes"], |e| matches!(e, OnOff(_))),
             (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "foo=bar"], |e| matches!(e, UnknownParam(_))),
             (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "bare"], |e| matches!(e, UnknownParam(_))),
+            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "zone_size=1k"], |e| matches!(e, ZoneSize(_))),
+            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "zone_size=lots"], |e| matches!(e, ZoneSize(_))),
             (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "upsync_type=etcd"], |e| matches!(e, Duplicate(_))),
             (&["127.0.0.1:8500/v2/keys/a/", "upsync_type=consul"], |e| matches!(e, PathForKind { .. })),
             (&["127.0.0.1:8500/v1/kv/", "upsync_type=consul"], |e| matches!(e, PathForKind { .. })),
