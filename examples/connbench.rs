@@ -50,7 +50,9 @@ fn main() {
                 .map(|_| {
                     let (done, failed) = (done.clone(), failed.clone());
                     std::thread::spawn(move || {
-                        while Instant::now() < deadline && done.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) < max {
+                        while Instant::now() < deadline
+                            && done.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) < max
+                        {
                             match greet(port) {
                                 Some(_) => done.fetch_add(1, Ordering::Relaxed),
                                 None => failed.fetch_add(1, Ordering::Relaxed),
@@ -64,7 +66,11 @@ fn main() {
             }
             let el = start.elapsed().as_secs_f64();
             let n = done.load(Ordering::Relaxed);
-            println!("conns={n} secs={el:.2} rate={:.0} failed={}", n as f64 / el, failed.load(Ordering::Relaxed));
+            println!(
+                "conns={n} secs={el:.2} rate={:.0} failed={}",
+                n as f64 / el,
+                failed.load(Ordering::Relaxed)
+            );
         }
         Some("first") => {
             let (port, id, timeout) = (num(2) as u16, args[3].clone(), num(4));
@@ -103,8 +109,14 @@ fn serve_many(first: u16, count: usize, outfile: &str) {
         let ep = libc::epoll_create1(0);
         assert!(ep >= 0, "epoll_create1");
         for (i, (_, l)) in listeners.iter().enumerate() {
-            let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: i as u64 };
-            assert_eq!(libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, l.as_raw_fd(), &mut ev), 0);
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: i as u64,
+            };
+            assert_eq!(
+                libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, l.as_raw_fd(), &mut ev),
+                0
+            );
         }
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         loop {

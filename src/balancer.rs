@@ -50,7 +50,10 @@ impl PeerState {
         if self.down {
             return false;
         }
-        if self.max_fails > 0 && self.fails >= self.max_fails && now - self.checked <= self.fail_timeout {
+        if self.max_fails > 0
+            && self.fails >= self.max_fails
+            && now - self.checked <= self.fail_timeout
+        {
             return false;
         }
         if self.max_conns > 0 && self.conns >= self.max_conns {
@@ -117,7 +120,9 @@ pub enum Method {
     HashModula,
     HashKetama,
     /// `random`, or `random two` (the less loaded of two random picks).
-    Random { two: bool },
+    Random {
+        two: bool,
+    },
 }
 
 /// What the plan needs to know about each server of a set, in set order.
@@ -186,7 +191,11 @@ fn smooth_schedule(members: &[(u32, u64)]) -> Vec<u32> {
             turns.push(((k as f64 + 0.5) / w as f64, idx));
         }
     }
-    turns.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(Ordering::Equal).then(a.1.cmp(&b.1)));
+    turns.sort_by(|a, b| {
+        a.0.partial_cmp(&b.0)
+            .unwrap_or(Ordering::Equal)
+            .then(a.1.cmp(&b.1))
+    });
     turns.into_iter().map(|(_, i)| i).collect()
 }
 
@@ -236,12 +245,16 @@ impl Plan {
             plan.prefix.push(total);
         }
         plan.total_weight = total;
-        let uses_weights = matches!(method, Method::IpHash | Method::HashModula | Method::Random { .. });
+        let uses_weights = matches!(
+            method,
+            Method::IpHash | Method::HashModula | Method::Random { .. }
+        );
         if uses_weights && total <= MAX_WEIGHT_TABLE {
             plan.weight_table.reserve(total as usize);
             let mut start = 0u64;
             for (k, &end) in plan.prefix.iter().enumerate() {
-                plan.weight_table.extend(std::iter::repeat(plan.primaries[k]).take((end - start) as usize));
+                plan.weight_table
+                    .extend(std::iter::repeat(plan.primaries[k]).take((end - start) as usize));
                 start = end;
             }
         }
@@ -308,7 +321,10 @@ pub fn pick_round_robin<P: Peers + ?Sized>(
 }
 
 /// nginx's smooth weighted round robin over the peers for which `eligible(i)` holds.
-pub fn smooth_wrr<P: Peers + ?Sized>(peers: &mut P, eligible: &dyn Fn(usize, &PeerState) -> bool) -> Option<usize> {
+pub fn smooth_wrr<P: Peers + ?Sized>(
+    peers: &mut P,
+    eligible: &dyn Fn(usize, &PeerState) -> bool,
+) -> Option<usize> {
     let mut best: Option<usize> = None;
     let mut best_cw = i64::MIN;
     let mut total = 0i64;
@@ -334,7 +350,11 @@ pub fn smooth_wrr<P: Peers + ?Sized>(peers: &mut P, eligible: &dyn Fn(usize, &Pe
 
 /// nginx's least_conn: fewest connections per weight among available peers (primaries,
 /// then backups); ties go to smooth weighted round robin among the tied peers.
-pub fn pick_least_conn<P: Peers + ?Sized>(peers: &mut P, now: i64, tried: &dyn Fn(usize) -> bool) -> Option<usize> {
+pub fn pick_least_conn<P: Peers + ?Sized>(
+    peers: &mut P,
+    now: i64,
+    tried: &dyn Fn(usize) -> bool,
+) -> Option<usize> {
     for backup in [false, true] {
         let ok = |i: usize, p: &PeerState| p.backup == backup && !tried(i) && p.available(now);
         let mut best: Option<(u64, u64)> = None; // (conns, weight) of the best ratio
@@ -358,7 +378,9 @@ pub fn pick_least_conn<P: Peers + ?Sized>(peers: &mut P, now: i64, tried: &dyn F
             }
         }
         let Some((bc, bw)) = best else { continue };
-        let same = |i: usize, p: &PeerState| ok(i, p) && p.conns as u64 * bw == bc * p.weight.max(1) as u64;
+        let same = |i: usize, p: &PeerState| {
+            ok(i, p) && p.conns as u64 * bw == bc * p.weight.max(1) as u64
+        };
         if !many {
             return (0..peers.len()).find(|&i| {
                 let p = peers.peer(i);
@@ -387,13 +409,28 @@ pub fn pick_hash_modula<P: Peers + ?Sized>(
         return None;
     }
     let mut hash: u64 = 0;
-    for rehash in 0..=HASH_TRIES {
+    let hashes = (0..=HASH_TRIES).map(|rehash| {
         let mut h = crc32fast::Hasher::new();
         if rehash > 0 {
             h.update(rehash.to_string().as_bytes());
         }
         h.update(key);
         hash += ((h.finalize() >> 16) & 0x7fff) as u64;
+        hash
+    });
+    first_usable_by_weight(peers, plan, hashes, now, tried)
+}
+
+/// The first usable primary among the weight positions a hash sequence points at
+/// (nginx's hash and ip_hash retries).
+fn first_usable_by_weight<P: Peers + ?Sized>(
+    peers: &mut P,
+    plan: &Plan,
+    hashes: impl Iterator<Item = u64>,
+    now: i64,
+    tried: &dyn Fn(usize) -> bool,
+) -> Option<usize> {
+    for hash in hashes {
         let i = plan.by_weight(hash % plan.total_weight);
         if !tried(i) && peers.peer(i).available(now) {
             return Some(i);
@@ -415,16 +452,13 @@ pub fn pick_ip_hash<P: Peers + ?Sized>(
     }
     let bytes = if addr.len() == 4 { &addr[..3] } else { addr };
     let mut hash: u64 = 89;
-    for _ in 0..=HASH_TRIES {
+    let hashes = (0..=HASH_TRIES).map(|_| {
         for &b in bytes {
             hash = (hash * 113 + b as u64) % 6271;
         }
-        let i = plan.by_weight(hash % plan.total_weight);
-        if !tried(i) && peers.peer(i).available(now) {
-            return Some(i);
-        }
-    }
-    None
+        hash
+    });
+    first_usable_by_weight(peers, plan, hashes, now, tried)
 }
 
 /// nginx's `hash KEY consistent`: the first ring point at or after crc32(KEY), then the
@@ -512,7 +546,9 @@ pub fn pick<P: Peers + ?Sized>(
         let Some(i) = chosen else { return last };
         last = Some(i);
         match peers.peer(i).ramp(now_ms) {
-            Some(frac) if attempt < skipped.len() && (rand() % 10_000) as f64 >= frac * 10_000.0 => {
+            Some(frac)
+                if attempt < skipped.len() && (rand() % 10_000) as f64 >= frac * 10_000.0 =>
+            {
                 skipped[attempt] = i;
             }
             _ => return Some(i),
@@ -567,7 +603,12 @@ mod tests {
         let pp: Vec<PlanPeer> = ps
             .iter()
             .zip(names)
-            .map(|(p, n)| PlanPeer { name: n, weight: p.weight as u32, down: p.down, backup: p.backup })
+            .map(|(p, n)| PlanPeer {
+                name: n,
+                weight: p.weight as u32,
+                down: p.down,
+                backup: p.backup,
+            })
             .collect();
         Plan::build(1, &pp, method)
     }
@@ -580,7 +621,9 @@ mod tests {
     fn nginx_smooth_wrr_sequence() {
         // nginx's documented example: weights 5,1,1 give a a b a c a a
         let mut v = vec![peer(5), peer(1), peer(1)];
-        let seq: Vec<usize> = (0..7).map(|_| smooth_wrr(v.as_mut_slice(), &|_, _| true).unwrap()).collect();
+        let seq: Vec<usize> = (0..7)
+            .map(|_| smooth_wrr(v.as_mut_slice(), &|_, _| true).unwrap())
+            .collect();
         assert_eq!(seq, vec![0, 0, 1, 0, 2, 0, 0]);
     }
 
@@ -591,14 +634,22 @@ mod tests {
         let plan = plan_for(&v, &n, Method::RoundRobin);
         assert_eq!(plan.schedule[0].len(), 7);
         let mut cur = 0;
-        let seq: Vec<usize> = (0..7).map(|_| pick_round_robin(v.as_mut_slice(), &plan, false, &mut cur, 0, &no).unwrap()).collect();
+        let seq: Vec<usize> = (0..7)
+            .map(|_| pick_round_robin(v.as_mut_slice(), &plan, false, &mut cur, 0, &no).unwrap())
+            .collect();
         let count = |k| seq.iter().filter(|&&i| i == k).count();
         assert_eq!((count(0), count(1), count(2)), (5, 1, 1));
         // never three of the heavy one in a row across the cycle boundary
-        assert!(!seq.windows(4).any(|w| w.iter().all(|&i| i == 0)), "{seq:?}");
+        assert!(
+            !seq.windows(4).any(|w| w.iter().all(|&i| i == 0)),
+            "{seq:?}"
+        );
         // gcd reduction
         let v2 = vec![peer(300), peer(100)];
-        assert_eq!(plan_for(&v2, &names(2), Method::RoundRobin).schedule[0].len(), 4);
+        assert_eq!(
+            plan_for(&v2, &names(2), Method::RoundRobin).schedule[0].len(),
+            4
+        );
     }
 
     #[test]
@@ -611,18 +662,68 @@ mod tests {
         let mut counts = [0; 3];
         let mut r = || 0u64;
         for _ in 0..400 {
-            counts[pick(v.as_mut_slice(), &plan, Method::RoundRobin, b"", &mut cursors, 0, 0, &no, &mut r).unwrap()] += 1;
+            counts[pick(
+                v.as_mut_slice(),
+                &plan,
+                Method::RoundRobin,
+                b"",
+                &mut cursors,
+                0,
+                0,
+                &no,
+                &mut r,
+            )
+            .unwrap()] += 1;
         }
         assert_eq!(counts, [300, 100, 0]);
         v[0].down = true;
         v[1].max_conns = 1;
         v[1].conns = 1;
-        assert_eq!(pick(v.as_mut_slice(), &plan, Method::RoundRobin, b"", &mut cursors, 0, 0, &no, &mut r), Some(2));
+        assert_eq!(
+            pick(
+                v.as_mut_slice(),
+                &plan,
+                Method::RoundRobin,
+                b"",
+                &mut cursors,
+                0,
+                0,
+                &no,
+                &mut r
+            ),
+            Some(2)
+        );
         v[2].fails = 2;
         v[2].checked = 0;
-        assert_eq!(pick(v.as_mut_slice(), &plan, Method::RoundRobin, b"", &mut cursors, 5, 0, &no, &mut r), None);
+        assert_eq!(
+            pick(
+                v.as_mut_slice(),
+                &plan,
+                Method::RoundRobin,
+                b"",
+                &mut cursors,
+                5,
+                0,
+                &no,
+                &mut r
+            ),
+            None
+        );
         // fail_timeout over: tried again
-        assert_eq!(pick(v.as_mut_slice(), &plan, Method::RoundRobin, b"", &mut cursors, 11, 0, &no, &mut r), Some(2));
+        assert_eq!(
+            pick(
+                v.as_mut_slice(),
+                &plan,
+                Method::RoundRobin,
+                b"",
+                &mut cursors,
+                11,
+                0,
+                &no,
+                &mut r
+            ),
+            Some(2)
+        );
     }
 
     #[test]
@@ -675,13 +776,19 @@ mod tests {
         for k in 0..200 {
             let key = format!("10.0.{}.{}", k / 7, k);
             let h = ((crc32fast::hash(key.as_bytes()) >> 16) & 0x7fff) as u64;
-            assert_eq!(pick_hash_modula(v.as_mut_slice(), &plan, key.as_bytes(), 0, &no), Some(nginx_walk(&ws, h % total)));
+            assert_eq!(
+                pick_hash_modula(v.as_mut_slice(), &plan, key.as_bytes(), 0, &no),
+                Some(nginx_walk(&ws, h % total))
+            );
             let addr = [10u8, 0, (k / 7) as u8, k as u8];
             let mut hh = 89u64;
             for &b in &addr[..3] {
                 hh = (hh * 113 + b as u64) % 6271;
             }
-            assert_eq!(pick_ip_hash(v.as_mut_slice(), &plan, &addr, 0, &no), Some(nginx_walk(&ws, hh % total)));
+            assert_eq!(
+                pick_ip_hash(v.as_mut_slice(), &plan, &addr, 0, &no),
+                Some(nginx_walk(&ws, hh % total))
+            );
         }
         // an unavailable server: the key moves on (rehash), not to nothing
         v[nginx_walk(&ws, ((crc32fast::hash(b"x") >> 16) & 0x7fff) as u64 % total)].down = true;
@@ -701,7 +808,11 @@ mod tests {
         let first = crc32fast::hash(&b);
         assert!(plan.ring.contains(&(first, 0)));
         for h in [0u32, 1, first, first.wrapping_add(1), 0x8000_0000, u32::MAX] {
-            assert_eq!(plan.ring_start(h), plan.ring.partition_point(|&(p, _)| p < h), "hash {h}");
+            assert_eq!(
+                plan.ring_start(h),
+                plan.ring.partition_point(|&(p, _)| p < h),
+                "hash {h}"
+            );
         }
     }
 
@@ -732,11 +843,16 @@ mod tests {
         let plan = plan_for(&v, &n, Method::Random { two: true });
         let mut seed = 7u64;
         let mut r = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             seed >> 33
         };
         for _ in 0..50 {
-            assert_eq!(pick_random(v.as_mut_slice(), &plan, true, 0, &no, &mut r), Some(1));
+            assert_eq!(
+                pick_random(v.as_mut_slice(), &plan, true, 0, &no, &mut r),
+                Some(1)
+            );
         }
         let mut counts = [0; 2];
         v[0].conns = 0;
@@ -755,13 +871,27 @@ mod tests {
         let plan = plan_for(&v, &n, Method::RoundRobin);
         let mut seed = 1u64;
         let mut r = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             seed >> 33
         };
         let share = |v: &mut Vec<PeerState>, now_ms: u64, r: &mut dyn FnMut() -> u64| {
             let mut cursors = [0, 0];
             (0..4000)
-                .filter(|_| pick(v.as_mut_slice(), &plan, Method::RoundRobin, b"", &mut cursors, 0, now_ms, &no, r) == Some(1))
+                .filter(|_| {
+                    pick(
+                        v.as_mut_slice(),
+                        &plan,
+                        Method::RoundRobin,
+                        b"",
+                        &mut cursors,
+                        0,
+                        now_ms,
+                        &no,
+                        r,
+                    ) == Some(1)
+                })
                 .count()
         };
         let early = share(&mut v, 2_000, &mut r); // 10% into the ramp
@@ -776,7 +906,20 @@ mod tests {
         lone[0].ramp_start_ms = 1_000;
         let p1 = plan_for(&lone, &n[..1], Method::RoundRobin);
         let mut cursors = [0, 0];
-        assert_eq!(pick(lone.as_mut_slice(), &p1, Method::RoundRobin, b"", &mut cursors, 0, 1_001, &no, &mut r), Some(0));
+        assert_eq!(
+            pick(
+                lone.as_mut_slice(),
+                &p1,
+                Method::RoundRobin,
+                b"",
+                &mut cursors,
+                0,
+                1_001,
+                &no,
+                &mut r
+            ),
+            Some(0)
+        );
     }
 
     #[test]

@@ -115,8 +115,12 @@ mod tests {
 
     #[test]
     fn parse_errors_name_the_line() {
-        assert!(parse("server 127.0.0.1:1 weight=1\n").unwrap_err().contains("line 1"));
-        assert!(parse("# c\n\nserver x:1;\n").unwrap_err().contains("line 3"));
+        assert!(parse("server 127.0.0.1:1 weight=1\n")
+            .unwrap_err()
+            .contains("line 1"));
+        assert!(parse("# c\n\nserver x:1;\n")
+            .unwrap_err()
+            .contains("line 3"));
         assert!(parse("upstream a;\n").is_err());
         assert!(parse("server 127.0.0.1:1 color=red;\n").is_err());
         assert_eq!(parse("# only a comment\n").unwrap(), vec![]);

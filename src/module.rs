@@ -41,14 +41,21 @@ pub struct SrvConf {
 
 impl SrvConf {
     pub fn dump_path(&self) -> String {
-        self.dump_path.clone().unwrap_or_else(|| format!("/tmp/servers_{}.conf", self.name))
+        self.dump_path
+            .clone()
+            .unwrap_or_else(|| format!("/tmp/servers_{}.conf", self.name))
     }
 
     /// `upsync: upstream "NAME" (consul 127.0.0.1:8500/v1/kv/...)` — the prefix of every
     /// runtime log line, naming the upstream and the registry.
     pub fn log_prefix(&self) -> String {
         match &self.upsync {
-            Some(u) => format!("upsync: upstream \"{}\" ({} {})", self.name, u.kind.name(), u.endpoint),
+            Some(u) => format!(
+                "upsync: upstream \"{}\" ({} {})",
+                self.name,
+                u.kind.name(),
+                u.endpoint
+            ),
             None => format!("upsync: upstream \"{}\"", self.name),
         }
     }
@@ -134,7 +141,9 @@ pub fn ctx_index() -> usize {
 ///
 /// # Safety
 /// `uscf` must be a configured stream upstream (its `srv_conf` array filled by nginx).
-pub unsafe fn upstream_conf<'a>(uscf: *mut ngx_stream_upstream_srv_conf_t) -> Option<&'a mut SrvConf> {
+pub unsafe fn upstream_conf<'a>(
+    uscf: *mut ngx_stream_upstream_srv_conf_t,
+) -> Option<&'a mut SrvConf> {
     let srv = (*uscf).srv_conf;
     if srv.is_null() {
         return None;
@@ -161,7 +170,8 @@ unsafe fn args(cf: *mut ngx_conf_t) -> Vec<String> {
 /// The stream upstream block being parsed.
 unsafe fn current_upstream(cf: *mut ngx_conf_t) -> *mut ngx_stream_upstream_srv_conf_t {
     let ctx = (*cf).ctx as *mut ngx_stream_conf_ctx_t;
-    *(*ctx).srv_conf.add(ngx_stream_upstream_module.ctx_index) as *mut ngx_stream_upstream_srv_conf_t
+    *(*ctx).srv_conf.add(ngx_stream_upstream_module.ctx_index)
+        as *mut ngx_stream_upstream_srv_conf_t
 }
 
 unsafe extern "C" fn drop_conf(data: *mut c_void) {
@@ -203,12 +213,19 @@ macro_rules! conf_err {
     }};
 }
 
-unsafe extern "C" fn cmd_upsync(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+unsafe extern "C" fn cmd_upsync(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
     let conf = &mut *(conf as *mut SrvConf);
     let uscf = current_upstream(cf);
     let name = str_of(&(*uscf).host);
     if conf.upsync.is_some() {
-        conf_err!(cf, "\"upsync\" is given twice in upstream \"{name}\"; one registry source per upstream");
+        conf_err!(
+            cf,
+            "\"upsync\" is given twice in upstream \"{name}\"; one registry source per upstream"
+        );
     }
     let a = args(cf);
     let argv: Vec<&str> = a.iter().map(String::as_str).collect();
@@ -216,12 +233,21 @@ unsafe extern "C" fn cmd_upsync(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, c
         Ok(s) => s,
         Err(e) => conf_err!(cf, "upsync: {e} in upstream \"{name}\""),
     };
-    let addrs: Vec<SocketAddr> = match (spec.endpoint.host.as_str(), spec.endpoint.port).to_socket_addrs() {
-        Ok(it) => it.collect(),
-        Err(e) => conf_err!(cf, "upsync: host \"{}\" of upstream \"{name}\" not found: {e}", spec.endpoint.host),
-    };
+    let addrs: Vec<SocketAddr> =
+        match (spec.endpoint.host.as_str(), spec.endpoint.port).to_socket_addrs() {
+            Ok(it) => it.collect(),
+            Err(e) => conf_err!(
+                cf,
+                "upsync: host \"{}\" of upstream \"{name}\" not found: {e}",
+                spec.endpoint.host
+            ),
+        };
     if addrs.is_empty() {
-        conf_err!(cf, "upsync: host \"{}\" of upstream \"{name}\" has no addresses", spec.endpoint.host);
+        conf_err!(
+            cf,
+            "upsync: host \"{}\" of upstream \"{name}\" has no addresses",
+            spec.endpoint.host
+        );
     }
     let ours: ngx_stream_upstream_init_pt = Some(peer::init_upstream);
     if (*uscf).peer.init_upstream.is_some() {
@@ -241,7 +267,12 @@ unsafe extern "C" fn cmd_upsync(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, c
         return CONF_ERROR;
     }
     ptr::copy_nonoverlapping(zname.as_mut_ptr(), zstr.data, zname.len());
-    let shm = ngx_shared_memory_add(cf, &mut zstr, spec.zone_size, ptr::addr_of_mut!(ngx_stream_upsync_module) as *mut c_void);
+    let shm = ngx_shared_memory_add(
+        cf,
+        &mut zstr,
+        spec.zone_size,
+        ptr::addr_of_mut!(ngx_stream_upsync_module) as *mut c_void,
+    );
     if shm.is_null() {
         return CONF_ERROR;
     }
@@ -259,7 +290,11 @@ unsafe extern "C" fn cmd_upsync(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, c
     CONF_OK
 }
 
-unsafe extern "C" fn cmd_dump_path(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+unsafe extern "C" fn cmd_dump_path(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
     let conf = &mut *(conf as *mut SrvConf);
     if conf.dump_path.is_some() {
         return c"is duplicate".as_ptr() as *mut c_char;
@@ -284,7 +319,11 @@ unsafe extern "C" fn cmd_dump_path(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t
     CONF_OK
 }
 
-unsafe extern "C" fn cmd_lb(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+unsafe extern "C" fn cmd_lb(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
     let conf = &mut *(conf as *mut SrvConf);
     if conf.lb.is_some() {
         return c"is duplicate".as_ptr() as *mut c_char;
@@ -298,13 +337,19 @@ unsafe extern "C" fn cmd_lb(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf:
     if let Some(key) = spec.key.as_deref().filter(|k| *k != "$remote_addr") {
         // Compile the key like nginx's own `hash` directive does.
         let value = ngx_palloc((*cf).pool, std::mem::size_of::<ngx_str_t>()) as *mut ngx_str_t;
-        let cv = ngx_pcalloc((*cf).pool, std::mem::size_of::<ngx_stream_complex_value_t>()) as *mut ngx_stream_complex_value_t;
+        let cv = ngx_pcalloc(
+            (*cf).pool,
+            std::mem::size_of::<ngx_stream_complex_value_t>(),
+        ) as *mut ngx_stream_complex_value_t;
         let data = ngx_pnalloc((*cf).pool, key.len()) as *mut u8;
         if value.is_null() || cv.is_null() || data.is_null() {
             return CONF_ERROR;
         }
         ptr::copy_nonoverlapping(key.as_ptr(), data, key.len());
-        *value = ngx_str_t { len: key.len(), data };
+        *value = ngx_str_t {
+            len: key.len(),
+            data,
+        };
         let mut ccv: ngx_stream_compile_complex_value_t = std::mem::zeroed();
         ccv.cf = cf;
         ccv.value = value;
@@ -318,10 +363,15 @@ unsafe extern "C" fn cmd_lb(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf:
     CONF_OK
 }
 
-unsafe extern "C" fn cmd_upstream_show(cf: *mut ngx_conf_t, _cmd: *mut ngx_command_t, conf: *mut c_void) -> *mut c_char {
+unsafe extern "C" fn cmd_upstream_show(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
     (*(conf as *mut SrvConf)).show = true;
     let ctx = (*cf).ctx as *mut ngx_stream_conf_ctx_t;
-    let cscf = *(*ctx).srv_conf.add(ngx_stream_core_module.ctx_index) as *mut ngx_stream_core_srv_conf_t;
+    let cscf =
+        *(*ctx).srv_conf.add(ngx_stream_core_module.ctx_index) as *mut ngx_stream_core_srv_conf_t;
     if (*cscf).handler.is_some() {
         conf_err!(cf, "upstream_show: this server already has a content handler (proxy_pass, return, pass or upstream_show)");
     }
@@ -330,8 +380,11 @@ unsafe extern "C" fn cmd_upstream_show(cf: *mut ngx_conf_t, _cmd: *mut ngx_comma
 }
 
 /// All stream upstreams of a configuration's main context.
-pub unsafe fn upstreams_of(main_conf: *mut *mut c_void) -> &'static [*mut ngx_stream_upstream_srv_conf_t] {
-    let umcf = *main_conf.add(ngx_stream_upstream_module.ctx_index) as *mut ngx_stream_upstream_main_conf_t;
+pub unsafe fn upstreams_of(
+    main_conf: *mut *mut c_void,
+) -> &'static [*mut ngx_stream_upstream_srv_conf_t] {
+    let umcf = *main_conf.add(ngx_stream_upstream_module.ctx_index)
+        as *mut ngx_stream_upstream_main_conf_t;
     if umcf.is_null() {
         return &[];
     }
@@ -339,11 +392,16 @@ pub unsafe fn upstreams_of(main_conf: *mut *mut c_void) -> &'static [*mut ngx_st
     if arr.nelts == 0 {
         return &[];
     }
-    std::slice::from_raw_parts(arr.elts as *const *mut ngx_stream_upstream_srv_conf_t, arr.nelts)
+    std::slice::from_raw_parts(
+        arr.elts as *const *mut ngx_stream_upstream_srv_conf_t,
+        arr.nelts,
+    )
 }
 
 /// All stream upstreams of the running cycle.
-pub unsafe fn cycle_upstreams(cycle: *mut ngx_cycle_t) -> &'static [*mut ngx_stream_upstream_srv_conf_t] {
+pub unsafe fn cycle_upstreams(
+    cycle: *mut ngx_cycle_t,
+) -> &'static [*mut ngx_stream_upstream_srv_conf_t] {
     let ctx = *(*cycle).conf_ctx.add(ngx_stream_module.index) as *mut ngx_stream_conf_ctx_t;
     if ctx.is_null() {
         return &[];
@@ -355,16 +413,22 @@ unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     let ctx = (*cf).ctx as *mut ngx_stream_conf_ctx_t;
     // `upstream_show` must stay the server's only content handler: a later proxy_pass or
     // return would silently replace it.
-    let cmcf = *(*ctx).main_conf.add(ngx_stream_core_module.ctx_index) as *mut ngx_stream_core_main_conf_t;
+    let cmcf =
+        *(*ctx).main_conf.add(ngx_stream_core_module.ctx_index) as *mut ngx_stream_core_main_conf_t;
     let servers: &[*mut ngx_stream_core_srv_conf_t] = (*cmcf).servers.as_slice();
     for &cscf in servers {
         let ours = *(*(*cscf).ctx).srv_conf.add(ctx_index()) as *mut SrvConf;
         let show: unsafe extern "C" fn(*mut ngx_stream_session_t) = show_handler::handler;
-        if !ours.is_null() && (*ours).show && (*cscf).handler.map(|h| h as usize) != Some(show as usize) {
+        if !ours.is_null()
+            && (*ours).show
+            && (*cscf).handler.map(|h| h as usize) != Some(show as usize)
+        {
             let file = if (*cscf).file_name.is_null() {
                 String::new()
             } else {
-                std::ffi::CStr::from_ptr((*cscf).file_name as *const c_char).to_string_lossy().into_owned()
+                std::ffi::CStr::from_ptr((*cscf).file_name as *const c_char)
+                    .to_string_lossy()
+                    .into_owned()
             };
             ngx_conf_log_error!(
                 NGX_LOG_EMERG,
@@ -379,7 +443,11 @@ unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
         if let Some(conf) = upstream_conf(uscf) {
             if conf.upsync.is_none() && (conf.lb.is_some() || conf.dump_path.is_some()) {
                 let name = str_of(&(*uscf).host);
-                let what = if conf.lb.is_some() { "upsync_lb" } else { "upsync_dump_path" };
+                let what = if conf.lb.is_some() {
+                    "upsync_lb"
+                } else {
+                    "upsync_dump_path"
+                };
                 ngx_conf_log_error!(
                     NGX_LOG_EMERG,
                     cf,
@@ -410,7 +478,12 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, _old: *mut c_void)
             conf.zone_kept = matches!(outcome, InitOutcome::Kept);
             if conf.zone_kept {
                 let n = zone.lock().slots().len();
-                ngx::ngx_log_error!(NGX_LOG_NOTICE, log, "{}: keeping the running set of {n} servers across the reload", conf.log_prefix());
+                ngx::ngx_log_error!(
+                    NGX_LOG_NOTICE,
+                    log,
+                    "{}: keeping the running set of {n} servers across the reload",
+                    conf.log_prefix()
+                );
             }
             conf.zone = Some(zone);
             NGX_OK as ngx_int_t
@@ -432,8 +505,12 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     let log = (*cycle).log;
     let ccf = *(*cycle).conf_ctx.add(ngx_core_module.index) as *mut ngx_core_conf_t;
     for &uscf in cycle_upstreams(cycle) {
-        let Some(conf) = upstream_conf(uscf) else { continue };
-        let Some(spec) = conf.upsync.clone() else { continue };
+        let Some(conf) = upstream_conf(uscf) else {
+            continue;
+        };
+        let Some(spec) = conf.upsync.clone() else {
+            continue;
+        };
         if !ccf.is_null() && (*ccf).user != 0 && (*ccf).user != u32::MAX as ngx_uid_t {
             check_dump_dir(log, conf, (*ccf).user as u32, (*ccf).group as u32);
         }
@@ -443,7 +520,8 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         let mut source = crate::registry::source_for(&spec);
         let authority = spec.endpoint.authority();
         let timeout = std::time::Duration::from_millis(spec.timeout_ms.clamp(1_000, 5_000));
-        match crate::registry::blocking::fetch(&conf.addrs, &authority, source.as_mut(), 3, timeout) {
+        match crate::registry::blocking::fetch(&conf.addrs, &authority, source.as_mut(), 3, timeout)
+        {
             Ok(snap) if snap.servers.is_empty() => {
                 ngx::ngx_log_error!(NGX_LOG_WARN, log, "{}: strong_dependency=on: the registry lists no servers; starting with the configured ones", conf.log_prefix());
             }
@@ -454,10 +532,24 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
                     return NGX_ERROR as ngx_int_t;
                 }
                 let path = conf.dump_path();
-                if let Err(e) = crate::dump::write_atomic(std::path::Path::new(&path), crate::dump::render(&snap.servers).as_bytes()) {
-                    ngx::ngx_log_error!(NGX_LOG_ERR, log, "{}: cannot write the dump file \"{path}\": {e}", conf.log_prefix());
+                if let Err(e) = crate::dump::write_atomic(
+                    std::path::Path::new(&path),
+                    crate::dump::render(&snap.servers).as_bytes(),
+                ) {
+                    ngx::ngx_log_error!(
+                        NGX_LOG_ERR,
+                        log,
+                        "{}: cannot write the dump file \"{path}\": {e}",
+                        conf.log_prefix()
+                    );
                 }
-                ngx::ngx_log_error!(NGX_LOG_NOTICE, log, "{}: strong_dependency=on: starting with {} servers from the registry", conf.log_prefix(), snap.servers.len());
+                ngx::ngx_log_error!(
+                    NGX_LOG_NOTICE,
+                    log,
+                    "{}: strong_dependency=on: starting with {} servers from the registry",
+                    conf.log_prefix(),
+                    snap.servers.len()
+                );
             }
             Err(e) => {
                 ngx::ngx_log_error!(
@@ -482,9 +574,13 @@ fn check_dump_dir(log: *mut ngx_log_t, conf: &SrvConf, uid: u32, gid: u32) {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => std::path::PathBuf::from("."),
     };
-    let Ok(m) = std::fs::metadata(&dir) else { return };
+    let Ok(m) = std::fs::metadata(&dir) else {
+        return;
+    };
     let mode = m.mode();
-    let writable = (m.uid() == uid && mode & 0o200 != 0) || (m.gid() == gid && mode & 0o020 != 0) || mode & 0o002 != 0;
+    let writable = (m.uid() == uid && mode & 0o200 != 0)
+        || (m.gid() == gid && mode & 0o020 != 0)
+        || mode & 0o002 != 0;
     if !writable {
         ngx::ngx_log_error!(
             NGX_LOG_WARN,
@@ -497,7 +593,9 @@ fn check_dump_dir(log: *mut ngx_log_t, conf: &SrvConf, uid: u32, gid: u32) {
 }
 
 unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
-    if ngx_process != NGX_PROCESS_WORKER as ngx_uint_t && ngx_process != NGX_PROCESS_SINGLE as ngx_uint_t {
+    if ngx_process != NGX_PROCESS_WORKER as ngx_uint_t
+        && ngx_process != NGX_PROCESS_SINGLE as ngx_uint_t
+    {
         return NGX_OK as ngx_int_t;
     }
     for &uscf in cycle_upstreams(cycle) {

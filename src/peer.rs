@@ -59,7 +59,10 @@ fn now_sec() -> i64 {
 /// `init_upstream`: keeps nginx's round-robin data for the configured servers (so the
 /// `zone` directive and other readers of `peer.data` still work), records the configured
 /// servers as the initial set, and installs our per-session init.
-pub unsafe extern "C" fn init_upstream(cf: *mut ngx_conf_t, us: *mut ngx_stream_upstream_srv_conf_t) -> ngx_int_t {
+pub unsafe extern "C" fn init_upstream(
+    cf: *mut ngx_conf_t,
+    us: *mut ngx_stream_upstream_srv_conf_t,
+) -> ngx_int_t {
     if ngx_stream_upstream_init_round_robin(cf, us) != NGX_OK as ngx_int_t {
         return NGX_ERROR as ngx_int_t;
     }
@@ -83,7 +86,9 @@ unsafe fn configured_servers(us: *mut ngx_stream_upstream_srv_conf_t) -> Vec<Ser
     for s in servers {
         for i in 0..s.naddrs {
             let a = &*s.addrs.add(i);
-            let Some(addr) = socket_addr(a.sockaddr, a.socklen) else { continue };
+            let Some(addr) = socket_addr(a.sockaddr, a.socklen) else {
+                continue;
+            };
             out.push(ServerSpec {
                 addr,
                 weight: s.weight as u32,
@@ -119,7 +124,10 @@ pub unsafe fn socket_addr(sa: *const sockaddr, len: socklen_t) -> Option<SocketA
     }
 }
 
-unsafe extern "C" fn init_peer(s: *mut ngx_stream_session_t, us: *mut ngx_stream_upstream_srv_conf_t) -> ngx_int_t {
+unsafe extern "C" fn init_peer(
+    s: *mut ngx_stream_session_t,
+    us: *mut ngx_stream_upstream_srv_conf_t,
+) -> ngx_int_t {
     let Some(conf) = upstream_conf(us) else {
         return NGX_ERROR as ngx_int_t;
     };
@@ -139,7 +147,9 @@ unsafe extern "C" fn init_peer(s: *mut ngx_stream_session_t, us: *mut ngx_stream
         Some(Method::HashModula | Method::HashKetama) => {
             if conf.lb_key.is_null() {
                 (*pd).key = (*c).addr_text;
-            } else if ngx_stream_complex_value(s, conf.lb_key, &mut (*pd).key) != NGX_OK as ngx_int_t {
+            } else if ngx_stream_complex_value(s, conf.lb_key, &mut (*pd).key)
+                != NGX_OK as ngx_int_t
+            {
                 return NGX_ERROR as ngx_int_t;
             }
         }
@@ -243,7 +253,17 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     };
     let mut peers = SetPeers { slots: slots_copy };
     let mut cursors = locked.hdr.cursors;
-    let pick = pick(&mut peers, plan, lb.method, key, &mut cursors, now, mono_ms(), &is_tried, &mut random);
+    let pick = pick(
+        &mut peers,
+        plan,
+        lb.method,
+        key,
+        &mut cursors,
+        now,
+        mono_ms(),
+        &is_tried,
+        &mut random,
+    );
     locked.hdr.cursors = cursors;
     let Some(i) = pick else {
         drop(locked);
@@ -274,7 +294,11 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     NGX_OK as ngx_int_t
 }
 
-unsafe extern "C" fn free_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void, state: ngx_uint_t) {
+unsafe extern "C" fn free_peer(
+    pc: *mut ngx_peer_connection_t,
+    data: *mut c_void,
+    state: ngx_uint_t,
+) {
     let pd = &mut *(data as *mut PeerData);
     if !pd.current.is_null() {
         let failed = state & NGX_PEER_FAILED as ngx_uint_t != 0;
@@ -288,7 +312,11 @@ unsafe extern "C" fn free_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void
     }
 }
 
-unsafe extern "C" fn notify_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void, kind: ngx_uint_t) {
+unsafe extern "C" fn notify_peer(
+    pc: *mut ngx_peer_connection_t,
+    data: *mut c_void,
+    kind: ngx_uint_t,
+) {
     let pd = &mut *(data as *mut PeerData);
     if kind == NGX_STREAM_UPSTREAM_NOTIFY_CONNECT as ngx_uint_t
         && !pd.current.is_null()

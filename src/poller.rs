@@ -13,6 +13,7 @@ use ngx::ngx_log_error;
 
 use crate::dump;
 use crate::module::SrvConf;
+use crate::net::conn::{send_pending, Sent};
 use crate::net::http::{build_request, ResponseParser};
 use crate::registry::{retry_delay_ms, source_for, Snapshot, Source};
 use crate::servers::Diff;
@@ -135,7 +136,13 @@ pub unsafe fn start(_cycle: *mut ngx_cycle_t, conf: &SrvConf) {
     }));
     let me = &mut *p;
     me.quiet_log.log_level = NGX_LOG_CRIT as ngx_uint_t;
-    for (ev, handler) in [(&mut me.tick, tick_handler as unsafe extern "C" fn(*mut ngx_event_t)), (&mut me.wake, wake_handler)] {
+    for (ev, handler) in [
+        (
+            &mut me.tick,
+            tick_handler as unsafe extern "C" fn(*mut ngx_event_t),
+        ),
+        (&mut me.wake, wake_handler),
+    ] {
         ev.data = p as *mut c_void;
         ev.handler = Some(handler);
         ev.log = cycle_log();
@@ -179,7 +186,10 @@ unsafe extern "C" fn conn_write_handler(ev: *mut ngx_event_t) {
 }
 
 /// `pc.get` for our own connection: the address is already set.
-unsafe extern "C" fn registry_peer_get(_pc: *mut ngx_peer_connection_t, _data: *mut c_void) -> ngx_int_t {
+unsafe extern "C" fn registry_peer_get(
+    _pc: *mut ngx_peer_connection_t,
+    _data: *mut c_void,
+) -> ngx_int_t {
     NGX_OK as ngx_int_t
 }
 
@@ -227,7 +237,10 @@ impl Poller {
         };
         if owner_now && !self.owner {
             self.owner = true;
-            self.log(NGX_LOG_INFO, &format!("this worker (pid {me}) now polls the registry"));
+            self.log(
+                NGX_LOG_INFO,
+                &format!("this worker (pid {me}) now polls the registry"),
+            );
             self.source.reset();
             self.schedule(0);
         } else if !owner_now && self.owner {
@@ -277,7 +290,13 @@ impl Poller {
         self.window_count += 1;
         let req = self.source.next_request();
         let authority = self.conf().upsync.as_ref().unwrap().endpoint.authority();
-        self.out = build_request(req.method, &req.path_and_query, &authority, &req.headers, &req.body);
+        self.out = build_request(
+            req.method,
+            &req.path_and_query,
+            &authority,
+            &req.headers,
+            &req.body,
+        );
         self.sent = 0;
         self.parser = Some(ResponseParser::new(BODY_LIMIT));
         self.in_flight = true;
@@ -309,10 +328,14 @@ impl Poller {
         self.pc.name = &mut self.peer_name;
         self.pc.get = Some(registry_peer_get);
         self.pc.log = &mut self.quiet_log;
-        self.pc.set_log_error(ngx_connection_log_error_e_NGX_ERROR_ERR as u32);
+        self.pc
+            .set_log_error(ngx_connection_log_error_e_NGX_ERROR_ERR as u32);
         self.pc.tries = 1;
         let rc = ngx_event_connect_peer(&mut self.pc);
-        if rc == NGX_ERROR as ngx_int_t || rc == NGX_BUSY as ngx_int_t || rc == NGX_DECLINED as ngx_int_t {
+        if rc == NGX_ERROR as ngx_int_t
+            || rc == NGX_BUSY as ngx_int_t
+            || rc == NGX_DECLINED as ngx_int_t
+        {
             let err = std::io::Error::last_os_error();
             self.pc.connection = ptr::null_mut();
             self.fail(format!("cannot connect to {addr}: {err}"));
@@ -329,7 +352,10 @@ impl Poller {
         (*(*c).write).set_cancelable(1);
         if rc == NGX_AGAIN as ngx_int_t {
             self.connecting = true;
-            ngx_add_timer((*c).write, self.request_timeout.clamp(1_000, 5_000) as ngx_msec_t);
+            ngx_add_timer(
+                (*c).write,
+                self.request_timeout.clamp(1_000, 5_000) as ngx_msec_t,
+            );
             return;
         }
         self.connecting = false;
@@ -354,12 +380,22 @@ impl Poller {
             let mut err: libc::c_int = 0;
             let mut len = size_of::<libc::c_int>() as libc::socklen_t;
             let fd = (*self.pc.connection).fd;
-            if libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, &mut err as *mut _ as *mut c_void, &mut len) == -1 {
+            if libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                &mut err as *mut _ as *mut c_void,
+                &mut len,
+            ) == -1
+            {
                 err = *libc::__errno_location();
             }
             if err != 0 {
                 let name = String::from_utf8_lossy(&self.peer_name_buf).into_owned();
-                self.fail(format!("cannot connect to {name}: {}", std::io::Error::from_raw_os_error(err)));
+                self.fail(format!(
+                    "cannot connect to {name}: {}",
+                    std::io::Error::from_raw_os_error(err)
+                ));
                 return;
             }
         }
@@ -368,17 +404,10 @@ impl Poller {
 
     unsafe fn send(&mut self) {
         let c = self.pc.connection;
-        while self.sent < self.out.len() {
-            let send = (*c).send.expect("connection send");
-            let n = send(c, self.out.as_mut_ptr().add(self.sent), self.out.len() - self.sent);
-            if n > 0 {
-                self.sent += n as usize;
-            } else if n == NGX_AGAIN as isize {
-                if ngx_handle_write_event((*c).write, 0) != NGX_OK as ngx_int_t {
-                    self.fail("cannot wait for the connection to become writable".into());
-                }
-                return;
-            } else {
+        match send_pending(c, &mut self.out, &mut self.sent) {
+            Sent::All => {}
+            Sent::Again => return,
+            Sent::Error => {
                 let err = std::io::Error::last_os_error();
                 self.fail(format!("sending the request failed: {err}"));
                 return;
@@ -415,7 +444,10 @@ impl Poller {
                 self.schedule(0);
                 return;
             }
-            self.fail(format!("no complete response within {}ms (upsync_timeout)", self.request_timeout));
+            self.fail(format!(
+                "no complete response within {}ms (upsync_timeout)",
+                self.request_timeout
+            ));
             return;
         }
         let mut buf = [0u8; 16 * 1024];
@@ -475,7 +507,11 @@ impl Poller {
             Ok(Some(snap)) => snap.advanced,
             Err(_) => false,
         };
-        self.fast_streak = if fast && !progress { self.fast_streak.saturating_add(1) } else { 0 };
+        self.fast_streak = if fast && !progress {
+            self.fast_streak.saturating_add(1)
+        } else {
+            0
+        };
         match result {
             Ok(None) => {
                 // A watch fired: read again at once.
@@ -487,7 +523,11 @@ impl Poller {
                 let elapsed = mono_ms().saturating_sub(self.request_started);
                 // A change: ask again at once. No change and a quick answer (the registry
                 // does not block, or timed out early): wait out the interval.
-                let delay = if advanced { 0 } else { self.interval_ms.saturating_sub(elapsed) };
+                let delay = if advanced {
+                    0
+                } else {
+                    self.interval_ms.saturating_sub(elapsed)
+                };
                 self.schedule(delay);
             }
             Err(e) => {
@@ -525,12 +565,24 @@ impl Poller {
 
     unsafe fn apply(&mut self, snap: Snapshot) {
         if self.failures > 0 {
-            self.log(NGX_LOG_NOTICE, &format!("registry answers again after {} failed attempts", self.failures));
+            self.log(
+                NGX_LOG_NOTICE,
+                &format!(
+                    "registry answers again after {} failed attempts",
+                    self.failures
+                ),
+            );
         }
         self.failures = 0;
         self.last_error = None;
         if snap.duplicates > 0 {
-            self.log(NGX_LOG_WARN, &format!("{} entries repeat an address already listed; the first one is used", snap.duplicates));
+            self.log(
+                NGX_LOG_WARN,
+                &format!(
+                    "{} entries repeat an address already listed; the first one is used",
+                    snap.duplicates
+                ),
+            );
         }
         let position = self.source.position();
         let mut l = self.zone.lock();
@@ -557,7 +609,13 @@ impl Poller {
         }
         if let Err(e) = l.publish(&snap.servers, Some(mono_ms())) {
             drop(l);
-            self.log(NGX_LOG_ERR, &format!("cannot apply {} servers: {e}; keeping the current ones", snap.servers.len()));
+            self.log(
+                NGX_LOG_ERR,
+                &format!(
+                    "cannot apply {} servers: {e}; keeping the current ones",
+                    snap.servers.len()
+                ),
+            );
             return;
         }
         let generation = l.generation();
@@ -575,8 +633,14 @@ impl Poller {
             ),
         );
         let path = self.conf().dump_path();
-        if let Err(e) = dump::write_atomic(std::path::Path::new(&path), dump::render(&snap.servers).as_bytes()) {
-            self.log(NGX_LOG_ERR, &format!("cannot write the dump file \"{path}\": {e}"));
+        if let Err(e) = dump::write_atomic(
+            std::path::Path::new(&path),
+            dump::render(&snap.servers).as_bytes(),
+        ) {
+            self.log(
+                NGX_LOG_ERR,
+                &format!("cannot write the dump file \"{path}\": {e}"),
+            );
         }
     }
 

@@ -75,7 +75,10 @@ pub fn server_line(
     down: bool,
 ) -> String {
     let mut s = String::with_capacity(80);
-    let _ = write!(s, "server {name} weight={weight} max_fails={max_fails} fail_timeout={fail_timeout}s");
+    let _ = write!(
+        s,
+        "server {name} weight={weight} max_fails={max_fails} fail_timeout={fail_timeout}s"
+    );
     if max_conns > 0 {
         let _ = write!(s, " max_conns={max_conns}");
     }
@@ -135,7 +138,12 @@ fn attr_err(key: &'static str, v: &serde_json::Value, expected: &'static str) ->
 }
 
 /// An integer attribute: a JSON number or a string of digits, within `min..=max`.
-fn int_attr(key: &'static str, v: &serde_json::Value, min: u32, max: u32) -> Result<u32, SpecError> {
+fn int_attr(
+    key: &'static str,
+    v: &serde_json::Value,
+    min: u32,
+    max: u32,
+) -> Result<u32, SpecError> {
     let expected = if min > 0 {
         "a positive integer"
     } else {
@@ -191,9 +199,8 @@ pub fn apply_json_attrs(spec: &mut ServerSpec, value: &[u8]) -> Result<(), SpecE
     if trimmed.is_empty() {
         return Ok(());
     }
-    let v: serde_json::Value = serde_json::from_slice(trimmed).map_err(|e| {
-        SpecError::NotObject(format!("{e}"))
-    })?;
+    let v: serde_json::Value =
+        serde_json::from_slice(trimmed).map_err(|e| SpecError::NotObject(format!("{e}")))?;
     let obj = match v {
         serde_json::Value::Object(o) => o,
         serde_json::Value::Null => return Ok(()),
@@ -220,7 +227,10 @@ pub fn apply_json_attrs(spec: &mut ServerSpec, value: &[u8]) -> Result<(), SpecE
 
 /// Applies Consul service tags: `weight=N`, `max_fails=N`, `max_conns=N`,
 /// `fail_timeout=10s`, `slow_start=30s`, `down`, `backup`. Other tags are ignored.
-pub fn apply_tags<'a>(spec: &mut ServerSpec, tags: impl IntoIterator<Item = &'a str>) -> Result<(), SpecError> {
+pub fn apply_tags<'a>(
+    spec: &mut ServerSpec,
+    tags: impl IntoIterator<Item = &'a str>,
+) -> Result<(), SpecError> {
     for tag in tags {
         let (k, v) = match tag.split_once('=') {
             Some((k, v)) => (k.trim(), Some(v.trim())),
@@ -312,10 +322,25 @@ mod tests {
 
     #[test]
     fn addresses() {
-        assert_eq!(parse_addr("127.0.0.1:8080").unwrap().to_string(), "127.0.0.1:8080");
+        assert_eq!(
+            parse_addr("127.0.0.1:8080").unwrap().to_string(),
+            "127.0.0.1:8080"
+        );
         assert_eq!(parse_addr("[::1]:8080").unwrap().to_string(), "[::1]:8080");
-        assert_eq!(parse_addr("127.0.0.1%3A8080").unwrap().to_string(), "127.0.0.1:8080");
-        for bad in ["localhost:80", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", "", "::1:80", "1.2.3:80", "a b:1"] {
+        assert_eq!(
+            parse_addr("127.0.0.1%3A8080").unwrap().to_string(),
+            "127.0.0.1:8080"
+        );
+        for bad in [
+            "localhost:80",
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "127.0.0.1:70000",
+            "",
+            "::1:80",
+            "1.2.3:80",
+            "a b:1",
+        ] {
             assert!(parse_addr(bad).is_err(), "{bad}");
         }
     }
@@ -327,13 +352,22 @@ mod tests {
         s.max_fails = 3;
         s.fail_timeout = 20;
         s.down = true;
-        assert_eq!(s.line(), "server 127.0.0.1:8088 weight=40 max_fails=3 fail_timeout=20s down;");
+        assert_eq!(
+            s.line(),
+            "server 127.0.0.1:8088 weight=40 max_fails=3 fail_timeout=20s down;"
+        );
         let s = spec("127.0.0.1:8089");
-        assert_eq!(s.line(), "server 127.0.0.1:8089 weight=1 max_fails=2 fail_timeout=10s;");
+        assert_eq!(
+            s.line(),
+            "server 127.0.0.1:8089 weight=1 max_fails=2 fail_timeout=10s;"
+        );
         let mut s = spec("[::1]:1");
         s.backup = true;
         s.max_conns = 5;
-        assert_eq!(s.line(), "server [::1]:1 weight=1 max_fails=2 fail_timeout=10s max_conns=5 backup;");
+        assert_eq!(
+            s.line(),
+            "server [::1]:1 weight=1 max_fails=2 fail_timeout=10s max_conns=5 backup;"
+        );
     }
 
     #[test]
@@ -342,8 +376,14 @@ mod tests {
             ("", Ok((1, 2, 10, false, false))),
             ("{}", Ok((1, 2, 10, false, false))),
             ("null", Ok((1, 2, 10, false, false))),
-            (r#"{"weight":40,"max_fails":3,"fail_timeout":20,"down":1}"#, Ok((40, 3, 20, true, false))),
-            (r#"{"weight":"5","fail_timeout":"10s"}"#, Ok((5, 2, 10, false, false))),
+            (
+                r#"{"weight":40,"max_fails":3,"fail_timeout":20,"down":1}"#,
+                Ok((40, 3, 20, true, false)),
+            ),
+            (
+                r#"{"weight":"5","fail_timeout":"10s"}"#,
+                Ok((5, 2, 10, false, false)),
+            ),
             (r#"{"fail_timeout":"1m"}"#, Ok((1, 2, 60, false, false))),
             (r#"{"slow_start":"30s"}"#, Ok((1, 2, 10, false, false))),
             (r#"{"down":true,"backup":"1"}"#, Ok((1, 2, 10, true, true))),
@@ -374,22 +414,56 @@ mod tests {
     #[test]
     fn tags() {
         let mut s = spec("127.0.0.1:1");
-        apply_tags(&mut s, ["weight=3", "fail_timeout=20s", "down", "primary", "max_conns=7"]).unwrap();
-        assert_eq!((s.weight, s.fail_timeout, s.down, s.max_conns), (3, 20, true, 7));
+        apply_tags(
+            &mut s,
+            [
+                "weight=3",
+                "fail_timeout=20s",
+                "down",
+                "primary",
+                "max_conns=7",
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (s.weight, s.fail_timeout, s.down, s.max_conns),
+            (3, 20, true, 7)
+        );
         assert!(apply_tags(&mut s, ["weight=0"]).is_err());
         assert!(apply_tags(&mut s, ["weight=x"]).is_err());
     }
 
     #[test]
     fn normalize_and_diff() {
-        let mut v = vec![spec("127.0.0.1:3"), spec("127.0.0.1:1"), spec("127.0.0.1:3")];
+        let mut v = vec![
+            spec("127.0.0.1:3"),
+            spec("127.0.0.1:1"),
+            spec("127.0.0.1:3"),
+        ];
         let dups = normalize(&mut v);
         assert_eq!(dups.len(), 1);
-        assert_eq!(v.iter().map(|s| s.addr.port()).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(
+            v.iter().map(|s| s.addr.port()).collect::<Vec<_>>(),
+            vec![1, 3]
+        );
         let mut new = vec![spec("127.0.0.1:2"), spec("127.0.0.1:3")];
         new[1].weight = 5;
-        assert_eq!(Diff::between(&v, &new), Diff { added: 1, removed: 1, changed: 1 });
+        assert_eq!(
+            Diff::between(&v, &new),
+            Diff {
+                added: 1,
+                removed: 1,
+                changed: 1
+            }
+        );
         assert!(Diff::between(&v, &v).is_empty());
-        assert_eq!(Diff::between(&[], &v), Diff { added: 2, removed: 0, changed: 0 });
+        assert_eq!(
+            Diff::between(&[], &v),
+            Diff {
+                added: 2,
+                removed: 0,
+                changed: 0
+            }
+        );
     }
 }

@@ -16,7 +16,11 @@ pub fn render_body(upstreams: &[UpstreamView<'_>]) -> String {
     }
     let mut out = String::new();
     for u in upstreams {
-        out.push_str(&format!("Upstream name: {}; Backend server count: {}\n", u.name, u.lines.len()));
+        out.push_str(&format!(
+            "Upstream name: {}; Backend server count: {}\n",
+            u.name,
+            u.lines.len()
+        ));
         for l in &u.lines {
             out.push_str("        ");
             out.push_str(l);
@@ -57,7 +61,9 @@ mod tests {
             "Upstream name: test; Backend server count: 2\n        server 127.0.0.1:8088 weight=40 max_fails=2 fail_timeout=10s;\n        server 127.0.0.1:8089 weight=20 max_fails=0 fail_timeout=30s;\n\n"
         );
         let resp = String::from_utf8(render_response(&body, "text/plain")).unwrap();
-        assert!(resp.starts_with("HTTP/1.0 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\n"));
+        assert!(
+            resp.starts_with("HTTP/1.0 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\n")
+        );
         assert!(resp.contains(&format!("Content-Length: {}\r\n", body.len())));
         assert!(resp.ends_with(&body));
         assert_eq!(render_body(&[]), "No upstreams defined\n");

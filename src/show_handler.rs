@@ -4,11 +4,11 @@
 //! drained until the client closes, so the client never sees a reset.
 
 use std::ffi::c_void;
-use std::ptr;
 
 use ngx::ffi::*;
 
 use crate::module::{cycle_upstreams, upstream_conf};
+use crate::net::conn::{send_pending, Sent};
 use crate::servers::server_line;
 use crate::show::{render_body, render_response, UpstreamView};
 
@@ -34,7 +34,11 @@ pub unsafe fn report() -> Vec<u8> {
         if (*uscf).flags & NGX_STREAM_UPSTREAM_CREATE as ngx_uint_t == 0 {
             continue; // implicit upstreams of `proxy_pass ADDRESS`
         }
-        let name = String::from_utf8_lossy(std::slice::from_raw_parts((*uscf).host.data, (*uscf).host.len)).into_owned();
+        let name = String::from_utf8_lossy(std::slice::from_raw_parts(
+            (*uscf).host.data,
+            (*uscf).host.len,
+        ))
+        .into_owned();
         let lines = match upstream_conf(uscf).and_then(|c| c.zone) {
             Some(zone) => zone.lock().specs().iter().map(|s| s.line()).collect(),
             None => static_lines(uscf),
@@ -58,7 +62,9 @@ unsafe fn static_lines(uscf: *mut ngx_stream_upstream_srv_conf_t) -> Vec<String>
     while !peers.is_null() {
         let mut p = (*peers).peer;
         while !p.is_null() {
-            let name = String::from_utf8_lossy(std::slice::from_raw_parts((*p).name.data, (*p).name.len)).into_owned();
+            let name =
+                String::from_utf8_lossy(std::slice::from_raw_parts((*p).name.data, (*p).name.len))
+                    .into_owned();
             out.push(server_line(
                 &name,
                 (*p).weight as u32,
@@ -159,19 +165,13 @@ unsafe fn write(s: *mut ngx_stream_session_t) {
     if ctx.lingering {
         return;
     }
-    while ctx.sent < ctx.out.len() {
-        let send = (*c).send.expect("send");
-        let n = send(c, ctx.out.as_mut_ptr().add(ctx.sent), ctx.out.len() - ctx.sent);
-        if n > 0 {
-            ctx.sent += n as usize;
-        } else if n == NGX_AGAIN as isize {
-            if ngx_handle_write_event((*c).write, 0) != NGX_OK as ngx_int_t {
-                ngx_stream_finalize_session(s, NGX_STREAM_OK as ngx_uint_t);
-                return;
-            }
+    match send_pending(c, &mut ctx.out, &mut ctx.sent) {
+        Sent::All => {}
+        Sent::Again => {
             ngx_add_timer((*c).write, SEND_TIMEOUT_MS);
             return;
-        } else {
+        }
+        Sent::Error => {
             ngx_stream_finalize_session(s, NGX_STREAM_OK as ngx_uint_t);
             return;
         }
@@ -187,5 +187,4 @@ unsafe fn write(s: *mut ngx_stream_session_t) {
     if !drain(s) {
         ngx_stream_finalize_session(s, NGX_STREAM_OK as ngx_uint_t);
     }
-    let _ = ptr::null::<u8>();
 }

@@ -57,7 +57,9 @@ impl Slot {
 
     pub fn spec(&self) -> ServerSpec {
         let text = std::str::from_utf8(self.name()).unwrap_or("");
-        let addr: SocketAddr = text.parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let addr: SocketAddr = text
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         ServerSpec {
             addr,
             weight: self.spec_weight,
@@ -181,11 +183,25 @@ impl Zone {
     ///
     /// # Safety
     /// `pool` must be the start of an nginx shared zone (a slab pool set up by nginx).
-    pub unsafe fn init(pool: *mut ngx_slab_pool_t, fingerprint: u64, initial: &[ServerSpec]) -> Result<(Zone, InitOutcome), &'static str> {
+    pub unsafe fn init(
+        pool: *mut ngx_slab_pool_t,
+        fingerprint: u64,
+        initial: &[ServerSpec],
+    ) -> Result<(Zone, InitOutcome), &'static str> {
         ngx_shmtx_lock(&mut (*pool).mutex);
         let existing = (*pool).data as *mut ZoneHeader;
-        let result = if !existing.is_null() && (*existing).magic == MAGIC && (*existing).fingerprint == fingerprint && !(*existing).set.is_null() {
-            Ok((Zone { pool, hdr: existing }, InitOutcome::Kept))
+        let result = if !existing.is_null()
+            && (*existing).magic == MAGIC
+            && (*existing).fingerprint == fingerprint
+            && !(*existing).set.is_null()
+        {
+            Ok((
+                Zone {
+                    pool,
+                    hdr: existing,
+                },
+                InitOutcome::Kept,
+            ))
         } else {
             let hdr = if !existing.is_null() && (*existing).magic == MAGIC {
                 existing
@@ -205,8 +221,13 @@ impl Zone {
             (*hdr).lease_until_ms = 0;
             (*hdr).status.position = 0;
             let zone = Zone { pool, hdr };
-            let mut locked = Locked { pool, hdr: &mut *hdr };
-            let r = locked.publish(initial, None).map(|_| (zone, InitOutcome::Fresh));
+            let mut locked = Locked {
+                pool,
+                hdr: &mut *hdr,
+            };
+            let r = locked
+                .publish(initial, None)
+                .map(|_| (zone, InitOutcome::Fresh));
             std::mem::forget(locked);
             r
         };
@@ -219,7 +240,10 @@ impl Zone {
         // unlocks on drop. Workers are single-threaded, so no re-entrant locking occurs.
         unsafe {
             ngx_shmtx_lock(&mut (*self.pool).mutex);
-            Locked { pool: self.pool, hdr: &mut *self.hdr }
+            Locked {
+                pool: self.pool,
+                hdr: &mut *self.hdr,
+            }
         }
     }
 
@@ -256,18 +280,28 @@ impl Locked<'_> {
     /// The current servers, in set order.
     pub fn specs(&self) -> Vec<ServerSpec> {
         // SAFETY: slots of the current set are live while we hold the lock.
-        self.slots().iter().map(|&s| unsafe { (*s).spec() }).collect()
+        self.slots()
+            .iter()
+            .map(|&s| unsafe { (*s).spec() })
+            .collect()
     }
 
     /// Replaces the set with `specs` (sorted by address). Servers that stay keep their slot,
     /// and so their counters and open sessions. On allocation failure nothing changes.
     /// `now_ms` (monotonic) starts the slow_start ramp of servers that are new or come
     /// back from `down`; None for the set nginx starts with.
-    pub fn publish(&mut self, specs: &[ServerSpec], now_ms: Option<u64>) -> Result<(), &'static str> {
+    pub fn publish(
+        &mut self,
+        specs: &[ServerSpec],
+        now_ms: Option<u64>,
+    ) -> Result<(), &'static str> {
         let old: Vec<*mut Slot> = self.slots().to_vec();
         // SAFETY: all pointers below come from this pool and are used under its mutex.
         unsafe {
-            let set = ngx_slab_alloc_locked(self.pool, size_of::<SharedSet>() + specs.len() * size_of::<*mut Slot>()) as *mut SharedSet;
+            let set = ngx_slab_alloc_locked(
+                self.pool,
+                size_of::<SharedSet>() + specs.len() * size_of::<*mut Slot>(),
+            ) as *mut SharedSet;
             if set.is_null() {
                 return Err("shared zone is full (cannot allocate the server list)");
             }
@@ -318,7 +352,11 @@ impl Locked<'_> {
             self.hdr.next_generation += 1;
             (*set).generation = self.hdr.next_generation;
             (*set).len = new_slots.len();
-            ptr::copy_nonoverlapping(new_slots.as_ptr(), (set as *mut SharedSet).add(1) as *mut *mut Slot, new_slots.len());
+            ptr::copy_nonoverlapping(
+                new_slots.as_ptr(),
+                (set as *mut SharedSet).add(1) as *mut *mut Slot,
+                new_slots.len(),
+            );
             if !self.hdr.set.is_null() {
                 ngx_slab_free_locked(self.pool, self.hdr.set as *mut _);
             }
@@ -399,7 +437,10 @@ unsafe fn init_slot(s: *mut Slot, spec: &ServerSpec, name: &str) {
 /// Milliseconds of CLOCK_MONOTONIC: the same clock in every process, for leases and
 /// slow_start ramps that one process starts and others read.
 pub fn mono_ms() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
@@ -414,7 +455,9 @@ pub fn sockaddr_of(addr: &SocketAddr) -> (libc::sockaddr_storage, u32) {
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
                 sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
                 sin_zero: [0; 8],
             };
             // SAFETY: sockaddr_storage is large enough and suitably aligned for any sockaddr.
@@ -426,7 +469,9 @@ pub fn sockaddr_of(addr: &SocketAddr) -> (libc::sockaddr_storage, u32) {
                 sin6_family: libc::AF_INET6 as libc::sa_family_t,
                 sin6_port: a.port().to_be(),
                 sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
                 sin6_scope_id: a.scope_id(),
             };
             // SAFETY: as above.

@@ -132,7 +132,9 @@ pub enum ConfError {
         kind: &'static str,
         expected: &'static str,
     },
-    #[error("https registries are not supported yet in \"{0}\"; use plain http on a trusted network")]
+    #[error(
+        "https registries are not supported yet in \"{0}\"; use plain http on a trusted network"
+    )]
     Https(String),
     #[error("unknown method \"{0}\"; accepted: {accepted}", accepted = LbSpec::ACCEPTED)]
     UnknownLb(String),
@@ -144,7 +146,9 @@ pub fn parse_endpoint(arg: &str) -> Result<Endpoint, ConfError> {
         return Err(ConfError::Https(arg.to_string()));
     }
     let rest = arg.strip_prefix("http://").unwrap_or(arg);
-    let slash = rest.find('/').ok_or_else(|| ConfError::Address(arg.to_string()))?;
+    let slash = rest
+        .find('/')
+        .ok_or_else(|| ConfError::Address(arg.to_string()))?;
     let (hostport, path_query) = rest.split_at(slash);
     let (path, query) = match path_query.split_once('?') {
         Some((p, q)) => (p, q),
@@ -154,7 +158,9 @@ pub fn parse_endpoint(arg: &str) -> Result<Endpoint, ConfError> {
         return Err(ConfError::Address(arg.to_string()));
     }
     let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-        let (h, after) = v6.split_once(']').ok_or_else(|| ConfError::Address(arg.to_string()))?;
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| ConfError::Address(arg.to_string()))?;
         if h.parse::<std::net::Ipv6Addr>().is_err() {
             return Err(ConfError::Address(arg.to_string()));
         }
@@ -250,7 +256,9 @@ fn normalize_path(kind: SourceKind, ep: &mut Endpoint) -> Result<(), ConfError> 
 
 /// Parses the arguments of `upsync` (everything after the directive name).
 pub fn parse_upsync(args: &[&str]) -> Result<UpsyncSpec, ConfError> {
-    let first = args.first().ok_or_else(|| ConfError::Address(String::new()))?;
+    let first = args
+        .first()
+        .ok_or_else(|| ConfError::Address(String::new()))?;
     let mut endpoint = parse_endpoint(first)?;
     let mut kind = None;
     let mut interval = None;
@@ -261,11 +269,19 @@ pub fn parse_upsync(args: &[&str]) -> Result<UpsyncSpec, ConfError> {
         let (k, v) = arg
             .split_once('=')
             .ok_or_else(|| ConfError::UnknownParam(arg.to_string()))?;
-        let dup = |slot: bool, name| if slot { Err(ConfError::Duplicate(name)) } else { Ok(()) };
+        let dup = |slot: bool, name| {
+            if slot {
+                Err(ConfError::Duplicate(name))
+            } else {
+                Ok(())
+            }
+        };
         match k {
             "upsync_type" => {
                 dup(kind.is_some(), "upsync_type")?;
-                kind = Some(SourceKind::parse(v).ok_or_else(|| ConfError::UnknownType(v.to_string()))?);
+                kind = Some(
+                    SourceKind::parse(v).ok_or_else(|| ConfError::UnknownType(v.to_string()))?,
+                );
             }
             "upsync_interval" => {
                 dup(interval.is_some(), "upsync_interval")?;
@@ -334,15 +350,42 @@ pub fn parse_lb(args: &[&str]) -> Result<LbSpec, ConfError> {
     let bad = || ConfError::UnknownLb(args.join(" "));
     let key = |a: Option<&&str>| a.map(|k| k.to_string());
     let spec = match args {
-        ["roundrobin" | "round_robin"] => LbSpec { method: Method::RoundRobin, key: None },
-        ["least_conn"] => LbSpec { method: Method::LeastConn, key: None },
-        ["ip_hash"] => LbSpec { method: Method::IpHash, key: None },
-        ["hash_modula", rest @ ..] if rest.len() <= 1 => LbSpec { method: Method::HashModula, key: key(rest.first()) },
-        ["hash_ketama", rest @ ..] if rest.len() <= 1 => LbSpec { method: Method::HashKetama, key: key(rest.first()) },
-        ["hash", k] => LbSpec { method: Method::HashModula, key: Some(k.to_string()) },
-        ["hash", k, "consistent"] => LbSpec { method: Method::HashKetama, key: Some(k.to_string()) },
-        ["random"] => LbSpec { method: Method::Random { two: false }, key: None },
-        ["random", "two"] | ["random", "two", "least_conn"] => LbSpec { method: Method::Random { two: true }, key: None },
+        ["roundrobin" | "round_robin"] => LbSpec {
+            method: Method::RoundRobin,
+            key: None,
+        },
+        ["least_conn"] => LbSpec {
+            method: Method::LeastConn,
+            key: None,
+        },
+        ["ip_hash"] => LbSpec {
+            method: Method::IpHash,
+            key: None,
+        },
+        ["hash_modula", rest @ ..] if rest.len() <= 1 => LbSpec {
+            method: Method::HashModula,
+            key: key(rest.first()),
+        },
+        ["hash_ketama", rest @ ..] if rest.len() <= 1 => LbSpec {
+            method: Method::HashKetama,
+            key: key(rest.first()),
+        },
+        ["hash", k] => LbSpec {
+            method: Method::HashModula,
+            key: Some(k.to_string()),
+        },
+        ["hash", k, "consistent"] => LbSpec {
+            method: Method::HashKetama,
+            key: Some(k.to_string()),
+        },
+        ["random"] => LbSpec {
+            method: Method::Random { two: false },
+            key: None,
+        },
+        ["random", "two"] | ["random", "two", "least_conn"] => LbSpec {
+            method: Method::Random { two: true },
+            key: None,
+        },
         _ => return Err(bad()),
     };
     if spec.key.as_deref() == Some("") {
@@ -372,13 +415,25 @@ mod tests {
         assert_eq!(s.endpoint.host, "127.0.0.1");
         assert_eq!(s.endpoint.port, 8500);
         assert_eq!(s.endpoint.path, "/v1/kv/upstreams/my_tcp_backend/");
-        assert_eq!((s.interval_ms, s.timeout_ms, s.strong_dependency), (500, 360_000, true));
+        assert_eq!(
+            (s.interval_ms, s.timeout_ms, s.strong_dependency),
+            (500, 360_000, true)
+        );
 
-        let s = ok(&["127.0.0.1:8500/v1/health/service/my-service", "upsync_type=consul_services"]);
+        let s = ok(&[
+            "127.0.0.1:8500/v1/health/service/my-service",
+            "upsync_type=consul_services",
+        ]);
         assert_eq!(s.kind, SourceKind::ConsulServices);
-        assert_eq!((s.interval_ms, s.timeout_ms, s.strong_dependency), (5000, 360_000, false));
+        assert_eq!(
+            (s.interval_ms, s.timeout_ms, s.strong_dependency),
+            (5000, 360_000, false)
+        );
 
-        let s = ok(&["127.0.0.1:2379/v2/keys/upstreams/my_backend", "upsync_type=etcd"]);
+        let s = ok(&[
+            "127.0.0.1:2379/v2/keys/upstreams/my_backend",
+            "upsync_type=etcd",
+        ]);
         assert_eq!(s.endpoint.path, "/v2/keys/upstreams/my_backend/");
     }
 
@@ -389,7 +444,10 @@ mod tests {
         let e = parse_endpoint("consul/v1/kv/a/").unwrap();
         assert_eq!(e.port, 80);
         let e = parse_endpoint("[::1]:8500/v1/kv/a/?dc=dc2").unwrap();
-        assert_eq!((e.host.as_str(), e.port, e.query.as_str()), ("::1", 8500, "dc=dc2"));
+        assert_eq!(
+            (e.host.as_str(), e.port, e.query.as_str()),
+            ("::1", 8500, "dc=dc2")
+        );
         assert_eq!(e.to_string(), "[::1]:8500/v1/kv/a/?dc=dc2");
         let e = parse_endpoint("http://127.0.0.1:8500/v1/kv/a/").unwrap();
         assert_eq!(e.authority(), "127.0.0.1:8500");
@@ -400,26 +458,97 @@ mod tests {
         use ConfError::*;
         let cases: &[(&[&str], fn(&ConfError) -> bool)] = &[
             (&["127.0.0.1:8500"], |e| matches!(e, Address(_))),
-            (&["127.0.0.1:8500/", "upsync_type=consul"], |e| matches!(e, Address(_))),
-            (&[":8500/v1/kv/a/", "upsync_type=consul"], |e| matches!(e, Address(_))),
-            (&["127.0.0.1:0/v1/kv/a/", "upsync_type=consul"], |e| matches!(e, Port(_))),
-            (&["127.0.0.1:70000/v1/kv/a/", "upsync_type=consul"], |e| matches!(e, Port(_))),
-            (&["127.0.0.1:/v1/kv/a/", "upsync_type=consul"], |e| matches!(e, Port(_))),
-            (&["127.0.0.1:85a/v1/kv/a/", "upsync_type=consul"], |e| matches!(e, Port(_))),
+            (&["127.0.0.1:8500/", "upsync_type=consul"], |e| {
+                matches!(e, Address(_))
+            }),
+            (&[":8500/v1/kv/a/", "upsync_type=consul"], |e| {
+                matches!(e, Address(_))
+            }),
+            (&["127.0.0.1:0/v1/kv/a/", "upsync_type=consul"], |e| {
+                matches!(e, Port(_))
+            }),
+            (&["127.0.0.1:70000/v1/kv/a/", "upsync_type=consul"], |e| {
+                matches!(e, Port(_))
+            }),
+            (&["127.0.0.1:/v1/kv/a/", "upsync_type=consul"], |e| {
+                matches!(e, Port(_))
+            }),
+            (&["127.0.0.1:85a/v1/kv/a/", "upsync_type=consul"], |e| {
+                matches!(e, Port(_))
+            }),
             (&["127.0.0.1:8500/v1/kv/a/"], |e| matches!(e, MissingType)),
-            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=zk"], |e| matches!(e, UnknownType(_))),
-            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=Consul"], |e| matches!(e, UnknownType(_))),
-            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "upsync_interval=5x"], |e| matches!(e, Time(_))),
-            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "upsync_timeout=-1"], |e| matches!(e, Time(_))),
-            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "strong_dependency=yes"], |e| matches!(e, OnOff(_))),
-            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "foo=bar"], |e| matches!(e, UnknownParam(_))),
-            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "bare"], |e| matches!(e, UnknownParam(_))),
-            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "zone_size=1k"], |e| matches!(e, ZoneSize(_))),
-            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "zone_size=lots"], |e| matches!(e, ZoneSize(_))),
-            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "upsync_type=etcd"], |e| matches!(e, Duplicate(_))),
-            (&["127.0.0.1:8500/v2/keys/a/", "upsync_type=consul"], |e| matches!(e, PathForKind { .. })),
-            (&["127.0.0.1:8500/v1/kv/", "upsync_type=consul"], |e| matches!(e, PathForKind { .. })),
-            (&["https://127.0.0.1:8500/v1/kv/a/", "upsync_type=consul"], |e| matches!(e, Https(_))),
+            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=zk"], |e| {
+                matches!(e, UnknownType(_))
+            }),
+            (&["127.0.0.1:8500/v1/kv/a/", "upsync_type=Consul"], |e| {
+                matches!(e, UnknownType(_))
+            }),
+            (
+                &[
+                    "127.0.0.1:8500/v1/kv/a/",
+                    "upsync_type=consul",
+                    "upsync_interval=5x",
+                ],
+                |e| matches!(e, Time(_)),
+            ),
+            (
+                &[
+                    "127.0.0.1:8500/v1/kv/a/",
+                    "upsync_type=consul",
+                    "upsync_timeout=-1",
+                ],
+                |e| matches!(e, Time(_)),
+            ),
+            (
+                &[
+                    "127.0.0.1:8500/v1/kv/a/",
+                    "upsync_type=consul",
+                    "strong_dependency=yes",
+                ],
+                |e| matches!(e, OnOff(_)),
+            ),
+            (
+                &["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "foo=bar"],
+                |e| matches!(e, UnknownParam(_)),
+            ),
+            (
+                &["127.0.0.1:8500/v1/kv/a/", "upsync_type=consul", "bare"],
+                |e| matches!(e, UnknownParam(_)),
+            ),
+            (
+                &[
+                    "127.0.0.1:8500/v1/kv/a/",
+                    "upsync_type=consul",
+                    "zone_size=1k",
+                ],
+                |e| matches!(e, ZoneSize(_)),
+            ),
+            (
+                &[
+                    "127.0.0.1:8500/v1/kv/a/",
+                    "upsync_type=consul",
+                    "zone_size=lots",
+                ],
+                |e| matches!(e, ZoneSize(_)),
+            ),
+            (
+                &[
+                    "127.0.0.1:8500/v1/kv/a/",
+                    "upsync_type=consul",
+                    "upsync_type=etcd",
+                ],
+                |e| matches!(e, Duplicate(_)),
+            ),
+            (&["127.0.0.1:8500/v2/keys/a/", "upsync_type=consul"], |e| {
+                matches!(e, PathForKind { .. })
+            }),
+            (&["127.0.0.1:8500/v1/kv/", "upsync_type=consul"], |e| {
+                matches!(e, PathForKind { .. })
+            }),
+            (
+                &["https://127.0.0.1:8500/v1/kv/a/", "upsync_type=consul"],
+                |e| matches!(e, Https(_)),
+            ),
         ];
         for (args, check) in cases {
             let err = parse_upsync(args).expect_err(&format!("{args:?} should fail"));
@@ -430,8 +559,16 @@ mod tests {
 
     #[test]
     fn zero_time_means_default_like_c_module() {
-        let s = ok(&["h:1/v1/kv/a/", "upsync_type=consul", "upsync_interval=0", "upsync_timeout=0s"]);
-        assert_eq!((s.interval_ms, s.timeout_ms), (DEFAULT_INTERVAL_MS, DEFAULT_TIMEOUT_MS));
+        let s = ok(&[
+            "h:1/v1/kv/a/",
+            "upsync_type=consul",
+            "upsync_interval=0",
+            "upsync_timeout=0s",
+        ]);
+        assert_eq!(
+            (s.interval_ms, s.timeout_ms),
+            (DEFAULT_INTERVAL_MS, DEFAULT_TIMEOUT_MS)
+        );
     }
 
     #[test]
@@ -442,12 +579,31 @@ mod tests {
         assert_eq!(m(&["least_conn"]), Ok((Method::LeastConn, None)));
         assert_eq!(m(&["ip_hash"]), Ok((Method::IpHash, None)));
         assert_eq!(m(&["hash_modula"]), Ok((Method::HashModula, None)));
-        assert_eq!(m(&["hash_ketama", "$remote_port"]), Ok((Method::HashKetama, Some("$remote_port".into()))));
-        assert_eq!(m(&["hash", "$x"]), Ok((Method::HashModula, Some("$x".into()))));
-        assert_eq!(m(&["hash", "$x", "consistent"]), Ok((Method::HashKetama, Some("$x".into()))));
+        assert_eq!(
+            m(&["hash_ketama", "$remote_port"]),
+            Ok((Method::HashKetama, Some("$remote_port".into())))
+        );
+        assert_eq!(
+            m(&["hash", "$x"]),
+            Ok((Method::HashModula, Some("$x".into())))
+        );
+        assert_eq!(
+            m(&["hash", "$x", "consistent"]),
+            Ok((Method::HashKetama, Some("$x".into())))
+        );
         assert_eq!(m(&["random"]), Ok((Method::Random { two: false }, None)));
-        assert_eq!(m(&["random", "two", "least_conn"]), Ok((Method::Random { two: true }, None)));
-        for bad in [&["rr"][..], &["least_conn", "x"], &["hash"], &["hash", "$x", "ring"], &["random", "three"], &["ip_hash", "$x"]] {
+        assert_eq!(
+            m(&["random", "two", "least_conn"]),
+            Ok((Method::Random { two: true }, None))
+        );
+        for bad in [
+            &["rr"][..],
+            &["least_conn", "x"],
+            &["hash"],
+            &["hash", "$x", "ring"],
+            &["random", "three"],
+            &["ip_hash", "$x"],
+        ] {
             let e = parse_lb(bad).unwrap_err();
             assert!(e.to_string().contains("accepted: roundrobin"), "{e}");
         }

@@ -41,12 +41,18 @@ pub enum HttpError {
 impl fmt::Display for HttpError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            HttpError::HeadTooLarge => write!(f, "response header larger than {MAX_HEAD} bytes or more than {MAX_HEADERS} headers"),
+            HttpError::HeadTooLarge => write!(
+                f,
+                "response header larger than {MAX_HEAD} bytes or more than {MAX_HEADERS} headers"
+            ),
             HttpError::BodyTooLarge(n) => write!(f, "response body larger than the {n} byte limit"),
             HttpError::BadHead(e) => write!(f, "invalid response header: {e}"),
             HttpError::BadContentLength => write!(f, "invalid Content-Length"),
             HttpError::BadChunk => write!(f, "invalid chunked encoding"),
-            HttpError::Truncated => write!(f, "connection closed before the response was complete (truncated)"),
+            HttpError::Truncated => write!(
+                f,
+                "connection closed before the response was complete (truncated)"
+            ),
         }
     }
 }
@@ -118,13 +124,21 @@ impl ResponseParser {
         self.is_done()
             && h.http11
             && !close
-            && !matches!(self.state, State::Body { framing: Framing::UntilClose, .. })
+            && !matches!(
+                self.state,
+                State::Body {
+                    framing: Framing::UntilClose,
+                    ..
+                }
+            )
             && self.framing_was_explicit()
     }
 
     fn framing_was_explicit(&self) -> bool {
         let Some(h) = &self.head else { return false };
-        self.no_body || h.header("content-length").is_some() || h.header("transfer-encoding").is_some()
+        self.no_body
+            || h.header("content-length").is_some()
+            || h.header("transfer-encoding").is_some()
     }
 
     /// Feeds newly received bytes. Returns `Ok(true)` once the response is complete; bytes
@@ -136,7 +150,9 @@ impl ResponseParser {
                     return if data.is_empty() {
                         Ok(true)
                     } else {
-                        Err(HttpError::BadHead("data after the end of the response".into()))
+                        Err(HttpError::BadHead(
+                            "data after the end of the response".into(),
+                        ))
                     };
                 }
                 State::Head => {
@@ -154,7 +170,9 @@ impl ResponseParser {
                     let rest = self.pending.split_off(consumed);
                     self.pending.clear();
                     if matches!(self.state, State::Done) && !rest.is_empty() {
-                        return Err(HttpError::BadHead("data after the end of the response".into()));
+                        return Err(HttpError::BadHead(
+                            "data after the end of the response".into(),
+                        ));
                     }
                     if !rest.is_empty() {
                         return self.feed(&rest);
@@ -197,7 +215,10 @@ impl ResponseParser {
     pub fn eof(&mut self) -> Result<(), HttpError> {
         match self.state {
             State::Done => Ok(()),
-            State::Body { framing: Framing::UntilClose, .. } => {
+            State::Body {
+                framing: Framing::UntilClose,
+                ..
+            } => {
                 self.state = State::Done;
                 Ok(())
             }
@@ -244,9 +265,10 @@ impl ResponseParser {
             self.pending.drain(..consumed);
             return self.parse_head().map(|r| r.map(|n| n + consumed));
         }
-        let chunked = head
-            .header("transfer-encoding")
-            .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("chunked")));
+        let chunked = head.header("transfer-encoding").is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("chunked"))
+        });
         let framing = if status == 204 || status == 304 {
             self.no_body = true;
             Framing::Length(0)
@@ -294,7 +316,14 @@ impl ResponseParser {
             Chunk::Data(left) => {
                 let take = left.min(data.len());
                 self.push_body(&data[..take])?;
-                set(&mut self.state, if take == left { Chunk::DataEnd } else { Chunk::Data(left - take) });
+                set(
+                    &mut self.state,
+                    if take == left {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left - take)
+                    },
+                );
                 Ok(&data[take..])
             }
             Chunk::Size | Chunk::DataEnd | Chunk::Trailer => {
@@ -324,11 +353,14 @@ impl ResponseParser {
                     }
                     _ => {
                         let size_part = line.split(|&b| b == b';').next().unwrap_or(b"");
-                        let size_str = std::str::from_utf8(size_part).map_err(|_| HttpError::BadChunk)?.trim();
+                        let size_str = std::str::from_utf8(size_part)
+                            .map_err(|_| HttpError::BadChunk)?
+                            .trim();
                         if size_str.is_empty() || size_str.len() > 15 {
                             return Err(HttpError::BadChunk);
                         }
-                        let size = usize::from_str_radix(size_str, 16).map_err(|_| HttpError::BadChunk)?;
+                        let size =
+                            usize::from_str_radix(size_str, 16).map_err(|_| HttpError::BadChunk)?;
                         if size == 0 {
                             set(&mut self.state, Chunk::Trailer);
                         } else {
@@ -347,7 +379,13 @@ impl ResponseParser {
 
 /// Builds a request. `extra` are complete header lines without CRLF; a non-empty body
 /// is sent as JSON with its length.
-pub fn build_request(method: &str, path_and_query: &str, authority: &str, extra: &[String], body: &[u8]) -> Vec<u8> {
+pub fn build_request(
+    method: &str,
+    path_and_query: &str,
+    authority: &str,
+    extra: &[String],
+    body: &[u8],
+) -> Vec<u8> {
     let mut r = format!(
         "{method} {path_and_query} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: ngx-stream-upsync/{}\r\nAccept: application/json\r\n",
         env!("CARGO_PKG_VERSION")
@@ -357,7 +395,10 @@ pub fn build_request(method: &str, path_and_query: &str, authority: &str, extra:
         r.push_str("\r\n");
     }
     if !body.is_empty() || method != "GET" {
-        r.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+        r.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
     }
     r.push_str("\r\n");
     let mut out = r.into_bytes();
@@ -390,14 +431,29 @@ mod tests {
 
     fn all_ok(input: &[u8], eof: bool, status: u16, body: &[u8]) {
         for r in parse_split(input, eof) {
-            assert_eq!(r, Ok((status, body.to_vec())), "input {:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                r,
+                Ok((status, body.to_vec())),
+                "input {:?}",
+                String::from_utf8_lossy(input)
+            );
         }
     }
 
     #[test]
     fn content_length() {
-        all_ok(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Consul-Index: 7\r\n\r\nhello", false, 200, b"hello");
-        all_ok(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", false, 404, b"");
+        all_ok(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Consul-Index: 7\r\n\r\nhello",
+            false,
+            200,
+            b"hello",
+        );
+        all_ok(
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+            false,
+            404,
+            b"",
+        );
     }
 
     #[test]
@@ -418,7 +474,9 @@ mod tests {
     #[test]
     fn headers_case_insensitive() {
         let mut p = ResponseParser::new(100);
-        assert!(p.feed(b"HTTP/1.1 200 OK\r\nx-consul-INDEX: 42\r\ncontent-length: 0\r\n\r\n").unwrap());
+        assert!(p
+            .feed(b"HTTP/1.1 200 OK\r\nx-consul-INDEX: 42\r\ncontent-length: 0\r\n\r\n")
+            .unwrap());
         assert_eq!(p.head().unwrap().header("X-Consul-Index"), Some("42"));
         assert!(p.keep_alive());
     }
@@ -426,29 +484,57 @@ mod tests {
     #[test]
     fn keep_alive_rules() {
         let mut p = ResponseParser::new(100);
-        p.feed(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").unwrap();
+        p.feed(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+            .unwrap();
         assert!(!p.keep_alive());
         let mut p = ResponseParser::new(100);
-        p.feed(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n").unwrap();
+        p.feed(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .unwrap();
         assert!(!p.keep_alive());
     }
 
     #[test]
     fn errors() {
         let cases: &[(&[u8], HttpError)] = &[
-            (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", HttpError::Truncated),
-            (b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", HttpError::BodyTooLarge(100)),
-            (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", HttpError::BadContentLength),
-            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", HttpError::BadContentLength),
-            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", HttpError::BadChunk),
-            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n", HttpError::BadChunk),
-            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab", HttpError::Truncated),
-            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfff\r\n", HttpError::BodyTooLarge(100)),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+                HttpError::Truncated,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n",
+                HttpError::BodyTooLarge(100),
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+                HttpError::BadContentLength,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                HttpError::BadContentLength,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                HttpError::BadChunk,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n",
+                HttpError::BadChunk,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab",
+                HttpError::Truncated,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfff\r\n",
+                HttpError::BodyTooLarge(100),
+            ),
             (b"GARBAGE\r\n\r\n", HttpError::BadHead(String::new())),
         ];
         for (input, want) in cases {
             let mut p = ResponseParser::new(100);
-            let got = p.feed(input).and_then(|done| if done { Ok(()) } else { p.eof() });
+            let got = p
+                .feed(input)
+                .and_then(|done| if done { Ok(()) } else { p.eof() });
             let err = got.expect_err("should fail");
             match want {
                 HttpError::BadHead(_) => assert!(matches!(err, HttpError::BadHead(_)), "{err:?}"),
@@ -475,11 +561,18 @@ mod tests {
 
     #[test]
     fn request_shape() {
-        let r = build_request("GET", "/v1/kv/a/?recurse&index=3", "127.0.0.1:8500", &["X-Consul-Token: t".into()], b"");
+        let r = build_request(
+            "GET",
+            "/v1/kv/a/?recurse&index=3",
+            "127.0.0.1:8500",
+            &["X-Consul-Token: t".into()],
+            b"",
+        );
         let s = String::from_utf8(r).unwrap();
         assert!(s.starts_with("GET /v1/kv/a/?recurse&index=3 HTTP/1.1\r\nHost: 127.0.0.1:8500\r\n"));
         assert!(s.ends_with("X-Consul-Token: t\r\n\r\n"));
-        let r = String::from_utf8(build_request("POST", "/v3/kv/range", "h:1", &[], b"{}")).unwrap();
+        let r =
+            String::from_utf8(build_request("POST", "/v3/kv/range", "h:1", &[], b"{}")).unwrap();
         assert!(r.ends_with("Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"));
     }
 }

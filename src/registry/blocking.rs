@@ -10,7 +10,13 @@ use super::{Snapshot, Source};
 use crate::net::http::{build_request, ResponseParser};
 
 /// Tries each address in turn, `attempts` rounds; returns the first snapshot or the last error.
-pub fn fetch(addrs: &[SocketAddr], authority: &str, source: &mut dyn Source, attempts: u32, timeout: Duration) -> Result<Snapshot, String> {
+pub fn fetch(
+    addrs: &[SocketAddr],
+    authority: &str,
+    source: &mut dyn Source,
+    attempts: u32,
+    timeout: Duration,
+) -> Result<Snapshot, String> {
     let mut last = String::from("no registry address");
     for _ in 0..attempts.max(1) {
         for addr in addrs {
@@ -24,14 +30,26 @@ pub fn fetch(addrs: &[SocketAddr], authority: &str, source: &mut dyn Source, att
     Err(last)
 }
 
-fn fetch_one(addr: SocketAddr, authority: &str, source: &mut dyn Source, timeout: Duration) -> Result<Snapshot, String> {
+fn fetch_one(
+    addr: SocketAddr,
+    authority: &str,
+    source: &mut dyn Source,
+    timeout: Duration,
+) -> Result<Snapshot, String> {
     let deadline = Instant::now() + timeout;
     // After reset() the request carries no index, so it answers at once.
     let req = source.next_request();
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    s.write_all(&build_request(req.method, &req.path_and_query, authority, &req.headers, &req.body))
-        .map_err(|e| format!("send: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.write_all(&build_request(
+        req.method,
+        &req.path_and_query,
+        authority,
+        &req.headers,
+        &req.body,
+    ))
+    .map_err(|e| format!("send: {e}"))?;
     let mut p = ResponseParser::new(8 * 1024 * 1024);
     let mut buf = [0u8; 16 * 1024];
     loop {

@@ -68,7 +68,12 @@ impl Source for Consul {
         if self.kind == SourceKind::ConsulKv {
             q.push_str("recurse&");
         }
-        if self.kind == SourceKind::ConsulHealth && !self.user_query.split('&').any(|p| p == "passing" || p.starts_with("passing=")) {
+        if self.kind == SourceKind::ConsulHealth
+            && !self
+                .user_query
+                .split('&')
+                .any(|p| p == "passing" || p.starts_with("passing="))
+        {
             q.push_str("passing&");
         }
         q.push_str(&format!("index={}&wait={}ms", self.index, self.wait_ms));
@@ -76,7 +81,11 @@ impl Source for Consul {
             q.push('&');
             q.push_str(&self.user_query);
         }
-        let timeout = if self.index == 0 { self.deadline_ms.min(30_000) } else { self.deadline_ms };
+        let timeout = if self.index == 0 {
+            self.deadline_ms.min(30_000)
+        } else {
+            self.deadline_ms
+        };
         Request::get(format!("{}?{}", self.path, q), timeout)
     }
 
@@ -126,7 +135,8 @@ struct KvEntry {
 /// `GET /v1/kv/<prefix>?recurse`: one server per key; the key's last path component is the
 /// address and the value (base64 JSON) its settings. Folder keys (ending in `/`) are skipped.
 pub fn parse_kv(body: &[u8], prefix: &str) -> Result<Vec<ServerSpec>, RegistryError> {
-    let entries: Vec<KvEntry> = serde_json::from_slice(body).map_err(|e| RegistryError::Json(e.to_string()))?;
+    let entries: Vec<KvEntry> =
+        serde_json::from_slice(body).map_err(|e| RegistryError::Json(e.to_string()))?;
     let mut out = Vec::with_capacity(entries.len());
     for e in entries {
         if e.key.ends_with('/') || !e.key.starts_with(prefix) {
@@ -143,7 +153,9 @@ pub fn parse_kv(body: &[u8], prefix: &str) -> Result<Vec<ServerSpec>, RegistryEr
                 .decode(v)
                 .map_err(|err| RegistryError::Entry {
                     key: excerpt(e.key.as_bytes()),
-                    err: crate::servers::SpecError::NotObject(format!("value is not base64: {err}")),
+                    err: crate::servers::SpecError::NotObject(format!(
+                        "value is not base64: {err}"
+                    )),
                 })?,
             None => Vec::new(),
         };
@@ -158,7 +170,8 @@ pub fn parse_kv(body: &[u8], prefix: &str) -> Result<Vec<ServerSpec>, RegistryEr
 /// `Weights.Passing` when no `weight=` tag says otherwise.
 pub fn parse_services(body: &[u8]) -> Result<Vec<ServerSpec>, RegistryError> {
     use serde_json::Value;
-    let entries: Vec<Value> = serde_json::from_slice(body).map_err(|e| RegistryError::Json(e.to_string()))?;
+    let entries: Vec<Value> =
+        serde_json::from_slice(body).map_err(|e| RegistryError::Json(e.to_string()))?;
     let mut out = Vec::with_capacity(entries.len());
     for e in &entries {
         let str_of = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or("").to_string();
@@ -181,17 +194,33 @@ pub fn parse_services(body: &[u8]) -> Result<Vec<ServerSpec>, RegistryError> {
                 e.get("ServiceWeights"),
             )
         };
-        let key = if id.is_empty() { "(service without ID)".to_string() } else { excerpt(id.as_bytes()) };
-        let entry_err = |err| RegistryError::Entry { key: key.clone(), err };
-        let host = if svc_addr.is_empty() { node_addr } else { svc_addr };
-        let port = port.and_then(Value::as_u64).filter(|p| (1..=65535).contains(p));
+        let key = if id.is_empty() {
+            "(service without ID)".to_string()
+        } else {
+            excerpt(id.as_bytes())
+        };
+        let entry_err = |err| RegistryError::Entry {
+            key: key.clone(),
+            err,
+        };
+        let host = if svc_addr.is_empty() {
+            node_addr
+        } else {
+            svc_addr
+        };
+        let port = port
+            .and_then(Value::as_u64)
+            .filter(|p| (1..=65535).contains(p));
         let addr_text = match (host.parse::<std::net::IpAddr>(), port) {
             (Ok(std::net::IpAddr::V6(ip)), Some(p)) => format!("[{ip}]:{p}"),
             (_, Some(p)) => format!("{host}:{p}"),
             (_, None) => format!("{host}:?"),
         };
         let mut spec = ServerSpec::new(parse_addr(&addr_text).map_err(entry_err)?);
-        if let Some(w) = weights.and_then(|w| w.get("Passing")).and_then(Value::as_u64) {
+        if let Some(w) = weights
+            .and_then(|w| w.get("Passing"))
+            .and_then(Value::as_u64)
+        {
             if (1..=crate::servers::MAX_WEIGHT as u64).contains(&w) {
                 spec.weight = w as u32;
             }
@@ -216,7 +245,11 @@ mod tests {
         if let Some(i) = index {
             headers.push(("x-consul-index".to_string(), i.to_string()));
         }
-        Head { status, http11: true, headers }
+        Head {
+            status,
+            http11: true,
+            headers,
+        }
     }
 
     fn b64(s: &str) -> String {
@@ -224,16 +257,34 @@ mod tests {
     }
 
     fn kv_source() -> Consul {
-        Consul::new(&parse_upsync(&["127.0.0.1:8500/v1/kv/upstreams/test", "upsync_type=consul", "upsync_timeout=6m"]).unwrap())
+        Consul::new(
+            &parse_upsync(&[
+                "127.0.0.1:8500/v1/kv/upstreams/test",
+                "upsync_type=consul",
+                "upsync_timeout=6m",
+            ])
+            .unwrap(),
+        )
     }
 
     #[test]
     fn kv_request_uses_index_and_wait() {
         let mut c = kv_source();
         let r = c.next_request();
-        assert!(r.path_and_query.starts_with("/v1/kv/upstreams/test/?recurse&index=0&wait="), "{}", r.path_and_query);
-        let body = format!(r#"[{{"Key":"upstreams/test/127.0.0.1:8089","Value":null}},{{"Key":"upstreams/test/","Value":null}},{{"Key":"upstreams/test/127.0.0.1:8088","Value":"{}"}}]"#, b64(r#"{"weight":40}"#));
-        let snap = c.handle(&head(200, Some("17")), body.as_bytes()).unwrap().unwrap();
+        assert!(
+            r.path_and_query
+                .starts_with("/v1/kv/upstreams/test/?recurse&index=0&wait="),
+            "{}",
+            r.path_and_query
+        );
+        let body = format!(
+            r#"[{{"Key":"upstreams/test/127.0.0.1:8089","Value":null}},{{"Key":"upstreams/test/","Value":null}},{{"Key":"upstreams/test/127.0.0.1:8088","Value":"{}"}}]"#,
+            b64(r#"{"weight":40}"#)
+        );
+        let snap = c
+            .handle(&head(200, Some("17")), body.as_bytes())
+            .unwrap()
+            .unwrap();
         assert_eq!(snap.servers.len(), 2);
         assert_eq!(snap.servers[0].addr.port(), 8088);
         assert_eq!(snap.servers[0].weight, 40);
@@ -256,15 +307,43 @@ mod tests {
     fn kv_errors_keep_position() {
         let mut c = kv_source();
         c.handle(&head(200, Some("9")), b"[]").unwrap();
-        assert!(matches!(c.handle(&head(500, Some("10")), b"rpc error"), Err(RegistryError::Status { code: 500, .. })));
-        assert!(matches!(c.handle(&head(200, None), b"[]"), Err(RegistryError::MissingHeader(_))));
-        assert!(matches!(c.handle(&head(200, Some("x")), b"[]"), Err(RegistryError::BadHeader(..))));
-        assert!(matches!(c.handle(&head(200, Some("10")), b"[{\"Key\":"), Err(RegistryError::Json(_))));
-        assert!(matches!(c.handle(&head(200, Some("10")), br#"{"Key":"a"}"#), Err(RegistryError::Json(_))));
-        let bad = format!(r#"[{{"Key":"upstreams/test/127.0.0.1:1","Value":"{}"}}]"#, b64(r#"{"weight":-1}"#));
-        let err = c.handle(&head(200, Some("10")), bad.as_bytes()).unwrap_err();
-        assert!(err.to_string().contains("upstreams/test/127.0.0.1:1"), "{err}");
-        let err = c.handle(&head(200, Some("10")), br#"[{"Key":"upstreams/test/localhost:80","Value":null}]"#).unwrap_err();
+        assert!(matches!(
+            c.handle(&head(500, Some("10")), b"rpc error"),
+            Err(RegistryError::Status { code: 500, .. })
+        ));
+        assert!(matches!(
+            c.handle(&head(200, None), b"[]"),
+            Err(RegistryError::MissingHeader(_))
+        ));
+        assert!(matches!(
+            c.handle(&head(200, Some("x")), b"[]"),
+            Err(RegistryError::BadHeader(..))
+        ));
+        assert!(matches!(
+            c.handle(&head(200, Some("10")), b"[{\"Key\":"),
+            Err(RegistryError::Json(_))
+        ));
+        assert!(matches!(
+            c.handle(&head(200, Some("10")), br#"{"Key":"a"}"#),
+            Err(RegistryError::Json(_))
+        ));
+        let bad = format!(
+            r#"[{{"Key":"upstreams/test/127.0.0.1:1","Value":"{}"}}]"#,
+            b64(r#"{"weight":-1}"#)
+        );
+        let err = c
+            .handle(&head(200, Some("10")), bad.as_bytes())
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("upstreams/test/127.0.0.1:1"),
+            "{err}"
+        );
+        let err = c
+            .handle(
+                &head(200, Some("10")),
+                br#"[{"Key":"upstreams/test/localhost:80","Value":null}]"#,
+            )
+            .unwrap_err();
         assert!(err.to_string().contains("invalid server address"), "{err}");
         assert_eq!(c.position(), 9);
     }
@@ -295,8 +374,14 @@ mod tests {
         let s = parse_services(health).unwrap();
         assert_eq!(s[0].addr.to_string(), "127.0.0.1:9000");
         assert!(s[0].down);
-        assert!(parse_services(br#"[{"Node":{"Address":"x.example"},"Service":{"ID":"a","Port":1}}]"#).is_err());
-        assert!(parse_services(br#"[{"ServiceID":"a","Address":"127.0.0.1","ServicePort":0}]"#).is_err());
+        assert!(parse_services(
+            br#"[{"Node":{"Address":"x.example"},"Service":{"ID":"a","Port":1}}]"#
+        )
+        .is_err());
+        assert!(
+            parse_services(br#"[{"ServiceID":"a","Address":"127.0.0.1","ServicePort":0}]"#)
+                .is_err()
+        );
         assert!(parse_services(br#"[{"ServiceID":"a","Address":"127.0.0.1","ServicePort":1,"ServiceTags":["weight=0"]}]"#).is_err());
     }
 }

@@ -68,7 +68,9 @@ impl EtcdV2 {
     }
 
     fn etcd_index(head: &Head) -> Result<u64, RegistryError> {
-        let raw = head.header("x-etcd-index").ok_or(RegistryError::MissingHeader("X-Etcd-Index"))?;
+        let raw = head
+            .header("x-etcd-index")
+            .ok_or(RegistryError::MissingHeader("X-Etcd-Index"))?;
         raw.parse()
             .map_err(|_| RegistryError::BadHeader("X-Etcd-Index", excerpt(raw.as_bytes())))
     }
@@ -94,13 +96,19 @@ fn collect(node: &Node, out: &mut Vec<ServerSpec>) -> Result<(), RegistryError> 
 
 /// The servers of a recursive read's body.
 pub fn parse_listing(body: &[u8]) -> Result<Vec<ServerSpec>, RegistryError> {
-    let r: Response = serde_json::from_slice(body).map_err(|e| RegistryError::Json(e.to_string()))?;
-    let node = r.node.ok_or_else(|| RegistryError::Json("response has no \"node\"".into()))?;
+    let r: Response =
+        serde_json::from_slice(body).map_err(|e| RegistryError::Json(e.to_string()))?;
+    let node = r
+        .node
+        .ok_or_else(|| RegistryError::Json("response has no \"node\"".into()))?;
     let mut out = Vec::new();
     if node.dir {
         collect(&node, &mut out)?;
     } else {
-        return Err(RegistryError::Json(format!("\"{}\" is a key, not a directory", excerpt(node.key.as_bytes()))));
+        return Err(RegistryError::Json(format!(
+            "\"{}\" is a key, not a directory",
+            excerpt(node.key.as_bytes())
+        )));
     }
     Ok(out)
 }
@@ -113,12 +121,18 @@ impl Source for EtcdV2 {
             format!("&{}", self.user_query)
         };
         if self.wait_index == 0 {
-            Request::get(format!("{}?recursive=true{extra}", self.path), self.timeout_ms.min(30_000))
+            Request::get(
+                format!("{}?recursive=true{extra}", self.path),
+                self.timeout_ms.min(30_000),
+            )
         } else {
             Request {
                 timeout_is_normal: true,
                 ..Request::get(
-                    format!("{}?wait=true&recursive=true&waitIndex={}{extra}", self.path, self.wait_index),
+                    format!(
+                        "{}?wait=true&recursive=true&waitIndex={}{extra}",
+                        self.path, self.wait_index
+                    ),
                     self.timeout_ms,
                 )
             }
@@ -147,14 +161,22 @@ impl Source for EtcdV2 {
                 }
                 (code, Some(e)) => Err(RegistryError::Status {
                     code,
-                    body: format!("etcd error {}: {}", e.error_code, excerpt(e.message.as_bytes())),
+                    body: format!(
+                        "etcd error {}: {}",
+                        e.error_code,
+                        excerpt(e.message.as_bytes())
+                    ),
                 }),
-                (code, None) => Err(RegistryError::Status { code, body: excerpt(body) }),
+                (code, None) => Err(RegistryError::Status {
+                    code,
+                    body: excerpt(body),
+                }),
             };
         }
         if watching {
             // An event: make sure it is well formed, then read the whole directory again.
-            let r: Response = serde_json::from_slice(body).map_err(|e| RegistryError::Json(e.to_string()))?;
+            let r: Response =
+                serde_json::from_slice(body).map_err(|e| RegistryError::Json(e.to_string()))?;
             if r.action.is_empty() {
                 return Err(RegistryError::Json("watch event has no \"action\"".into()));
             }
@@ -191,11 +213,17 @@ mod tests {
         if let Some(i) = index {
             headers.push(("x-etcd-index".to_string(), i.to_string()));
         }
-        Head { status, http11: true, headers }
+        Head {
+            status,
+            http11: true,
+            headers,
+        }
     }
 
     fn source() -> EtcdV2 {
-        EtcdV2::new(&parse_upsync(&["127.0.0.1:2379/v2/keys/upstreams/x", "upsync_type=etcd"]).unwrap())
+        EtcdV2::new(
+            &parse_upsync(&["127.0.0.1:2379/v2/keys/upstreams/x", "upsync_type=etcd"]).unwrap(),
+        )
     }
 
     #[test]
@@ -210,7 +238,10 @@ mod tests {
         assert_eq!(snap.servers.len(), 1);
         assert_eq!(snap.servers[0].weight, 2);
         let r = s.next_request();
-        assert_eq!(r.path_and_query, "/v2/keys/upstreams/x/?wait=true&recursive=true&waitIndex=5");
+        assert_eq!(
+            r.path_and_query,
+            "/v2/keys/upstreams/x/?wait=true&recursive=true&waitIndex=5"
+        );
         assert!(r.timeout_is_normal);
         let event = br#"{"action":"set","node":{"key":"/upstreams/x/127.0.0.1:8081","value":"","modifiedIndex":5,"createdIndex":5}}"#;
         assert_eq!(s.handle(&head(200, Some(4)), event).unwrap(), None);
@@ -234,15 +265,27 @@ mod tests {
     fn nested_dirs_and_errors() {
         let body = br#"{"action":"get","node":{"key":"/u","dir":true,"nodes":[{"key":"/u/sub","dir":true,"nodes":[{"key":"/u/sub/127.0.0.1:1","value":""}]},{"key":"/u/127.0.0.1:2"}]}}"#;
         assert_eq!(parse_listing(body).unwrap().len(), 2);
-        assert!(parse_listing(br#"{"action":"get","node":{"key":"/u/127.0.0.1:1","value":""}}"#).is_err());
+        assert!(
+            parse_listing(br#"{"action":"get","node":{"key":"/u/127.0.0.1:1","value":""}}"#)
+                .is_err()
+        );
         assert!(parse_listing(br#"{"action":"get","node":{"key":"/u","dir":true,"nodes":[{"key":"/u/host:1","value":""}]}}"#).is_err());
         assert!(parse_listing(b"{").is_err());
         let mut s = source();
-        assert!(matches!(s.handle(&head(500, Some(1)), b"oops"), Err(RegistryError::Status { code: 500, .. })));
         assert!(matches!(
-            s.handle(&head(403, None), br#"{"errorCode":110,"message":"The request requires user authentication"}"#),
+            s.handle(&head(500, Some(1)), b"oops"),
+            Err(RegistryError::Status { code: 500, .. })
+        ));
+        assert!(matches!(
+            s.handle(
+                &head(403, None),
+                br#"{"errorCode":110,"message":"The request requires user authentication"}"#
+            ),
             Err(RegistryError::Status { code: 403, .. })
         ));
-        assert!(matches!(s.handle(&head(200, None), br#"{"action":"get","node":{"dir":true}}"#), Err(RegistryError::MissingHeader(_))));
+        assert!(matches!(
+            s.handle(&head(200, None), br#"{"action":"get","node":{"dir":true}}"#),
+            Err(RegistryError::MissingHeader(_))
+        ));
     }
 }

@@ -51,15 +51,24 @@ fn b64_field(v: Option<&Value>) -> Result<Vec<u8>, String> {
     match v {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::String(s)) => B64.decode(s).map_err(|e| format!("not base64: {e}")),
-        Some(other) => Err(format!("unexpected {}", excerpt(other.to_string().as_bytes()))),
+        Some(other) => Err(format!(
+            "unexpected {}",
+            excerpt(other.to_string().as_bytes())
+        )),
     }
 }
 
 /// The servers of a range response and its revision.
 pub fn parse_range(body: &[u8], prefix: &str) -> Result<(Vec<ServerSpec>, u64), RegistryError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| RegistryError::Json(e.to_string()))?;
-    if let Some(e) = v.get("error").or_else(|| v.get("message").filter(|_| v.get("code").is_some())) {
-        return Err(RegistryError::Status { code: 200, body: excerpt(e.to_string().as_bytes()) });
+    if let Some(e) = v
+        .get("error")
+        .or_else(|| v.get("message").filter(|_| v.get("code").is_some()))
+    {
+        return Err(RegistryError::Status {
+            code: 200,
+            body: excerpt(e.to_string().as_bytes()),
+        });
     }
     let revision = int64(v.get("header").and_then(|h| h.get("revision")))
         .ok_or_else(|| RegistryError::Json("response has no header.revision".into()))?;
@@ -70,17 +79,20 @@ pub fn parse_range(body: &[u8], prefix: &str) -> Result<(Vec<ServerSpec>, u64), 
         Some(_) => return Err(RegistryError::Json("\"kvs\" is not a list".into())),
     };
     for kv in kvs {
-        let key_bytes = b64_field(kv.get("key")).map_err(|e| RegistryError::Json(format!("key {e}")))?;
+        let key_bytes =
+            b64_field(kv.get("key")).map_err(|e| RegistryError::Json(format!("key {e}")))?;
         let key = String::from_utf8_lossy(&key_bytes).into_owned();
         if key.ends_with('/') || !key.starts_with(prefix) {
             continue;
         }
-        let err = |err| RegistryError::Entry { key: excerpt(key.as_bytes()), err };
+        let err = |err| RegistryError::Entry {
+            key: excerpt(key.as_bytes()),
+            err,
+        };
         let name = key.rsplit('/').next().unwrap_or("");
         let mut spec = ServerSpec::new(parse_addr(name).map_err(err)?);
-        let value = b64_field(kv.get("value")).map_err(|e| {
-            err(crate::servers::SpecError::NotObject(format!("value {e}")))
-        })?;
+        let value = b64_field(kv.get("value"))
+            .map_err(|e| err(crate::servers::SpecError::NotObject(format!("value {e}"))))?;
         apply_json_attrs(&mut spec, &value).map_err(err)?;
         out.push(spec);
     }
@@ -109,17 +121,31 @@ pub fn watch_state(body: &[u8]) -> WatchState {
             Some(Err(e)) => return WatchState::Error(format!("invalid JSON in watch stream: {e}")),
             Some(Ok(msg)) => {
                 if let Some(e) = msg.get("error") {
-                    let text = e.get("message").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| e.to_string());
+                    let text = e
+                        .get("message")
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                        .unwrap_or_else(|| e.to_string());
                     return WatchState::Error(format!("watch error: {}", excerpt(text.as_bytes())));
                 }
                 let Some(r) = msg.get("result") else {
-                    return WatchState::Error(format!("unexpected watch message {}", excerpt(msg.to_string().as_bytes())));
+                    return WatchState::Error(format!(
+                        "unexpected watch message {}",
+                        excerpt(msg.to_string().as_bytes())
+                    ));
                 };
-                let events = r.get("events").and_then(Value::as_array).is_some_and(|e| !e.is_empty());
+                let events = r
+                    .get("events")
+                    .and_then(Value::as_array)
+                    .is_some_and(|e| !e.is_empty());
                 if r.get("canceled").and_then(Value::as_bool).unwrap_or(false) {
                     let why = match int64(r.get("compact_revision")) {
                         Some(c) if c > 0 => format!("compacted up to revision {c}"),
-                        _ => r.get("cancel_reason").and_then(Value::as_str).unwrap_or("no reason given").to_string(),
+                        _ => r
+                            .get("cancel_reason")
+                            .and_then(Value::as_str)
+                            .unwrap_or("no reason given")
+                            .to_string(),
                     };
                     return WatchState::Canceled(why);
                 }
@@ -180,7 +206,10 @@ impl Source for EtcdV3 {
 
     fn handle(&mut self, head: &Head, body: &[u8]) -> Result<Option<Snapshot>, RegistryError> {
         if head.status != 200 {
-            return Err(RegistryError::Status { code: head.status, body: excerpt(body) });
+            return Err(RegistryError::Status {
+                code: head.status,
+                body: excerpt(body),
+            });
         }
         if self.watch_from != 0 {
             let from = std::mem::replace(&mut self.watch_from, 0);
@@ -219,7 +248,11 @@ mod tests {
     use crate::conf::parse_upsync;
 
     fn head(status: u16) -> Head {
-        Head { status, http11: true, headers: vec![] }
+        Head {
+            status,
+            http11: true,
+            headers: vec![],
+        }
     }
 
     #[test]
@@ -231,9 +264,14 @@ mod tests {
 
     #[test]
     fn range_then_watch() {
-        let mut s = EtcdV3::new(&parse_upsync(&["127.0.0.1:2379/upstreams/x", "upsync_type=etcdv3"]).unwrap());
+        let mut s = EtcdV3::new(
+            &parse_upsync(&["127.0.0.1:2379/upstreams/x", "upsync_type=etcdv3"]).unwrap(),
+        );
         let r = s.next_request();
-        assert_eq!((r.method, r.path_and_query.as_str()), ("POST", "/v3/kv/range"));
+        assert_eq!(
+            (r.method, r.path_and_query.as_str()),
+            ("POST", "/v3/kv/range")
+        );
         let body = String::from_utf8(r.body).unwrap();
         assert!(body.contains(&B64.encode("/upstreams/x/")), "{body}");
         let resp = format!(
@@ -246,7 +284,9 @@ mod tests {
         let w = s.next_request();
         assert_eq!(w.path_and_query, "/v3/watch");
         assert!(w.timeout_is_normal);
-        assert!(String::from_utf8(w.body).unwrap().contains("\"start_revision\":\"8\""));
+        assert!(String::from_utf8(w.body)
+            .unwrap()
+            .contains("\"start_revision\":\"8\""));
         let created = br#"{"result":{"header":{"revision":"7"},"created":true}}"#;
         assert!(!s.on_partial(&head(200), created));
         let mut stream = created.to_vec();
@@ -267,9 +307,15 @@ mod tests {
             watch_state(br#"{"result":{"header":{},"canceled":true,"compact_revision":"9"}}"#),
             WatchState::Canceled("compacted up to revision 9".into())
         );
-        assert!(matches!(watch_state(br#"{"error":{"grpc_code":16,"message":"invalid auth token"}}"#), WatchState::Error(_)));
+        assert!(matches!(
+            watch_state(br#"{"error":{"grpc_code":16,"message":"invalid auth token"}}"#),
+            WatchState::Error(_)
+        ));
         assert!(matches!(watch_state(b"}{"), WatchState::Error(_)));
-        let bad = format!(r#"{{"header":{{"revision":"3"}},"kvs":[{{"key":"{}","value":""}}]}}"#, B64.encode("/u/not-an-address"));
+        let bad = format!(
+            r#"{{"header":{{"revision":"3"}},"kvs":[{{"key":"{}","value":""}}]}}"#,
+            B64.encode("/u/not-an-address")
+        );
         assert!(parse_range(bad.as_bytes(), "/u/").is_err());
         assert!(parse_range(br#"{"kvs":[]}"#, "/u/").is_err());
     }

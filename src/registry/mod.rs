@@ -130,7 +130,9 @@ pub trait Source: Send {
 /// Builds the protocol for a parsed `upsync` directive.
 pub fn source_for(spec: &UpsyncSpec) -> Box<dyn Source> {
     match spec.kind {
-        SourceKind::ConsulKv | SourceKind::ConsulServices | SourceKind::ConsulHealth => Box::new(consul::Consul::new(spec)),
+        SourceKind::ConsulKv | SourceKind::ConsulServices | SourceKind::ConsulHealth => {
+            Box::new(consul::Consul::new(spec))
+        }
         SourceKind::EtcdV2 => Box::new(etcd_v2::EtcdV2::new(spec)),
         SourceKind::EtcdV3 => Box::new(etcd_v3::EtcdV3::new(spec)),
     }
