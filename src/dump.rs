@@ -96,6 +96,28 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
     result
 }
 
+/// Removes temp files a killed writer left beside `path` (`.NAME.tmp.PID` whose PID is
+/// gone). Returns how many were removed.
+pub fn remove_stale_temps(path: &Path, pid_alive: impl Fn(u32) -> bool) -> usize {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return 0 };
+    let prefix = format!(".{name}.tmp.");
+    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let fname = e.file_name();
+        let Some(f) = fname.to_str() else { continue };
+        let Some(pid) = f.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if !pid_alive(pid) && fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,6 +159,10 @@ mod tests {
         let leftovers: Vec<_> = fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).collect();
         assert_eq!(leftovers.len(), 1, "temp files left behind");
         assert!(write_atomic(&dir.join("missing-dir/x.conf"), b"x").is_err());
+        fs::write(dir.join(".servers_test.conf.tmp.999999"), "partial").unwrap();
+        fs::write(dir.join(".servers_test.conf.tmp.1"), "live writer").unwrap();
+        assert_eq!(remove_stale_temps(&p, |pid| pid == 1), 1);
+        assert!(dir.join(".servers_test.conf.tmp.1").exists());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

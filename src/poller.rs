@@ -622,10 +622,11 @@ impl Poller {
         l.hdr.status.updates += 1;
         l.hdr.status.last_change_ms = wall_ms();
         drop(l);
+        let (used, total) = self.zone.usage();
         self.log(
             NGX_LOG_NOTICE,
             &format!(
-                "{} servers now (+{} -{} ~{}), index {position}, generation {generation}",
+                "{} servers now (+{} -{} ~{}), index {position}, generation {generation}, zone {used}/{total} pages",
                 snap.servers.len(),
                 diff.added,
                 diff.removed,

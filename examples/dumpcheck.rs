@@ -1,0 +1,41 @@
+//! Checks that a dump file parses (scripts/crash-dump): exits 0 and prints the number of
+//! servers, or prints the parse error and exits 1. Uses the module's own dump parser.
+
+#[path = "../src/conf/time.rs"]
+#[allow(dead_code)]
+pub mod time;
+
+/// The module tree the included files expect (`crate::conf::time`).
+mod conf {
+    pub use crate::time;
+}
+
+#[path = "../src/servers.rs"]
+#[allow(dead_code)]
+mod servers;
+
+#[path = "../src/dump.rs"]
+#[allow(dead_code)]
+mod dump;
+
+fn main() {
+    let path = std::env::args().nth(1).expect("usage: dumpcheck FILE");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            println!("unreadable: {e}");
+            std::process::exit(1);
+        }
+    };
+    match dump::parse(&text) {
+        Ok(v) if !v.is_empty() => println!("{}", v.len()),
+        Ok(_) => {
+            println!("empty");
+            std::process::exit(1);
+        }
+        Err(e) => {
+            println!("{e}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! Consul catalog/health service listing: registry::consul::parse_services.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use upsync_pure::{check, registry::consul::parse_services};
+
+fuzz_target!(|data: &[u8]| {
+    match parse_services(data) {
+        Ok(list) => check::servers(&list),
+        Err(e) => check::error(&e),
+    }
+});

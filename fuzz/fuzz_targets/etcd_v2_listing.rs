@@ -1,0 +1,11 @@
+//! etcd v2 recursive directory read: registry::etcd_v2::parse_listing.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use upsync_pure::{check, registry::etcd_v2::parse_listing};
+
+fuzz_target!(|data: &[u8]| {
+    match parse_listing(data) {
+        Ok(list) => check::servers(&list),
+        Err(e) => check::error(&e),
+    }
+});
