@@ -18,6 +18,7 @@ package Test::Nginx;
 #   TEST_NGINX_LEAVE    keep the test directory
 #   TEST_NGINX_VERBOSE  more diagnostics
 #   TEST_NGINX_CATLOG   print error.log at the end
+#   TEST_NGINX_START_TIMEOUT  seconds to wait for nginx to start (default 5)
 #   TEST_ETCD_BINARY    etcd binary for has('etcd')
 #
 # nginx is always started in the foreground ("-g 'daemon off;'" unless the
@@ -101,7 +102,7 @@ sub new {
 		workers => $o{workers} // $ENV{TEST_NGINX_WORKERS} // 1,
 		log_level => $o{log_level} // 'info',
 		graceful => $o{graceful} // 0,
-		start_timeout => $o{start_timeout} // 5,
+		start_timeout => $o{start_timeout} // $ENV{TEST_NGINX_START_TIMEOUT} // 5,
 		stop_timeout => $o{stop_timeout} // 10,
 	}, $class;
 
