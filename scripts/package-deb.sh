@@ -124,10 +124,11 @@ YEAR=$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y)
 cat >"$DOC/copyright" <<EOF
 Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
 Upstream-Name: ngx-stream-upsync
-Comment: The module statically links Rust crates (ngx, nginx-sys, libc, serde,
- serde_json, httparse, base64, thiserror, crc32fast and their dependencies,
- listed in Cargo.lock), each distributed under the MIT or Apache-2.0 license
- (most under both).
+Comment: The module statically links the Rust crates listed in Cargo.lock:
+ ngx and nginx-sys (Apache-2.0; nginx-sys's bindings are generated from the
+ nginx headers, BSD-2-Clause), zmij (MIT), memchr (Unlicense OR MIT) and
+ serde, serde_json, libc, httparse, base64, thiserror, crc32fast and the rest
+ (MIT OR Apache-2.0).
 
 Files: *
 Copyright: $YEAR ngx-stream-upsync contributors

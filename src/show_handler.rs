@@ -1,23 +1,30 @@
-//! `upstream_show`: answers a TCP connection with the text report of every stream
-//! upstream. The client's request is read and ignored; partial writes wait for the socket
-//! to become writable; after the response the write side is shut down and the request is
-//! drained until the client closes, so the client never sees a reset.
+//! `upstream_show`: answers a TCP connection with a report of every stream upstream —
+//! the C module's text by default, JSON or Prometheus on request (see `show.rs`). The
+//! request line is read first (a client that sends nothing, or closes its side, gets the
+//! text after at most a second); partial writes wait for the socket; after the response
+//! the write side is shut down and the rest of the request drained, so the client never
+//! sees a reset.
 
 use std::ffi::c_void;
 
 use ngx::ffi::*;
 
-use crate::module::{cycle_upstreams, upstream_conf};
+use crate::module::{cycle_upstreams, upstream_conf, SrvConf};
 use crate::net::conn::{send_pending, Sent};
 use crate::servers::server_line;
-use crate::show::{render_body, render_response, UpstreamView};
+use crate::show::{parse_request, render, ServerView, ShowRequest, SourceView, UpstreamView};
 
+const REQUEST_WAIT_MS: ngx_msec_t = 1_000;
 const SEND_TIMEOUT_MS: ngx_msec_t = 10_000;
 const LINGER_MS: ngx_msec_t = 2_000;
+/// Longest request line read; the rest is drained unread.
+const REQUEST_MAX: usize = 8 * 1024;
 
 struct ShowCtx {
+    request: Vec<u8>,
     out: Vec<u8>,
     sent: usize,
+    responded: bool,
     lingering: bool,
 }
 
@@ -25,56 +32,101 @@ unsafe extern "C" fn drop_ctx(data: *mut c_void) {
     drop(Box::from_raw(data as *mut ShowCtx));
 }
 
-/// The current report, built from the shared zones (upsync upstreams) and from nginx's
-/// own peer lists (static upstreams), in configuration order.
-pub unsafe fn report() -> Vec<u8> {
-    let mut names = Vec::new();
-    let mut all_lines = Vec::new();
+fn now_sec() -> i64 {
+    // SAFETY: ngx_cached_time is always valid in a running nginx process.
+    unsafe { (*ngx_cached_time).sec as i64 }
+}
+
+fn failed_until(max_fails: u32, fails: u32, checked: i64, fail_timeout: i64, now: i64) -> Option<i64> {
+    (max_fails > 0 && fails >= max_fails && now - checked <= fail_timeout).then_some(checked + fail_timeout)
+}
+
+/// The current state of every `upstream {}` block, in configuration order.
+pub unsafe fn snapshot() -> Vec<UpstreamView> {
+    let now = now_sec();
+    let mut out = Vec::new();
     for &uscf in cycle_upstreams(ngx_cycle) {
         if (*uscf).flags & NGX_STREAM_UPSTREAM_CREATE as ngx_uint_t == 0 {
             continue; // implicit upstreams of `proxy_pass ADDRESS`
         }
-        let name = String::from_utf8_lossy(std::slice::from_raw_parts(
-            (*uscf).host.data,
-            (*uscf).host.len,
-        ))
-        .into_owned();
-        let lines = match upstream_conf(uscf).and_then(|c| c.zone) {
-            Some(zone) => zone.lock().specs().iter().map(|s| s.line()).collect(),
-            None => static_lines(uscf),
+        let name = String::from_utf8_lossy(std::slice::from_raw_parts((*uscf).host.data, (*uscf).host.len)).into_owned();
+        let view = match upstream_conf(uscf).filter(|c| c.zone.is_some()) {
+            Some(conf) => synced_view(name, conf, now),
+            None => UpstreamView { name, servers: static_servers(uscf, now), source: None },
         };
-        names.push(name);
-        all_lines.push(lines);
+        out.push(view);
     }
-    let views: Vec<UpstreamView> = names
-        .iter()
-        .zip(all_lines)
-        .map(|(n, lines)| UpstreamView { name: n, lines })
-        .collect();
-    render_response(&render_body(&views), "text/plain")
+    out
 }
 
-/// Lines for an upstream nginx balances itself: its round-robin peers, backups last.
-unsafe fn static_lines(uscf: *mut ngx_stream_upstream_srv_conf_t) -> Vec<String> {
+unsafe fn synced_view(name: String, conf: &SrvConf, now: i64) -> UpstreamView {
+    let zone = conf.zone.expect("filtered on zone");
+    let l = zone.lock();
+    let servers = l
+        .slots()
+        .iter()
+        .map(|&s| {
+            let spec = (*s).spec();
+            let st = &(*s).state;
+            ServerView {
+                line: spec.line(),
+                address: spec.addr.to_string(),
+                weight: spec.weight,
+                max_fails: spec.max_fails,
+                fail_timeout: spec.fail_timeout as i64,
+                max_conns: spec.max_conns,
+                down: spec.down,
+                backup: spec.backup,
+                active: st.conns,
+                fails: st.fails,
+                total: st.total,
+                failed_until: failed_until(st.max_fails, st.fails, st.checked, st.fail_timeout, now),
+            }
+        })
+        .collect();
+    let st = &l.hdr.status;
+    let spec = conf.upsync.as_ref().expect("synced upstream");
+    let source = SourceView {
+        kind: spec.kind.name().into(),
+        address: spec.endpoint.to_string(),
+        lb: conf.lb.as_ref().map(|l| l.name()).unwrap_or("roundrobin").into(),
+        position: st.position,
+        last_sync_ms: st.last_sync_ms,
+        last_change_ms: st.last_change_ms,
+        last_error: l.last_error(),
+        consecutive_failures: st.consecutive_failures,
+        generation: l.generation(),
+        updates: st.updates,
+        poller_pid: l.hdr.poller_pid,
+    };
+    UpstreamView { name, servers, source: Some(source) }
+}
+
+/// Servers of an upstream nginx balances itself: its round-robin peers, backups last.
+unsafe fn static_servers(uscf: *mut ngx_stream_upstream_srv_conf_t, now: i64) -> Vec<ServerView> {
     let mut out = Vec::new();
     let mut peers = (*uscf).peer.data as *mut ngx_stream_upstream_rr_peers_t;
     let mut backup = false;
     while !peers.is_null() {
         let mut p = (*peers).peer;
         while !p.is_null() {
-            let name =
-                String::from_utf8_lossy(std::slice::from_raw_parts((*p).name.data, (*p).name.len))
-                    .into_owned();
-            out.push(server_line(
-                &name,
-                (*p).weight as u32,
-                (*p).max_fails as u32,
-                (*p).fail_timeout as i64,
-                (*p).max_conns as u32,
+            let name = String::from_utf8_lossy(std::slice::from_raw_parts((*p).name.data, (*p).name.len)).into_owned();
+            let pr = &*p;
+            out.push(ServerView {
+                line: server_line(&name, pr.weight as u32, pr.max_fails as u32, pr.fail_timeout as i64, pr.max_conns as u32, backup, pr.down != 0),
+                address: name,
+                weight: pr.weight as u32,
+                max_fails: pr.max_fails as u32,
+                fail_timeout: pr.fail_timeout as i64,
+                max_conns: pr.max_conns as u32,
+                down: pr.down != 0,
                 backup,
-                (*p).down != 0,
-            ));
-            p = (*p).next;
+                active: pr.conns as u32,
+                fails: pr.fails as u32,
+                total: 0,
+                failed_until: failed_until(pr.max_fails as u32, pr.fails as u32, pr.checked as i64, pr.fail_timeout as i64, now),
+            });
+            p = pr.next;
         }
         peers = (*peers).next;
         backup = true;
@@ -88,11 +140,7 @@ pub unsafe extern "C" fn handler(s: *mut ngx_stream_session_t) {
         ngx_stream_finalize_session(s, NGX_STREAM_OK as ngx_uint_t);
         return;
     }
-    let ctx = Box::into_raw(Box::new(ShowCtx {
-        out: report(),
-        sent: 0,
-        lingering: false,
-    }));
+    let ctx = Box::into_raw(Box::new(ShowCtx { request: Vec::new(), out: Vec::new(), sent: 0, responded: false, lingering: false }));
     let cln = ngx_pool_cleanup_add((*c).pool, 0);
     if cln.is_null() {
         drop(Box::from_raw(ctx));
@@ -101,30 +149,31 @@ pub unsafe extern "C" fn handler(s: *mut ngx_stream_session_t) {
     }
     (*cln).handler = Some(drop_ctx);
     (*cln).data = ctx as *mut c_void;
-    ngx_stream_set_ctx(s, ctx as *mut c_void);
+    *(*s).ctx.add(crate::module::ctx_index()) = ctx as *mut c_void;
     (*(*c).read).handler = Some(on_read);
     (*(*c).write).handler = Some(on_write);
-    drain(s);
-    write(s);
+    ngx_add_timer((*c).read, REQUEST_WAIT_MS);
+    on_read((*c).read);
 }
 
-unsafe fn ngx_stream_set_ctx(s: *mut ngx_stream_session_t, ctx: *mut c_void) {
-    *(*s).ctx.add(crate::module::ctx_index()) = ctx;
+unsafe fn get_ctx(s: *mut ngx_stream_session_t) -> &'static mut ShowCtx {
+    &mut *(*(*s).ctx.add(crate::module::ctx_index()) as *mut ShowCtx)
 }
 
-unsafe fn get_ctx(s: *mut ngx_stream_session_t) -> *mut ShowCtx {
-    *(*s).ctx.add(crate::module::ctx_index()) as *mut ShowCtx
-}
-
-/// Reads and discards whatever the client sent. Returns false when the client has closed
-/// (EOF or error).
-unsafe fn drain(s: *mut ngx_stream_session_t) -> bool {
+/// Reads what the client sent (keeping up to REQUEST_MAX bytes of it while the request
+/// line is incomplete). Returns false when the client has closed (EOF or error).
+unsafe fn read_available(s: *mut ngx_stream_session_t) -> bool {
     let c = (*s).connection;
+    let ctx = get_ctx(s);
     let mut buf = [0u8; 4096];
     loop {
-        let recv = (*c).recv.expect("recv");
+        let Some(recv) = (*c).recv else { return false };
         let n = recv(c, buf.as_mut_ptr(), buf.len());
         if n > 0 {
+            if !ctx.responded && ctx.request.len() < REQUEST_MAX {
+                let take = (n as usize).min(REQUEST_MAX - ctx.request.len());
+                ctx.request.extend_from_slice(&buf[..take]);
+            }
             continue;
         }
         if n == NGX_AGAIN as isize {
@@ -138,15 +187,38 @@ unsafe fn drain(s: *mut ngx_stream_session_t) -> bool {
 unsafe extern "C" fn on_read(ev: *mut ngx_event_t) {
     let c = (*ev).data as *mut ngx_connection_t;
     let s = (*c).data as *mut ngx_stream_session_t;
+    let timed_out = (*ev).timedout() != 0;
+    (*ev).set_timedout(0);
     let ctx = get_ctx(s);
-    if (*ev).timedout() != 0 {
-        ngx_stream_finalize_session(s, NGX_STREAM_OK as ngx_uint_t);
+    if ctx.lingering {
+        if timed_out || !read_available(s) {
+            ngx_stream_finalize_session(s, NGX_STREAM_OK as ngx_uint_t);
+        }
         return;
     }
-    let open = drain(s);
-    if !open && (*ctx).lingering {
-        ngx_stream_finalize_session(s, NGX_STREAM_OK as ngx_uint_t);
+    if ctx.responded {
+        let _ = read_available(s);
+        return;
     }
+    let open = !timed_out && read_available(s);
+    let line_done = ctx.request.contains(&b'\n') || ctx.request.len() >= REQUEST_MAX;
+    if open && !line_done {
+        return; // wait for the rest of the request line (the read timer is armed)
+    }
+    respond(s);
+}
+
+unsafe fn respond(s: *mut ngx_stream_session_t) {
+    let c = (*s).connection;
+    let ctx = get_ctx(s);
+    if (*(*c).read).timer_set() != 0 {
+        ngx_del_timer((*c).read);
+    }
+    let line_end = ctx.request.iter().position(|&b| b == b'\n').unwrap_or(ctx.request.len());
+    let req = if ctx.request.is_empty() { ShowRequest::default() } else { parse_request(&ctx.request[..line_end]) };
+    ctx.out = render(&req, &snapshot());
+    ctx.responded = true;
+    write(s);
 }
 
 unsafe extern "C" fn on_write(ev: *mut ngx_event_t) {
@@ -156,12 +228,14 @@ unsafe extern "C" fn on_write(ev: *mut ngx_event_t) {
         ngx_stream_finalize_session(s, NGX_STREAM_OK as ngx_uint_t);
         return;
     }
-    write(s);
+    if get_ctx(s).responded {
+        write(s);
+    }
 }
 
 unsafe fn write(s: *mut ngx_stream_session_t) {
     let c = (*s).connection;
-    let ctx = &mut *get_ctx(s);
+    let ctx = get_ctx(s);
     if ctx.lingering {
         return;
     }
@@ -184,7 +258,7 @@ unsafe fn write(s: *mut ngx_stream_session_t) {
     ctx.lingering = true;
     libc::shutdown((*c).fd, libc::SHUT_WR);
     ngx_add_timer((*c).read, LINGER_MS);
-    if !drain(s) {
+    if !read_available(s) {
         ngx_stream_finalize_session(s, NGX_STREAM_OK as ngx_uint_t);
     }
 }
