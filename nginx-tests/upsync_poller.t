@@ -21,7 +21,7 @@ use Test::Nginx::Consul;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new(workers => 4)->has(qw/stream upsync/)->plan(12);
+my $t = Test::Nginx->new(workers => 4)->has(qw/stream upsync/)->plan(16);
 
 $t->write_file_expand('nginx.conf', <<'EOF');
 %%TEST_GLOBALS%%
@@ -78,6 +78,26 @@ SKIP: {
 	ok(wait_for(sub { ($consul->stats->{blocking_in_flight} // 0) == 1 }, timeout => 5),
 		'still exactly one long poll');
 }
+
+# A worker that loses the lease in the middle of an exchange (it was stopped
+# while another took over) must poll again when the lease comes back to it.
+$mark = $t->log_offset();
+my $a = $next;
+kill 'STOP', $a;
+my $b = wait_for(sub { my @n = grep { $_ != $a } pollers($mark); $n[0] }, timeout => 10);
+ok($b, "a stalled poller ($a) is replaced after its lease (by $b)");
+kill 'CONT', $a;
+ok($t->wait_for_log(qr/\[warn\] $a#\d+: .*lost the polling lease/, 5, from => $mark),
+	'the stalled worker notices it lost the lease');
+my @others = grep { $_ != $a } $t->worker_pids();
+$mark = $t->log_offset();
+kill 'STOP', @others;
+my $back = wait_for(sub { grep { $_ == $a } pollers($mark) }, timeout => 10);
+kill 'CONT', @others;
+ok($back, 'the lease comes back to it');
+$consul->put('upstreams/p/127.0.0.1:' . port(8083), '');
+ok(wait_for(sub { show() =~ /:${\ port(8083)} / }, timeout => 5),
+	'and it polls again: the change applies');
 
 # A reload: old workers exit at once despite their timers and long poll
 my @old = $t->worker_pids();

@@ -107,7 +107,10 @@ pub unsafe fn start(_cycle: *mut ngx_cycle_t, conf: &SrvConf) {
         prefix: conf.log_prefix(),
         interval_ms: interval,
         tick_ms,
-        lease_ms: (tick_ms * 3).max(interval),
+        // A dead poller is replaced at the next tick (its pid is gone); the lease only
+        // matters for a live worker that stopped ticking (hung, or starved of CPU), so
+        // it is long enough not to flip between busy workers.
+        lease_ms: (interval * 3).clamp(3_000, 30_000),
         tick: zeroed(),
         wake: zeroed(),
         quiet_log: *cycle_log(),
@@ -246,14 +249,24 @@ impl Poller {
         } else if !owner_now && self.owner {
             self.owner = false;
             self.log(NGX_LOG_WARN, "lost the polling lease to another worker");
-            self.close_connection();
+            self.abort_exchange();
         }
         ngx_add_timer(&mut self.tick, self.tick_ms as ngx_msec_t);
     }
 
+    /// Drops the exchange in flight, if any, so a later `start_request` begins afresh.
+    unsafe fn abort_exchange(&mut self) {
+        self.close_connection();
+        self.in_flight = false;
+        self.parser = None;
+        if self.wake.timer_set() != 0 {
+            ngx_del_timer(&mut self.wake);
+        }
+    }
+
     /// Stops polling and gives the lease back so another worker takes over at once.
     unsafe fn shutdown(&mut self) {
-        self.close_connection();
+        self.abort_exchange();
         for ev in [&mut self.tick, &mut self.wake] {
             if ev.timer_set() != 0 {
                 ngx_del_timer(ev);
