@@ -2,34 +2,19 @@
 //! by a sequence of synthetic responses, for every `upsync_type`: whatever the registry
 //! answers, no panic, accepted snapshots are valid, errors are loggable, and the next
 //! request is a well-formed HTTP request.
+//!
+//! Input (plain bytes, so crashing inputs can be written by hand):
+//!   KIND_BYTE STEP [0xFF 0xFF STEP]...
+//! KIND_BYTE % 5: consul, consul_services, consul_health, etcd (v2), etcdv3.
+//! STEP: "STATUS\nINDEX\nFLAGS\nBODY" -- INDEX is the X-Consul-Index / X-Etcd-Index
+//! value ("-": no header); FLAGS may contain 'p' (offer the body to on_partial byte by
+//! byte first, as the poller does while a watch streams) and 'r' (reset() afterwards).
 #![no_main]
-use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use upsync_pure::check;
 use upsync_pure::conf::parse_upsync;
 use upsync_pure::net::http::{build_request, Head};
-use upsync_pure::registry::source_for;
-
-#[derive(Arbitrary, Debug)]
-struct Step {
-    status: u16,
-    http11: bool,
-    /// Index header value: 0 none, 1 the text below, 2 a number
-    index_kind: u8,
-    index_text: String,
-    index_num: u64,
-    extra: Vec<(String, String)>,
-    body: Vec<u8>,
-    /// Offer prefixes of the body to on_partial first (streaming watches).
-    partial: bool,
-    reset: bool,
-}
-
-#[derive(Arbitrary, Debug)]
-struct Input {
-    kind: u8,
-    steps: Vec<Step>,
-}
+use upsync_pure::registry::{source_for, RegistryError, Snapshot};
 
 const SPECS: &[&[&str]] = &[
     &["127.0.0.1:8500/v1/kv/upstreams/test", "upsync_type=consul", "upsync_timeout=6m"],
@@ -39,10 +24,36 @@ const SPECS: &[&[&str]] = &[
     &["127.0.0.1:2379/upstreams/test/", "upsync_type=etcdv3", "upsync_timeout=2s"],
 ];
 
-fuzz_target!(|input: Input| {
-    let spec = parse_upsync(SPECS[input.kind as usize % SPECS.len()]).unwrap();
+fn finish(r: Result<Option<Snapshot>, RegistryError>) {
+    match r {
+        Ok(Some(snap)) => check::snapshot(&snap),
+        Ok(None) => {}
+        Err(e) => check::error(&e),
+    }
+}
+
+fn split_steps(data: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i + 1 < data.len() {
+        if data[i] == 0xff && data[i + 1] == 0xff {
+            out.push(&data[start..i]);
+            i += 2;
+            start = i;
+        } else {
+            i += 1;
+        }
+    }
+    out.push(&data[start..]);
+    out
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&kind, rest)) = data.split_first() else { return };
+    let spec = parse_upsync(SPECS[kind as usize % SPECS.len()]).unwrap();
     let mut source = source_for(&spec);
-    for step in input.steps.iter().take(16) {
+    for step in split_steps(rest).into_iter().take(16) {
         let req = source.next_request();
         check::request(&build_request(
             req.method,
@@ -51,60 +62,47 @@ fuzz_target!(|input: Input| {
             &req.headers,
             &req.body,
         ));
-        let mut headers: Vec<(String, String)> = step
-            .extra
-            .iter()
-            .take(8)
-            .map(|(k, v)| (k.to_ascii_lowercase(), v.trim().to_string()))
-            .collect();
-        let index = match step.index_kind % 3 {
-            0 => None,
-            1 => Some(step.index_text.trim().to_string()),
-            _ => Some(step.index_num.to_string()),
-        };
-        if let Some(i) = index {
-            headers.insert(0, ("x-consul-index".into(), i.clone()));
-            headers.insert(0, ("x-etcd-index".into(), i));
+        let mut parts = step.splitn(4, |&b| b == b'\n');
+        let status = parts.next().unwrap_or(b"");
+        let index = parts.next().unwrap_or(b"-");
+        let flags = parts.next().unwrap_or(b"");
+        let body = parts.next().unwrap_or(b"");
+        let status: u16 = std::str::from_utf8(status)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(200);
+        let mut headers = vec![("content-type".to_string(), "application/json".to_string())];
+        if index != b"-" {
+            let v = String::from_utf8_lossy(index).trim().to_string();
+            headers.push(("x-consul-index".into(), v.clone()));
+            headers.push(("x-etcd-index".into(), v));
         }
         let head = Head {
-            status: step.status,
-            http11: step.http11,
+            status,
+            http11: true,
             headers,
         };
-        if step.partial {
-            let mut done = false;
-            for cut in 0..=step.body.len() {
-                if source.on_partial(&head, &step.body[..cut]) {
-                    let r = source.handle(&head, &step.body[..cut]);
-                    finish(r);
+        let mut done = false;
+        if flags.contains(&b'p') {
+            for cut in 0..=body.len() {
+                if source.on_partial(&head, &body[..cut]) {
+                    finish(source.handle(&head, &body[..cut]));
                     done = true;
                     break;
                 }
             }
-            if !done {
-                finish(source.handle(&head, &step.body));
-            }
-        } else {
-            finish(source.handle(&head, &step.body));
+        }
+        if !done {
+            finish(source.handle(&head, body));
         }
         if let Some(note) = source.take_note() {
             assert!(!note.contains('\n'), "line break in a note: {note:?}");
         }
         let _ = source.position();
-        if step.reset {
+        if flags.contains(&b'r') {
             source.reset();
         }
     }
     let req = source.next_request();
     check::request(&build_request(req.method, &req.path_and_query, "h:1", &req.headers, &req.body));
 });
-
-fn finish(
-    r: Result<Option<upsync_pure::registry::Snapshot>, upsync_pure::registry::RegistryError>,
-) {
-    match r {
-        Ok(Some(snap)) => check::snapshot(&snap),
-        Ok(None) => {}
-        Err(e) => check::error(&e),
-    }
-}
