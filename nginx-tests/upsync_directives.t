@@ -83,7 +83,7 @@ sub emerg {
 
 my $ACC_TYPES = 'accepted: consul, consul_services, consul_health, etcd, etcdv3';
 my $ACC_PARAMS = 'accepted: upsync_type=, upsync_interval=, '
-	. 'upsync_timeout=, strong_dependency=, zone_size=';
+	. 'upsync_timeout=, strong_dependency=, zone_size=, token_file=';
 my $EXAMPLE = 'expected HOST[:PORT]/PATH, for example '
 	. '127.0.0.1:8500/v1/kv/upstreams/NAME/';
 my $PORT = 'expected a number from 1 to 65535';

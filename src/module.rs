@@ -21,6 +21,8 @@ pub struct SrvConf {
     pub upsync: Option<UpsyncSpec>,
     /// Registry addresses, resolved when the configuration is read.
     pub addrs: Vec<SocketAddr>,
+    /// The registry credential from `token_file=` (never logged or shown).
+    pub token: Option<String>,
     pub dump_path: Option<String>,
     pub lb: Option<LbSpec>,
     /// The hash key of `upsync_lb`, compiled; null means `$remote_addr`.
@@ -182,6 +184,7 @@ unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
     let conf = Box::into_raw(Box::new(SrvConf {
         upsync: None,
         addrs: Vec::new(),
+        token: None,
         dump_path: None,
         lb: None,
         lb_key: ptr::null_mut(),
@@ -232,6 +235,22 @@ unsafe extern "C" fn cmd_upsync(
     let spec = match parse_upsync(&argv) {
         Ok(s) => s,
         Err(e) => conf_err!(cf, "upsync: {e} in upstream \"{name}\""),
+    };
+    let token = match &spec.token_file {
+        None => None,
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(t) if !t.trim().is_empty() && !t.trim().contains(['\r', '\n']) => {
+                Some(t.trim().to_string())
+            }
+            Ok(_) => conf_err!(
+                cf,
+                "upsync: token_file \"{path}\" of upstream \"{name}\" must hold one non-empty line"
+            ),
+            Err(e) => conf_err!(
+                cf,
+                "upsync: cannot read token_file \"{path}\" of upstream \"{name}\": {e}"
+            ),
+        },
     };
     let addrs: Vec<SocketAddr> =
         match (spec.endpoint.host.as_str(), spec.endpoint.port).to_socket_addrs() {
@@ -284,6 +303,7 @@ unsafe extern "C" fn cmd_upsync(
 
     conf.upsync = Some(spec);
     conf.addrs = addrs;
+    conf.token = token;
     conf.uscf = uscf;
     conf.name = name;
     conf.shm_zone = shm;
@@ -523,7 +543,7 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         if !spec.strong_dependency || conf.zone_kept {
             continue;
         }
-        let mut source = crate::registry::source_for(&spec);
+        let mut source = crate::registry::source_for(&spec, conf.token.as_deref());
         let authority = spec.endpoint.authority();
         let timeout = std::time::Duration::from_millis(spec.timeout_ms.clamp(1_000, 5_000));
         match crate::registry::blocking::fetch(&conf.addrs, &authority, source.as_mut(), 3, timeout)

@@ -103,7 +103,7 @@ pub unsafe fn start(_cycle: *mut ngx_cycle_t, conf: &SrvConf) {
     let p: *mut Poller = Box::into_raw(Box::new(Poller {
         conf,
         zone,
-        source: source_for(spec),
+        source: source_for(spec, conf.token.as_deref()),
         prefix: conf.log_prefix(),
         interval_ms: interval,
         tick_ms,

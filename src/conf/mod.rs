@@ -95,6 +95,9 @@ pub struct UpsyncSpec {
     pub strong_dependency: bool,
     /// Size of the upstream's shared zone (servers, their state, the status).
     pub zone_size: usize,
+    /// File holding the registry credential (Consul ACL token), read when the
+    /// configuration is loaded so the secret stays out of nginx.conf.
+    pub token_file: Option<String>,
 }
 
 pub const DEFAULT_INTERVAL_MS: u64 = 5_000;
@@ -120,7 +123,7 @@ pub enum ConfError {
     Time(String),
     #[error("invalid value \"{0}\": it must be \"on\" or \"off\"")]
     OnOff(String),
-    #[error("unknown parameter \"{0}\"; accepted: upsync_type=, upsync_interval=, upsync_timeout=, strong_dependency=, zone_size=")]
+    #[error("unknown parameter \"{0}\"; accepted: upsync_type=, upsync_interval=, upsync_timeout=, strong_dependency=, zone_size=, token_file=")]
     UnknownParam(String),
     #[error("invalid zone_size \"{0}\": expected a size of at least 64k, such as 8m")]
     ZoneSize(String),
@@ -265,6 +268,7 @@ pub fn parse_upsync(args: &[&str]) -> Result<UpsyncSpec, ConfError> {
     let mut timeout = None;
     let mut strong = None;
     let mut zone_size = None;
+    let mut token_file = None;
     for arg in &args[1..] {
         let (k, v) = arg
             .split_once('=')
@@ -295,6 +299,13 @@ pub fn parse_upsync(args: &[&str]) -> Result<UpsyncSpec, ConfError> {
                 dup(strong.is_some(), "strong_dependency")?;
                 strong = Some(parse_on_off(v)?);
             }
+            "token_file" => {
+                dup(token_file.is_some(), "token_file")?;
+                if v.is_empty() {
+                    return Err(ConfError::UnknownParam(arg.to_string()));
+                }
+                token_file = Some(v.to_string());
+            }
             "zone_size" => {
                 dup(zone_size.is_some(), "zone_size")?;
                 zone_size = Some(
@@ -315,6 +326,7 @@ pub fn parse_upsync(args: &[&str]) -> Result<UpsyncSpec, ConfError> {
         timeout_ms: timeout.unwrap_or(DEFAULT_TIMEOUT_MS),
         strong_dependency: strong.unwrap_or(false),
         zone_size: zone_size.unwrap_or(DEFAULT_ZONE_SIZE),
+        token_file,
     })
 }
 

@@ -40,9 +40,16 @@ pub struct Consul {
     index: u64,
     wait_ms: u64,
     deadline_ms: u64,
+    /// `X-Consul-Token: ...` (a header, never the `?token=` form that ends up in logs).
+    token_header: Option<String>,
 }
 
 impl Consul {
+    pub fn with_token(mut self, token: Option<&str>) -> Consul {
+        self.token_header = token.map(|t| format!("X-Consul-Token: {t}"));
+        self
+    }
+
     pub fn new(spec: &UpsyncSpec) -> Consul {
         let (wait_ms, deadline_ms) = wait_and_deadline(spec.timeout_ms);
         let path = spec.endpoint.path.clone();
@@ -58,6 +65,7 @@ impl Consul {
             index: 0,
             wait_ms,
             deadline_ms,
+            token_header: None,
         }
     }
 }
@@ -86,7 +94,9 @@ impl Source for Consul {
         } else {
             self.deadline_ms
         };
-        Request::get(format!("{}?{}", self.path, q), timeout)
+        let mut r = Request::get(format!("{}?{}", self.path, q), timeout);
+        r.headers.extend(self.token_header.clone());
+        r
     }
 
     fn handle(&mut self, head: &Head, body: &[u8]) -> Result<Option<Snapshot>, RegistryError> {
@@ -96,6 +106,12 @@ impl Source for Consul {
                 code: head.status,
                 body: excerpt(body),
             });
+        }
+        if head
+            .header("x-consul-results-filtered-by-acls")
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        {
+            return Err(RegistryError::AclFiltered);
         }
         let raw = head
             .header("x-consul-index")
@@ -290,6 +306,11 @@ mod tests {
         assert_eq!(snap.servers[0].weight, 40);
         assert!(snap.advanced);
         assert!(c.next_request().path_and_query.contains("index=17&"));
+        assert!(c.next_request().headers.is_empty());
+        let mut t = kv_source().with_token(Some("s3cr3t"));
+        assert_eq!(t.next_request().headers, vec!["X-Consul-Token: s3cr3t".to_string()]);
+        assert!(!t.next_request().path_and_query.contains("s3cr3t"));
+        t.reset();
         let (wait, deadline) = wait_and_deadline(360_000);
         assert!(deadline > wait * 17 / 16, "deadline {deadline} wait {wait}");
         assert_eq!(c.next_request().timeout_ms, deadline);

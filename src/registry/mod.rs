@@ -71,6 +71,8 @@ pub enum RegistryError {
     BadHeader(&'static str, String),
     Json(String),
     Entry { key: String, err: SpecError },
+    /// Consul hid entries this token may not read: applying the rest would drop servers.
+    AclFiltered,
 }
 
 impl fmt::Display for RegistryError {
@@ -87,6 +89,10 @@ impl fmt::Display for RegistryError {
             RegistryError::BadHeader(h, v) => write!(f, "invalid {h} header \"{v}\""),
             RegistryError::Json(e) => write!(f, "invalid JSON in response: {e}"),
             RegistryError::Entry { key, err } => write!(f, "entry \"{key}\": {err}"),
+            RegistryError::AclFiltered => write!(
+                f,
+                "the ACL token may not read every entry (X-Consul-Results-Filtered-By-ACLs); a partial list is not applied"
+            ),
         }
     }
 }
@@ -127,11 +133,12 @@ pub trait Source: Send {
     fn position(&self) -> u64;
 }
 
-/// Builds the protocol for a parsed `upsync` directive.
-pub fn source_for(spec: &UpsyncSpec) -> Box<dyn Source> {
+/// Builds the protocol for a parsed `upsync` directive; `token` is the credential read
+/// from `token_file=` (Consul: sent as X-Consul-Token).
+pub fn source_for(spec: &UpsyncSpec, token: Option<&str>) -> Box<dyn Source> {
     match spec.kind {
         SourceKind::ConsulKv | SourceKind::ConsulServices | SourceKind::ConsulHealth => {
-            Box::new(consul::Consul::new(spec))
+            Box::new(consul::Consul::new(spec).with_token(token))
         }
         SourceKind::EtcdV2 => Box::new(etcd_v2::EtcdV2::new(spec)),
         SourceKind::EtcdV3 => Box::new(etcd_v3::EtcdV3::new(spec)),
