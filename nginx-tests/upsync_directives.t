@@ -87,7 +87,7 @@ my $ACC_PARAMS = 'accepted: upsync_type=, upsync_interval=, '
 my $EXAMPLE = 'expected HOST[:PORT]/PATH, for example '
 	. '127.0.0.1:8500/v1/kv/upstreams/NAME/';
 my $PORT = 'expected a number from 1 to 65535';
-my $TIME = 'expected an nginx time such as 500ms, 5s or 6m';
+my $TIME = 'expected an nginx time such as 500ms, 5s or 6m, at most 7d';
 my $IN = 'in upstream "u"';
 
 ###############################################################################

@@ -92,6 +92,21 @@ pub fn server_line(
     s
 }
 
+/// Untrusted text made safe for a log line: control characters shown as `.`, at most
+/// `max` bytes (cut on a character boundary) with `...` when cut.
+pub fn printable(text: &str, max: usize) -> String {
+    let mut out: String = text.chars().map(|c| if c.is_control() { '.' } else { c }).collect();
+    if out.len() > max {
+        let mut cut = max;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push_str("...");
+    }
+    out
+}
+
 /// Why one registry entry could not become a server.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
@@ -120,19 +135,14 @@ pub fn parse_addr(raw: &str) -> Result<SocketAddr, SpecError> {
     };
     match s.parse::<SocketAddr>() {
         Ok(a) if a.port() != 0 => Ok(a),
-        _ => Err(SpecError::Address(raw.to_string())),
+        _ => Err(SpecError::Address(printable(raw, 128))),
     }
 }
 
 fn attr_err(key: &'static str, v: &serde_json::Value, expected: &'static str) -> SpecError {
-    let mut value = v.to_string();
-    if value.len() > 64 {
-        value.truncate(64);
-        value.push_str("...");
-    }
     SpecError::Attribute {
         key,
-        value,
+        value: printable(&v.to_string(), 64),
         expected,
     }
 }
@@ -204,11 +214,7 @@ pub fn apply_json_attrs(spec: &mut ServerSpec, value: &[u8]) -> Result<(), SpecE
     let obj = match v {
         serde_json::Value::Object(o) => o,
         serde_json::Value::Null => return Ok(()),
-        other => {
-            let mut s = other.to_string();
-            s.truncate(64);
-            return Err(SpecError::NotObject(s));
-        }
+        other => return Err(SpecError::NotObject(printable(&other.to_string(), 64))),
     };
     for (k, v) in &obj {
         match k.as_str() {
@@ -409,6 +415,19 @@ mod tests {
                 .map_err(|_| ());
             assert_eq!(&got, want, "input {input}");
         }
+    }
+
+    #[test]
+    fn hostile_text_is_clipped_and_printable() {
+        // multi-byte characters at the cut, control characters (log forging)
+        let mut s = spec("127.0.0.1:1");
+        let v = format!(r#"{{"weight":"{}"}}"#, "é".repeat(100));
+        let e = apply_json_attrs(&mut s, v.as_bytes()).unwrap_err().to_string();
+        assert!(e.contains("..."), "{e}");
+        let e = parse_addr("1.2.3.4:80\n2026/01/01 [emerg] forged").unwrap_err().to_string();
+        assert!(!e.contains('\n'), "{e}");
+        assert_eq!(printable("a\u{7}b", 10), "a.b");
+        assert!(apply_json_attrs(&mut s, "[\"é\"]".repeat(40).as_bytes()).is_err());
     }
 
     #[test]

@@ -119,7 +119,7 @@ pub enum ConfError {
     MissingType,
     #[error("unknown upsync_type \"{0}\"; accepted: {accepted}", accepted = SourceKind::ACCEPTED)]
     UnknownType(String),
-    #[error("invalid time \"{0}\": expected an nginx time such as 500ms, 5s or 6m")]
+    #[error("invalid time \"{0}\": expected an nginx time such as 500ms, 5s or 6m, at most 7d")]
     Time(String),
     #[error("invalid value \"{0}\": it must be \"on\" or \"off\"")]
     OnOff(String),
@@ -157,7 +157,10 @@ pub fn parse_endpoint(arg: &str) -> Result<Endpoint, ConfError> {
         Some((p, q)) => (p, q),
         None => (path_query, ""),
     };
-    if hostport.is_empty() || path.len() < 2 || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+    // No spaces or control characters anywhere in what goes on the request line: they
+    // would let a configuration inject headers into registry requests.
+    let unsafe_byte = |b: u8| b <= b' ' || b == 0x7f;
+    if hostport.is_empty() || path.len() < 2 || path.bytes().any(unsafe_byte) || query.bytes().any(unsafe_byte) {
         return Err(ConfError::Address(arg.to_string()));
     }
     let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
@@ -201,12 +204,15 @@ pub fn parse_endpoint(arg: &str) -> Result<Endpoint, ConfError> {
     })
 }
 
+/// Longest upsync_interval / upsync_timeout: a week (and far from timer overflow).
+const MAX_TIME_MS: u64 = 7 * 86_400_000;
+
 fn parse_time_param(v: &str, default: u64) -> Result<u64, ConfError> {
     match parse_time_ms(v) {
         // The C module treats 0 as "use the default"; keep that for drop-in configs.
         Some(0) => Ok(default),
-        Some(ms) => Ok(ms),
-        None => Err(ConfError::Time(v.to_string())),
+        Some(ms) if ms <= MAX_TIME_MS => Ok(ms),
+        _ => Err(ConfError::Time(v.to_string())),
     }
 }
 

@@ -48,7 +48,8 @@ pub fn parse_time_ms(s: &str) -> Option<u64> {
             if last_rank >= rank("s") {
                 return None;
             }
-            return total.checked_add(value.checked_mul(1000)?);
+            let t = total.checked_add(value.checked_mul(1000)?)?;
+            return (t <= i64::MAX as u64).then_some(t);
         }
         let (unit, scale) = UNITS.iter().find(|(u, _)| rest.starts_with(u))?;
         let r = rank(unit);
@@ -115,6 +116,7 @@ mod tests {
             ("5ss", None),
             ("1.5s", None),
             ("5s5", None),
+            ("9223372036854775807", None),
             ("99999999999999999999s", None),
         ];
         for (input, want) in cases {

@@ -261,9 +261,10 @@ impl ResponseParser {
             headers,
         };
         if (100..200).contains(&status) {
-            // Interim response (100 Continue): skip it and parse the real one.
+            // Interim response (100 Continue): drop it and parse the real head from what
+            // follows; offsets returned are relative to the drained buffer.
             self.pending.drain(..consumed);
-            return self.parse_head().map(|r| r.map(|n| n + consumed));
+            return self.parse_head();
         }
         let chunked = head.header("transfer-encoding").is_some_and(|v| {
             v.split(',')
@@ -541,6 +542,12 @@ mod tests {
                 w => assert_eq!(&err, w, "input {:?}", String::from_utf8_lossy(input)),
             }
         }
+    }
+
+    #[test]
+    fn interim_responses_are_skipped() {
+        all_ok(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", false, 200, b"abc");
+        all_ok(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx", false, 200, b"x");
     }
 
     #[test]

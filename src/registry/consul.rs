@@ -16,7 +16,7 @@ const MAX_WAIT_MS: u64 = 600_000;
 /// Consul may answer up to wait/16 late (jitter), so the deadline leaves that plus a margin.
 pub fn wait_and_deadline(timeout_ms: u64) -> (u64, u64) {
     let margin = 2_000;
-    let wait = (timeout_ms.saturating_sub(margin) * 16 / 17).clamp(1_000, MAX_WAIT_MS);
+    let wait = (timeout_ms.saturating_sub(margin) / 17).saturating_mul(16).clamp(1_000, MAX_WAIT_MS);
     let deadline = timeout_ms.max(wait + wait / 16 + margin);
     (wait, deadline)
 }

@@ -147,7 +147,7 @@ impl Source for EtcdV2 {
                 (404, Some(e)) if e.error_code == 100 && !watching => {
                     let index = Self::etcd_index(head)?;
                     self.read_index = index;
-                    self.wait_index = index + 1;
+                    self.wait_index = index.saturating_add(1);
                     Ok(Some(Snapshot::new(Vec::new(), true)))
                 }
                 (400, Some(e)) if e.error_code == 401 => {
@@ -186,7 +186,7 @@ impl Source for EtcdV2 {
         let index = Self::etcd_index(head)?;
         let servers = parse_listing(body)?;
         self.read_index = index;
-        self.wait_index = index + 1;
+        self.wait_index = index.saturating_add(1);
         Ok(Some(Snapshot::new(servers, true)))
     }
 

@@ -225,7 +225,7 @@ impl Source for EtcdV3 {
         }
         let (servers, revision) = parse_range(body, &self.prefix)?;
         self.revision = revision;
-        self.watch_from = revision + 1;
+        self.watch_from = revision.saturating_add(1);
         Ok(Some(Snapshot::new(servers, true)))
     }
 

@@ -97,16 +97,10 @@ impl fmt::Display for RegistryError {
     }
 }
 
-/// Shortens untrusted text for a log line: at most 128 bytes, control characters escaped.
+/// Shortens untrusted bytes for a log line: at most 128 bytes, control characters
+/// escaped.
 pub fn excerpt(bytes: &[u8]) -> String {
-    let mut s: String = String::from_utf8_lossy(&bytes[..bytes.len().min(128)])
-        .chars()
-        .map(|c| if c.is_control() { '.' } else { c })
-        .collect();
-    if bytes.len() > 128 {
-        s.push_str("...");
-    }
-    s
+    crate::servers::printable(&String::from_utf8_lossy(bytes), 128)
 }
 
 /// One registry protocol's client-side state machine.
@@ -151,8 +145,8 @@ pub fn source_for(spec: &UpsyncSpec, token: Option<&str>) -> Box<dyn Source> {
 pub fn retry_delay_ms(interval_ms: u64, failures: u32, jitter: f64) -> u64 {
     let base = interval_ms.max(50);
     let factor = 1u64 << failures.saturating_sub(1).min(2);
-    let d = base * factor;
-    d + (d as f64 * 0.2 * jitter.clamp(0.0, 1.0)) as u64
+    let d = base.saturating_mul(factor);
+    d.saturating_add((d as f64 * 0.2 * jitter.clamp(0.0, 1.0)) as u64)
 }
 
 #[cfg(test)]
@@ -166,7 +160,8 @@ mod tests {
         assert_eq!(retry_delay_ms(1000, 3, 0.0), 4000);
         assert_eq!(retry_delay_ms(1000, 50, 0.0), 4000);
         assert_eq!(retry_delay_ms(1000, 1, 0.99), 1198);
-        // never a hot loop, even with a tiny interval
+        // never a hot loop, even with a tiny interval; no overflow with a huge one
         assert!(retry_delay_ms(0, 1, 0.0) >= 50);
+        assert_eq!(retry_delay_ms(u64::MAX, 9, 0.5), u64::MAX);
     }
 }
