@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let Ok(spec) = parse_upsync(&args) else { return };
     let _ = spec.endpoint.to_string();
-    let source = source_for(&spec);
+    let source = source_for(&spec, None);
     let req = source.next_request();
     check::request(&build_request(
         req.method,

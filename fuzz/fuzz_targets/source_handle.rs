@@ -52,7 +52,7 @@ fn split_steps(data: &[u8]) -> Vec<&[u8]> {
 fuzz_target!(|data: &[u8]| {
     let Some((&kind, rest)) = data.split_first() else { return };
     let spec = parse_upsync(SPECS[kind as usize % SPECS.len()]).unwrap();
-    let mut source = source_for(&spec);
+    let mut source = source_for(&spec, None);
     for step in split_steps(rest).into_iter().take(16) {
         let req = source.next_request();
         check::request(&build_request(
