@@ -301,6 +301,7 @@ impl Poller {
             return;
         }
         self.window_count += 1;
+        self.source.start();
         let req = self.source.next_request();
         let authority = self.conf().upsync.as_ref().unwrap().endpoint.authority();
         self.out = build_request(

@@ -38,6 +38,7 @@ fn fetch_one(
 ) -> Result<Snapshot, String> {
     let deadline = Instant::now() + timeout;
     // After reset() the request carries no index, so it answers at once.
+    source.start();
     let req = source.next_request();
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(timeout))

@@ -150,7 +150,7 @@ impl Source for EtcdV2 {
                     self.wait_index = index.saturating_add(1);
                     Ok(Some(Snapshot::new(Vec::new(), true)))
                 }
-                (400, Some(e)) if e.error_code == 401 => {
+                (400, Some(e)) if e.error_code == 401 && watching => {
                     // History cleared past our index: read everything again.
                     self.note = Some(format!(
                         "etcd no longer has the events since index {} (it keeps the last 1000); reading everything again",
@@ -258,6 +258,8 @@ mod tests {
         assert!(s.next_request().path_and_query.contains("waitIndex=4"));
         let cleared = br#"{"errorCode":401,"message":"The event in requested index is outdated and cleared","cause":"the requested history has been cleared [1008/4]","index":2007}"#;
         assert_eq!(s.handle(&head(400, Some(2007)), cleared).unwrap(), None);
+        // on a read (not a watch) it is an error, not a reason to read again at once
+        assert!(matches!(s.handle(&head(400, Some(2007)), cleared), Err(RegistryError::Status { code: 400, .. })));
         assert!(s.next_request().path_and_query.ends_with("?recursive=true"));
     }
 

@@ -24,6 +24,8 @@ pub struct EtcdV3 {
     revision: u64,
     timeout_ms: u64,
     note: Option<String>,
+    /// Bytes of the current watch stream already parsed.
+    scanned: usize,
 }
 
 /// The end of a prefix range: the prefix with its last byte incremented.
@@ -113,9 +115,20 @@ pub enum WatchState {
 
 /// Reads the complete JSON messages of a watch stream.
 pub fn watch_state(body: &[u8]) -> WatchState {
-    let mut it = serde_json::Deserializer::from_slice(body).into_iter::<Value>();
+    watch_state_from(body, &mut 0)
+}
+
+/// Like `watch_state`, starting at `*scanned` and advancing it past every complete
+/// message that decided nothing, so a long stream is parsed once, not once per chunk.
+pub fn watch_state_from(body: &[u8], scanned: &mut usize) -> WatchState {
+    let start = (*scanned).min(body.len());
+    let mut it = serde_json::Deserializer::from_slice(&body[start..]).into_iter::<Value>();
     loop {
-        match it.next() {
+        let next = it.next();
+        if let Some(Ok(_)) = &next {
+            *scanned = start + it.byte_offset();
+        }
+        match next {
             None => return WatchState::Waiting,
             Some(Err(e)) if e.is_eof() => return WatchState::Waiting,
             Some(Err(e)) => return WatchState::Error(format!("invalid JSON in watch stream: {e}")),
@@ -165,6 +178,7 @@ impl EtcdV3 {
             revision: 0,
             timeout_ms: spec.timeout_ms,
             note: None,
+            scanned: 0,
         }
     }
 
@@ -200,11 +214,16 @@ impl Source for EtcdV3 {
         }
     }
 
+    fn start(&mut self) {
+        self.scanned = 0;
+    }
+
     fn on_partial(&mut self, head: &Head, body: &[u8]) -> bool {
-        self.watch_from != 0 && head.status == 200 && watch_state(body) != WatchState::Waiting
+        self.watch_from != 0 && head.status == 200 && watch_state_from(body, &mut self.scanned) != WatchState::Waiting
     }
 
     fn handle(&mut self, head: &Head, body: &[u8]) -> Result<Option<Snapshot>, RegistryError> {
+        self.scanned = 0;
         if head.status != 200 {
             return Err(RegistryError::Status {
                 code: head.status,
@@ -235,6 +254,7 @@ impl Source for EtcdV3 {
 
     fn reset(&mut self) {
         self.watch_from = 0;
+        self.scanned = 0;
     }
 
     fn position(&self) -> u64 {
@@ -312,6 +332,16 @@ mod tests {
             WatchState::Error(_)
         ));
         assert!(matches!(watch_state(b"}{"), WatchState::Error(_)));
+        // incremental: a long run of progress messages is parsed once
+        let mut body = Vec::new();
+        let mut scanned = 0;
+        for _ in 0..1000 {
+            body.extend_from_slice(br#"{"result":{"header":{"revision":"7"}}}"#);
+            assert_eq!(watch_state_from(&body, &mut scanned), WatchState::Waiting);
+        }
+        assert_eq!(scanned, body.len());
+        body.extend_from_slice(br#"{"result":{"header":{},"events":[{"kv":{}}]}}"#);
+        assert_eq!(watch_state_from(&body, &mut scanned), WatchState::Reread);
         let bad = format!(
             r#"{{"header":{{"revision":"3"}},"kvs":[{{"key":"{}","value":""}}]}}"#,
             B64.encode("/u/not-an-address")

@@ -107,6 +107,8 @@ pub fn excerpt(bytes: &[u8]) -> String {
 pub trait Source: Send {
     /// The request to send next.
     fn next_request(&self) -> Request;
+    /// A new exchange begins (its response is a new stream).
+    fn start(&mut self) {}
     /// Turns a complete response into a snapshot, updating the position (index/revision).
     /// `Ok(None)`: nothing to apply, ask again at once (a watch fired; re-read).
     fn handle(&mut self, head: &Head, body: &[u8]) -> Result<Option<Snapshot>, RegistryError>;
