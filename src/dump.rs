@@ -103,14 +103,20 @@ pub fn remove_stale_temps(path: &Path, pid_alive: impl Fn(u32) -> bool) -> usize
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return 0 };
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return 0;
+    };
     let prefix = format!(".{name}.tmp.");
-    let Ok(entries) = fs::read_dir(dir) else { return 0 };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
     let mut removed = 0;
     for e in entries.flatten() {
         let fname = e.file_name();
         let Some(f) = fname.to_str() else { continue };
-        let Some(pid) = f.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let Some(pid) = f.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
         if !pid_alive(pid) && fs::remove_file(e.path()).is_ok() {
             removed += 1;
         }

@@ -534,11 +534,17 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         if !ccf.is_null() && (*ccf).user != 0 && (*ccf).user != u32::MAX as ngx_uid_t {
             check_dump_dir(log, conf, (*ccf).user as u32, (*ccf).group as u32);
         }
-        let stale = crate::dump::remove_stale_temps(std::path::Path::new(&conf.dump_path()), |pid| {
-            libc::kill(pid as libc::pid_t, 0) == 0 || *libc::__errno_location() == libc::EPERM
-        });
+        let stale =
+            crate::dump::remove_stale_temps(std::path::Path::new(&conf.dump_path()), |pid| {
+                libc::kill(pid as libc::pid_t, 0) == 0 || *libc::__errno_location() == libc::EPERM
+            });
         if stale > 0 {
-            ngx::ngx_log_error!(NGX_LOG_NOTICE, log, "{}: removed {stale} temporary dump file(s) left by a killed process", conf.log_prefix());
+            ngx::ngx_log_error!(
+                NGX_LOG_NOTICE,
+                log,
+                "{}: removed {stale} temporary dump file(s) left by a killed process",
+                conf.log_prefix()
+            );
         }
         if !spec.strong_dependency || conf.zone_kept {
             continue;

@@ -95,7 +95,10 @@ pub fn server_line(
 /// Untrusted text made safe for a log line: control characters shown as `.`, at most
 /// `max` bytes (cut on a character boundary) with `...` when cut.
 pub fn printable(text: &str, max: usize) -> String {
-    let mut out: String = text.chars().map(|c| if c.is_control() { '.' } else { c }).collect();
+    let mut out: String = text
+        .chars()
+        .map(|c| if c.is_control() { '.' } else { c })
+        .collect();
     if out.len() > max {
         let mut cut = max;
         while !out.is_char_boundary(cut) {
@@ -422,9 +425,13 @@ mod tests {
         // multi-byte characters at the cut, control characters (log forging)
         let mut s = spec("127.0.0.1:1");
         let v = format!(r#"{{"weight":"{}"}}"#, "é".repeat(100));
-        let e = apply_json_attrs(&mut s, v.as_bytes()).unwrap_err().to_string();
+        let e = apply_json_attrs(&mut s, v.as_bytes())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("..."), "{e}");
-        let e = parse_addr("1.2.3.4:80\n2026/01/01 [emerg] forged").unwrap_err().to_string();
+        let e = parse_addr("1.2.3.4:80\n2026/01/01 [emerg] forged")
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains('\n'), "{e}");
         assert_eq!(printable("a\u{7}b", 10), "a.b");
         assert!(apply_json_attrs(&mut s, "[\"é\"]".repeat(40).as_bytes()).is_err());

@@ -80,7 +80,10 @@ pub struct ShowRequest {
 
 impl Default for ShowRequest {
     fn default() -> Self {
-        ShowRequest { format: Format::Text, upstream: None }
+        ShowRequest {
+            format: Format::Text,
+            upstream: None,
+        }
     }
 }
 
@@ -91,7 +94,8 @@ fn percent_decode(s: &str) -> String {
     while i < b.len() {
         match b[i] {
             b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
                     Ok(v) => {
                         out.push(v);
                         i += 3;
@@ -122,7 +126,9 @@ pub fn parse_request(line: &[u8]) -> ShowRequest {
     let mut req = ShowRequest::default();
     if path.trim_end_matches('/').ends_with("/metrics") {
         req.format = Format::Prometheus;
-    } else if path.trim_end_matches('/').ends_with(".json") || path.trim_end_matches('/').ends_with("/json") {
+    } else if path.trim_end_matches('/').ends_with(".json")
+        || path.trim_end_matches('/').ends_with("/json")
+    {
         req.format = Format::Json;
     }
     for pair in query.split('&') {
@@ -151,7 +157,12 @@ pub fn render_text(upstreams: &[UpstreamView]) -> String {
     }
     let mut out = String::new();
     for u in upstreams {
-        let _ = writeln!(out, "Upstream name: {}; Backend server count: {}", u.name, u.servers.len());
+        let _ = writeln!(
+            out,
+            "Upstream name: {}; Backend server count: {}",
+            u.name,
+            u.servers.len()
+        );
         for s in &u.servers {
             out.push_str("        ");
             out.push_str(&s.line);
@@ -215,7 +226,9 @@ pub fn render_json(upstreams: &[UpstreamView]) -> String {
 }
 
 fn label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 pub fn render_prometheus(upstreams: &[UpstreamView]) -> String {
@@ -239,47 +252,124 @@ pub fn render_prometheus(upstreams: &[UpstreamView]) -> String {
             .flat_map(|u| {
                 u.servers
                     .iter()
-                    .map(|s| (format!("upstream=\"{}\",server=\"{}\"", label(&u.name), label(&s.address)), f(s)))
+                    .map(|s| {
+                        (
+                            format!(
+                                "upstream=\"{}\",server=\"{}\"",
+                                label(&u.name),
+                                label(&s.address)
+                            ),
+                            f(s),
+                        )
+                    })
                     .collect::<Vec<_>>()
             })
             .collect()
     };
-    metric("upsync_upstream_servers", "Servers in the upstream.", "gauge", per_upstream(&|u| Some(u.servers.len().to_string())));
-    metric("upsync_upstream_generation", "Generation of the synced server set.", "gauge", per_upstream(&|u| u.source.as_ref().map(|s| s.generation.to_string())));
-    metric("upsync_upstream_updates_total", "Server set changes applied from the registry.", "counter", per_upstream(&|u| u.source.as_ref().map(|s| s.updates.to_string())));
-    metric("upsync_upstream_index", "Registry index or revision of the last successful read.", "gauge", per_upstream(&|u| u.source.as_ref().map(|s| s.position.to_string())));
-    metric("upsync_upstream_consecutive_failures", "Failed registry exchanges since the last success.", "gauge", per_upstream(&|u| u.source.as_ref().map(|s| s.consecutive_failures.to_string())));
+    metric(
+        "upsync_upstream_servers",
+        "Servers in the upstream.",
+        "gauge",
+        per_upstream(&|u| Some(u.servers.len().to_string())),
+    );
+    metric(
+        "upsync_upstream_generation",
+        "Generation of the synced server set.",
+        "gauge",
+        per_upstream(&|u| u.source.as_ref().map(|s| s.generation.to_string())),
+    );
+    metric(
+        "upsync_upstream_updates_total",
+        "Server set changes applied from the registry.",
+        "counter",
+        per_upstream(&|u| u.source.as_ref().map(|s| s.updates.to_string())),
+    );
+    metric(
+        "upsync_upstream_index",
+        "Registry index or revision of the last successful read.",
+        "gauge",
+        per_upstream(&|u| u.source.as_ref().map(|s| s.position.to_string())),
+    );
+    metric(
+        "upsync_upstream_consecutive_failures",
+        "Failed registry exchanges since the last success.",
+        "gauge",
+        per_upstream(&|u| {
+            u.source
+                .as_ref()
+                .map(|s| s.consecutive_failures.to_string())
+        }),
+    );
     metric(
         "upsync_upstream_last_sync_timestamp_seconds",
         "Time of the last successful registry read.",
         "gauge",
-        per_upstream(&|u| u.source.as_ref().map(|s| format!("{:.3}", s.last_sync_ms as f64 / 1000.0))),
+        per_upstream(&|u| {
+            u.source
+                .as_ref()
+                .map(|s| format!("{:.3}", s.last_sync_ms as f64 / 1000.0))
+        }),
     );
-    metric("upsync_server_weight", "Configured weight.", "gauge", per_server(&|s| s.weight.to_string()));
-    metric("upsync_server_active_connections", "Open connections, all workers.", "gauge", per_server(&|s| s.active.to_string()));
-    metric("upsync_server_connections_total", "Connections handed to the server.", "counter", per_server(&|s| s.total.to_string()));
-    metric("upsync_server_fails", "Failures in the current fail_timeout window.", "gauge", per_server(&|s| s.fails.to_string()));
+    metric(
+        "upsync_server_weight",
+        "Configured weight.",
+        "gauge",
+        per_server(&|s| s.weight.to_string()),
+    );
+    metric(
+        "upsync_server_active_connections",
+        "Open connections, all workers.",
+        "gauge",
+        per_server(&|s| s.active.to_string()),
+    );
+    metric(
+        "upsync_server_connections_total",
+        "Connections handed to the server.",
+        "counter",
+        per_server(&|s| s.total.to_string()),
+    );
+    metric(
+        "upsync_server_fails",
+        "Failures in the current fail_timeout window.",
+        "gauge",
+        per_server(&|s| s.fails.to_string()),
+    );
     let states: Vec<(String, String)> = upstreams
         .iter()
         .flat_map(|u| {
             u.servers.iter().flat_map(move |s| {
-                ["up", "down", "backup", "failed"].into_iter().map(move |st| {
-                    (
-                        format!("upstream=\"{}\",server=\"{}\",state=\"{st}\"", label(&u.name), label(&s.address)),
-                        u8::from(s.state() == st).to_string(),
-                    )
-                })
+                ["up", "down", "backup", "failed"]
+                    .into_iter()
+                    .map(move |st| {
+                        (
+                            format!(
+                                "upstream=\"{}\",server=\"{}\",state=\"{st}\"",
+                                label(&u.name),
+                                label(&s.address)
+                            ),
+                            u8::from(s.state() == st).to_string(),
+                        )
+                    })
             })
         })
         .collect();
-    metric("upsync_server_state", "1 for the server's current state.", "gauge", states);
+    metric(
+        "upsync_server_state",
+        "1 for the server's current state.",
+        "gauge",
+        states,
+    );
     out
 }
 
 /// The response for a request: the C module's head (same headers, same order).
 pub fn render(req: &ShowRequest, upstreams: &[UpstreamView]) -> Vec<u8> {
     let (body, ctype, status) = match &req.upstream {
-        Some(n) if !upstreams.iter().any(|u| &u.name == n) => (format!("No upstream named \"{n}\"\n"), "text/plain", "404 Not Found"),
+        Some(n) if !upstreams.iter().any(|u| &u.name == n) => (
+            format!("No upstream named \"{n}\"\n"),
+            "text/plain",
+            "404 Not Found",
+        ),
         _ => {
             let selected: Vec<UpstreamView> = match &req.upstream {
                 Some(n) => upstreams.iter().filter(|u| &u.name == n).cloned().collect(),
@@ -288,7 +378,11 @@ pub fn render(req: &ShowRequest, upstreams: &[UpstreamView]) -> Vec<u8> {
             match req.format {
                 Format::Text => (render_text(&selected), "text/plain", "200 OK"),
                 Format::Json => (render_json(&selected), "application/json", "200 OK"),
-                Format::Prometheus => (render_prometheus(&selected), "text/plain; version=0.0.4", "200 OK"),
+                Format::Prometheus => (
+                    render_prometheus(&selected),
+                    "text/plain; version=0.0.4",
+                    "200 OK",
+                ),
             }
         }
     };
@@ -327,7 +421,12 @@ mod tests {
         vec![UpstreamView {
             name: "test".into(),
             servers: vec![s1, s2],
-            source: Some(SourceView { kind: "consul".into(), address: "127.0.0.1:8500/v1/kv/upstreams/test/".into(), generation: 7, ..Default::default() }),
+            source: Some(SourceView {
+                kind: "consul".into(),
+                address: "127.0.0.1:8500/v1/kv/upstreams/test/".into(),
+                generation: 7,
+                ..Default::default()
+            }),
         }]
     }
 
@@ -339,8 +438,13 @@ mod tests {
             "Upstream name: test; Backend server count: 2\n        server 127.0.0.1:8088 weight=40 max_fails=2 fail_timeout=10s;\n        server 127.0.0.1:8089 weight=20 max_fails=0 fail_timeout=30s;\n\n"
         );
         let resp = String::from_utf8(render(&ShowRequest::default(), &views())).unwrap();
-        assert!(resp.starts_with("HTTP/1.0 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\n"));
-        assert!(resp.contains(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n", body.len())));
+        assert!(
+            resp.starts_with("HTTP/1.0 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\n")
+        );
+        assert!(resp.contains(&format!(
+            "Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )));
         assert!(resp.ends_with(&body));
         assert_eq!(render_text(&[]), "No upstreams defined\n");
     }
@@ -354,10 +458,16 @@ mod tests {
         assert_eq!(r("GET /metrics HTTP/1.1").format, Format::Prometheus);
         assert_eq!(r("GET /status.json HTTP/1.1").format, Format::Json);
         let q = r("GET /?format=json&upstream=my%20up HTTP/1.1");
-        assert_eq!((q.format, q.upstream.as_deref()), (Format::Json, Some("my up")));
+        assert_eq!(
+            (q.format, q.upstream.as_deref()),
+            (Format::Json, Some("my up"))
+        );
         assert_eq!(r(""), ShowRequest::default());
         assert_eq!(r("garbage"), ShowRequest::default());
-        assert_eq!(r("GET /?upstream=%zz HTTP/1.1").upstream.as_deref(), Some("%zz"));
+        assert_eq!(
+            r("GET /?upstream=%zz HTTP/1.1").upstream.as_deref(),
+            Some("%zz")
+        );
     }
 
     #[test]
@@ -371,10 +481,21 @@ mod tests {
         assert_eq!(t["upsync"]["last_error"], serde_json::Value::Null);
         let p = render_prometheus(&views());
         assert!(p.contains("upsync_upstream_servers{upstream=\"test\"} 2\n"));
-        assert!(p.contains("upsync_server_active_connections{upstream=\"test\",server=\"127.0.0.1:8088\"} 3\n"));
-        assert!(p.contains("upsync_server_state{upstream=\"test\",server=\"127.0.0.1:8089\",state=\"failed\"} 1\n"));
+        assert!(p.contains(
+            "upsync_server_active_connections{upstream=\"test\",server=\"127.0.0.1:8088\"} 3\n"
+        ));
+        assert!(p.contains(
+            "upsync_server_state{upstream=\"test\",server=\"127.0.0.1:8089\",state=\"failed\"} 1\n"
+        ));
         assert!(p.contains("# TYPE upsync_server_connections_total counter\n"));
-        let filtered = String::from_utf8(render(&ShowRequest { format: Format::Json, upstream: Some("nope".into()) }, &views())).unwrap();
+        let filtered = String::from_utf8(render(
+            &ShowRequest {
+                format: Format::Json,
+                upstream: Some("nope".into()),
+            },
+            &views(),
+        ))
+        .unwrap();
         assert!(filtered.starts_with("HTTP/1.0 404 Not Found\r\n"));
         assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
     }

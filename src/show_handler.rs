@@ -37,8 +37,15 @@ fn now_sec() -> i64 {
     unsafe { (*ngx_cached_time).sec as i64 }
 }
 
-fn failed_until(max_fails: u32, fails: u32, checked: i64, fail_timeout: i64, now: i64) -> Option<i64> {
-    (max_fails > 0 && fails >= max_fails && now - checked <= fail_timeout).then_some(checked + fail_timeout)
+fn failed_until(
+    max_fails: u32,
+    fails: u32,
+    checked: i64,
+    fail_timeout: i64,
+    now: i64,
+) -> Option<i64> {
+    (max_fails > 0 && fails >= max_fails && now - checked <= fail_timeout)
+        .then_some(checked + fail_timeout)
 }
 
 /// The current state of every `upstream {}` block, in configuration order.
@@ -49,10 +56,18 @@ pub unsafe fn snapshot() -> Vec<UpstreamView> {
         if (*uscf).flags & NGX_STREAM_UPSTREAM_CREATE as ngx_uint_t == 0 {
             continue; // implicit upstreams of `proxy_pass ADDRESS`
         }
-        let name = String::from_utf8_lossy(std::slice::from_raw_parts((*uscf).host.data, (*uscf).host.len)).into_owned();
+        let name = String::from_utf8_lossy(std::slice::from_raw_parts(
+            (*uscf).host.data,
+            (*uscf).host.len,
+        ))
+        .into_owned();
         let view = match upstream_conf(uscf).filter(|c| c.zone.is_some()) {
             Some(conf) => synced_view(name, conf, now),
-            None => UpstreamView { name, servers: static_servers(uscf, now), source: None },
+            None => UpstreamView {
+                name,
+                servers: static_servers(uscf, now),
+                source: None,
+            },
         };
         out.push(view);
     }
@@ -80,7 +95,13 @@ unsafe fn synced_view(name: String, conf: &SrvConf, now: i64) -> UpstreamView {
                 active: st.conns,
                 fails: st.fails,
                 total: st.total,
-                failed_until: failed_until(st.max_fails, st.fails, st.checked, st.fail_timeout, now),
+                failed_until: failed_until(
+                    st.max_fails,
+                    st.fails,
+                    st.checked,
+                    st.fail_timeout,
+                    now,
+                ),
             }
         })
         .collect();
@@ -89,7 +110,12 @@ unsafe fn synced_view(name: String, conf: &SrvConf, now: i64) -> UpstreamView {
     let source = SourceView {
         kind: spec.kind.name().into(),
         address: spec.endpoint.to_string(),
-        lb: conf.lb.as_ref().map(|l| l.name()).unwrap_or("roundrobin").into(),
+        lb: conf
+            .lb
+            .as_ref()
+            .map(|l| l.name())
+            .unwrap_or("roundrobin")
+            .into(),
         position: st.position,
         last_sync_ms: st.last_sync_ms,
         last_change_ms: st.last_change_ms,
@@ -99,7 +125,11 @@ unsafe fn synced_view(name: String, conf: &SrvConf, now: i64) -> UpstreamView {
         updates: st.updates,
         poller_pid: l.hdr.poller_pid,
     };
-    UpstreamView { name, servers, source: Some(source) }
+    UpstreamView {
+        name,
+        servers,
+        source: Some(source),
+    }
 }
 
 /// Servers of an upstream nginx balances itself: its round-robin peers, backups last.
@@ -110,10 +140,20 @@ unsafe fn static_servers(uscf: *mut ngx_stream_upstream_srv_conf_t, now: i64) ->
     while !peers.is_null() {
         let mut p = (*peers).peer;
         while !p.is_null() {
-            let name = String::from_utf8_lossy(std::slice::from_raw_parts((*p).name.data, (*p).name.len)).into_owned();
+            let name =
+                String::from_utf8_lossy(std::slice::from_raw_parts((*p).name.data, (*p).name.len))
+                    .into_owned();
             let pr = &*p;
             out.push(ServerView {
-                line: server_line(&name, pr.weight as u32, pr.max_fails as u32, pr.fail_timeout as i64, pr.max_conns as u32, backup, pr.down != 0),
+                line: server_line(
+                    &name,
+                    pr.weight as u32,
+                    pr.max_fails as u32,
+                    pr.fail_timeout as i64,
+                    pr.max_conns as u32,
+                    backup,
+                    pr.down != 0,
+                ),
                 address: name,
                 weight: pr.weight as u32,
                 max_fails: pr.max_fails as u32,
@@ -124,7 +164,13 @@ unsafe fn static_servers(uscf: *mut ngx_stream_upstream_srv_conf_t, now: i64) ->
                 active: pr.conns as u32,
                 fails: pr.fails as u32,
                 total: 0,
-                failed_until: failed_until(pr.max_fails as u32, pr.fails as u32, pr.checked as i64, pr.fail_timeout as i64, now),
+                failed_until: failed_until(
+                    pr.max_fails as u32,
+                    pr.fails as u32,
+                    pr.checked as i64,
+                    pr.fail_timeout as i64,
+                    now,
+                ),
             });
             p = pr.next;
         }
@@ -140,7 +186,13 @@ pub unsafe extern "C" fn handler(s: *mut ngx_stream_session_t) {
         ngx_stream_finalize_session(s, NGX_STREAM_OK as ngx_uint_t);
         return;
     }
-    let ctx = Box::into_raw(Box::new(ShowCtx { request: Vec::new(), out: Vec::new(), sent: 0, responded: false, lingering: false }));
+    let ctx = Box::into_raw(Box::new(ShowCtx {
+        request: Vec::new(),
+        out: Vec::new(),
+        sent: 0,
+        responded: false,
+        lingering: false,
+    }));
     let cln = ngx_pool_cleanup_add((*c).pool, 0);
     if cln.is_null() {
         drop(Box::from_raw(ctx));
@@ -214,8 +266,16 @@ unsafe fn respond(s: *mut ngx_stream_session_t) {
     if (*(*c).read).timer_set() != 0 {
         ngx_del_timer((*c).read);
     }
-    let line_end = ctx.request.iter().position(|&b| b == b'\n').unwrap_or(ctx.request.len());
-    let req = if ctx.request.is_empty() { ShowRequest::default() } else { parse_request(&ctx.request[..line_end]) };
+    let line_end = ctx
+        .request
+        .iter()
+        .position(|&b| b == b'\n')
+        .unwrap_or(ctx.request.len());
+    let req = if ctx.request.is_empty() {
+        ShowRequest::default()
+    } else {
+        parse_request(&ctx.request[..line_end])
+    };
     ctx.out = render(&req, &snapshot());
     ctx.responded = true;
     write(s);

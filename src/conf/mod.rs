@@ -160,7 +160,11 @@ pub fn parse_endpoint(arg: &str) -> Result<Endpoint, ConfError> {
     // No spaces or control characters anywhere in what goes on the request line: they
     // would let a configuration inject headers into registry requests.
     let unsafe_byte = |b: u8| b <= b' ' || b == 0x7f;
-    if hostport.is_empty() || path.len() < 2 || path.bytes().any(unsafe_byte) || query.bytes().any(unsafe_byte) {
+    if hostport.is_empty()
+        || path.len() < 2
+        || path.bytes().any(unsafe_byte)
+        || query.bytes().any(unsafe_byte)
+    {
         return Err(ConfError::Address(arg.to_string()));
     }
     let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {

@@ -546,8 +546,18 @@ mod tests {
 
     #[test]
     fn interim_responses_are_skipped() {
-        all_ok(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc", false, 200, b"abc");
-        all_ok(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx", false, 200, b"x");
+        all_ok(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+            false,
+            200,
+            b"abc",
+        );
+        all_ok(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx",
+            false,
+            200,
+            b"x",
+        );
     }
 
     #[test]

@@ -16,7 +16,9 @@ const MAX_WAIT_MS: u64 = 600_000;
 /// Consul may answer up to wait/16 late (jitter), so the deadline leaves that plus a margin.
 pub fn wait_and_deadline(timeout_ms: u64) -> (u64, u64) {
     let margin = 2_000;
-    let wait = (timeout_ms.saturating_sub(margin) / 17).saturating_mul(16).clamp(1_000, MAX_WAIT_MS);
+    let wait = (timeout_ms.saturating_sub(margin) / 17)
+        .saturating_mul(16)
+        .clamp(1_000, MAX_WAIT_MS);
     let deadline = timeout_ms.max(wait + wait / 16 + margin);
     (wait, deadline)
 }
@@ -308,7 +310,10 @@ mod tests {
         assert!(c.next_request().path_and_query.contains("index=17&"));
         assert!(c.next_request().headers.is_empty());
         let mut t = kv_source().with_token(Some("s3cr3t"));
-        assert_eq!(t.next_request().headers, vec!["X-Consul-Token: s3cr3t".to_string()]);
+        assert_eq!(
+            t.next_request().headers,
+            vec!["X-Consul-Token: s3cr3t".to_string()]
+        );
         assert!(!t.next_request().path_and_query.contains("s3cr3t"));
         t.reset();
         let (wait, deadline) = wait_and_deadline(360_000);

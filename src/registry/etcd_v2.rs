@@ -259,7 +259,10 @@ mod tests {
         let cleared = br#"{"errorCode":401,"message":"The event in requested index is outdated and cleared","cause":"the requested history has been cleared [1008/4]","index":2007}"#;
         assert_eq!(s.handle(&head(400, Some(2007)), cleared).unwrap(), None);
         // on a read (not a watch) it is an error, not a reason to read again at once
-        assert!(matches!(s.handle(&head(400, Some(2007)), cleared), Err(RegistryError::Status { code: 400, .. })));
+        assert!(matches!(
+            s.handle(&head(400, Some(2007)), cleared),
+            Err(RegistryError::Status { code: 400, .. })
+        ));
         assert!(s.next_request().path_and_query.ends_with("?recursive=true"));
     }
 

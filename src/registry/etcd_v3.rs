@@ -219,7 +219,9 @@ impl Source for EtcdV3 {
     }
 
     fn on_partial(&mut self, head: &Head, body: &[u8]) -> bool {
-        self.watch_from != 0 && head.status == 200 && watch_state_from(body, &mut self.scanned) != WatchState::Waiting
+        self.watch_from != 0
+            && head.status == 200
+            && watch_state_from(body, &mut self.scanned) != WatchState::Waiting
     }
 
     fn handle(&mut self, head: &Head, body: &[u8]) -> Result<Option<Snapshot>, RegistryError> {

@@ -66,11 +66,17 @@ impl Snapshot {
 /// Why a response could not be used. The last good server set stays in place.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegistryError {
-    Status { code: u16, body: String },
+    Status {
+        code: u16,
+        body: String,
+    },
     MissingHeader(&'static str),
     BadHeader(&'static str, String),
     Json(String),
-    Entry { key: String, err: SpecError },
+    Entry {
+        key: String,
+        err: SpecError,
+    },
     /// Consul hid entries this token may not read: applying the rest would drop servers.
     AclFiltered,
 }
