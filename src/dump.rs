@@ -44,7 +44,9 @@ pub fn parse(text: &str) -> Result<Vec<ServerSpec>, String> {
                 Some(("max_conns", v)) => spec.max_conns = num(v)?,
                 Some(("fail_timeout", v)) => {
                     spec.fail_timeout = crate::conf::time::parse_time_ms(v)
-                        .map(|ms| (ms / 1000) as u32)
+                        .map(|ms| ms / 1000)
+                        .filter(|&secs| secs <= crate::servers::MAX_FAIL_TIMEOUT as u64)
+                        .map(|secs| secs as u32)
                         .ok_or_else(|| err("bad fail_timeout"))?
                 }
                 None if w == "down" => spec.down = true,
@@ -151,6 +153,8 @@ mod tests {
             .contains("line 3"));
         assert!(parse("upstream a;\n").is_err());
         assert!(parse("server 127.0.0.1:1 color=red;\n").is_err());
+        // found by fuzzing: 2^32 s used to wrap to 0
+        assert!(parse("server 127.0.0.1:8080 fail_timeout=4294967296s;\n").is_err());
         assert_eq!(parse("# only a comment\n").unwrap(), vec![]);
     }
 
