@@ -377,8 +377,8 @@ impl Poller {
     }
 
     unsafe fn on_write(&mut self, ev: *mut ngx_event_t) {
-        if !self.in_flight {
-            return;
+        if !self.in_flight || (!self.connecting && self.sent >= self.out.len()) {
+            return; // nothing left to send: the response is awaited on the read side
         }
         if (*ev).timedout() != 0 {
             (*ev).set_timedout(0);
@@ -427,7 +427,12 @@ impl Poller {
                 return;
             }
         }
-        ngx_add_timer((*c).read, self.request_timeout as ngx_msec_t);
+        // The response deadline starts once, when the request is out: write events keep
+        // coming while the response trickles in (edge-triggered epoll reports the socket
+        // writable with each segment) and must not push the deadline back.
+        if (*(*c).read).timer_set() == 0 {
+            ngx_add_timer((*c).read, self.request_timeout as ngx_msec_t);
+        }
         if ngx_handle_read_event((*c).read, 0) != NGX_OK as ngx_int_t {
             self.fail("cannot wait for the response".into());
             return;

@@ -11,6 +11,7 @@ package Test::Nginx::RawHttp;
 #   $raw->consumed($id);        # the request sequence number that got it, or undef
 #   $raw->request_count; $raw->requests;   # what the client asked, in order
 #   $raw->clear_faults;
+#   $raw->abort;                # cut off every response still being sent
 #
 # Every request is classified ('read', 'watch', or anything the test likes) by
 # `classify`; the oldest fault whose `on` matches the class (or is 'any') and
@@ -30,6 +31,8 @@ package Test::Nginx::RawHttp;
 #                                   then close
 #   [ 'close' ]                     close the connection (FIN)
 #   [ 'rst' ]                       reset the connection (RST)
+# abort() cuts drips, floods, sleeps, awaits and hangs short (the connection is
+# closed).
 # After the steps the connection waits for the next request (keep-alive).
 #
 # RAWHTTP_DEBUG=1: each step is traced (time, pid, step) to NAME.log in the
@@ -68,13 +71,14 @@ sub start {
 	my $self = bless {
 		t => $t, port => $port, name => $name,
 		state => "$dir/$name.state", lock => "$dir/$name.lock",
-		gen => "$dir/$name.gen", reqlog => "$dir/$name.requests",
+		gen => "$dir/$name.gen", reqlog => "$dir/$name.requests", abort => "$dir/$name.abort",
 		classify => $o{classify} // sub { 'read' },
 		good => $o{good} // sub { [ [ send => "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" ] ] },
 	}, $class;
 
 	$self->_write_state({ faults => [], seq => 0, next_id => 1, consumed => {} });
 	_write_file($self->{gen}, "0\n");
+	_write_file($self->{abort}, "0\n");
 	_write_file($self->{reqlog}, '');
 
 	my $listen = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => $port,
@@ -141,6 +145,22 @@ sub clear_faults {
 	$self->_locked(sub { $_[0]{faults} = [] });
 	$self->_bump_gen;
 	return $self;
+}
+
+# Ends every response still in progress (drips, floods, sleeps, hangs): their
+# connections are closed.
+sub abort {
+	my ($self) = @_;
+	_write_file($self->{abort}, ($self->_abort_gen + 1) . "\n");
+	return $self;
+}
+
+sub _abort_gen {
+	my ($self) = @_;
+	open my $fh, '<', $self->{abort} or return 0;
+	my $g = <$fh> // 0;
+	chomp $g;
+	return $g;
 }
 
 # The request sequence number that used up fault $id (its last use), or undef.
@@ -264,6 +284,7 @@ sub _serve {
 			my ($s) = @_;
 			# changes after this point end an await of this request
 			$self->{req_gen} = $self->_gen;
+			$self->{req_abort} = $self->_abort_gen;
 			$seq = ++$s->{seq};
 			for my $f (@{$s->{faults}}) {
 				next unless $f->{count} != 0 && ($f->{on} eq 'any' || $f->{on} eq $class);
@@ -340,9 +361,23 @@ sub _wait {
 			my $n = sysread($c, my $junk, 65536);
 			return 0 unless $n;	# closed (or reset)
 		}
+		return 0 if $self->_aborted;
 		return 'gen' if $on_gen && $self->_gen != $g0;
 	}
 	return 'time';
+}
+
+# Whether the test called abort() since this request arrived.
+sub _aborted {
+	my ($self) = @_;
+	return $self->_abort_gen != ($self->{req_abort} // 0);
+}
+
+sub _close {
+	my ($c) = @_;
+	shutdown($c, 1);
+	close $c;
+	return 0;
 }
 
 # Runs the steps; false when the connection is finished.
@@ -355,14 +390,19 @@ sub _run_steps {
 		if ($op eq 'send') {
 			_write_all($c, $a[0]) or return 0;
 		} elsif ($op eq 'repeat') {
-			for (1 .. $a[1]) { _write_all($c, $a[0]) or return 0 }
+			for my $i (1 .. $a[1]) {
+				_write_all($c, $a[0]) or return 0;
+				return _close($c) if $i % 64 == 0 && $self->_aborted;
+			}
 		} elsif ($op eq 'drip') {
 			for my $i (0 .. length($a[0]) - 1) {
 				_write_all($c, substr($a[0], $i, 1)) or return 0;
 				sleep($a[1] / 1000);
+				return _close($c) if $self->_aborted;
 			}
 		} elsif ($op eq 'sleep') {
-			sleep(($a[0] > MAX_SLEEP_MS ? MAX_SLEEP_MS : $a[0]) / 1000);
+			my $ms = $a[0] > MAX_SLEEP_MS ? MAX_SLEEP_MS : $a[0];
+			$self->_wait($c, $ms, 0) or return 0;
 		} elsif ($op eq 'good') {
 			$self->_run_steps($c, $req, $self->{good}->($req)) or return 0;
 		} elsif ($op eq 'await') {
@@ -373,9 +413,7 @@ sub _run_steps {
 			close $c;
 			return 0;
 		} elsif ($op eq 'close') {
-			shutdown($c, 1);
-			close $c;
-			return 0;
+			return _close($c);
 		} elsif ($op eq 'rst') {
 			setsockopt($c, SOL_SOCKET, SO_LINGER, pack('ii', 1, 0));
 			close $c;
