@@ -22,7 +22,7 @@ use strict;
 use warnings;
 
 use FindBin;
-use lib "$FindBin::Bin/../lib";
+use lib "$FindBin::Bin/lib";
 use lib 'nginx-tests/lib';
 
 use JSON::PP;
