@@ -225,7 +225,8 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     let is_tried = |i: usize| i / 64 < tried_words && *tried.add(i / 64) & (1u64 << (i % 64)) != 0;
     let slots_copy: &[*mut Slot] = std::slice::from_raw_parts(slots.as_ptr(), slots.len());
     let conf = &mut *pd.conf;
-    let lb = conf.lb.clone().unwrap_or_default();
+    // only the method is needed per pick (no clone of the configured key)
+    let method = conf.lb.as_ref().map(|l| l.method).unwrap_or_default();
     // This worker's plan follows the set's generation; rebuilt under the lock, once per
     // change and worker.
     if conf.plan.as_ref().map(|p| p.generation) != Some(gen) {
@@ -243,10 +244,10 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
                 backup: (*s).spec_backup,
             })
             .collect();
-        conf.plan = Some(Plan::build(gen, &pp, lb.method));
+        conf.plan = Some(Plan::build(gen, &pp, method));
     }
     let plan = conf.plan.as_ref().expect("plan built above");
-    let key: &[u8] = match lb.method {
+    let key: &[u8] = match method {
         Method::IpHash => &pd.addr[..pd.addr_len as usize],
         _ if pd.key.len > 0 => std::slice::from_raw_parts(pd.key.data, pd.key.len),
         _ => &[],
@@ -256,7 +257,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     let pick = pick(
         &mut peers,
         plan,
-        lb.method,
+        method,
         key,
         &mut cursors,
         now,
