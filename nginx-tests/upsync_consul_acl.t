@@ -14,7 +14,7 @@ use lib 'nginx-tests/lib';
 
 use Test::More;
 
-use Test::Nginx qw/ :DEFAULT port wait_for http_get http_parse /;
+use Test::Nginx qw/ :DEFAULT port wait_for http_get http_parse show_section /;
 use Test::Nginx::Consul;
 
 select STDERR; $| = 1;
@@ -68,12 +68,7 @@ $consul->{http}->default_headers({ 'X-Consul-Token' => $secret });
 $consul->put("upstreams/good/127.0.0.1:$p", '{"weight":3}');
 $t->run();
 
-sub section {
-	my ($name, $path) = @_;
-	my (undef, undef, $body) = http_parse(http_get(port(8088), $path // '/') // '');
-	my ($s) = ($body // '') =~ /(Upstream name: $name;.*?\n\n)/s;
-	return $s // '';
-}
+sub section { show_section(port(8088), @_) }
 
 ok(wait_for(sub { section('good') =~ /:$p weight=3 / }, timeout => 5), 'token_file: synced with the token');
 ok($t->wait_for_log(qr/upstream "none".*(unexpected HTTP status 403|may not read every entry)/, 5),

@@ -15,7 +15,7 @@ use lib 'nginx-tests/lib';
 use Test::More;
 use Time::HiRes qw/time/;
 
-use Test::Nginx qw/ :DEFAULT port wait_for http_get http_parse /;
+use Test::Nginx qw/ :DEFAULT port wait_for http_get http_parse show_section /;
 use Test::Nginx::Backend;
 use Test::Nginx::Consul;
 
@@ -68,11 +68,7 @@ sub show {
 	return $body // '';
 }
 
-sub section {
-	my ($name) = @_;
-	my ($s) = show() =~ /(Upstream name: $name;.*?\n\n)/s;
-	return $s // '';
-}
+sub section { show_section(port(8088), $_[0]) }
 
 ###############################################################################
 # Registry outage: the last set stays, retries back off, one log line, recovery

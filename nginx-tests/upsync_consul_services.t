@@ -14,7 +14,7 @@ use lib 'nginx-tests/lib';
 
 use Test::More;
 
-use Test::Nginx qw/ :DEFAULT port wait_for http_get http_parse /;
+use Test::Nginx qw/ :DEFAULT port wait_for http_get http_parse show_section /;
 use Test::Nginx::Backend;
 use Test::Nginx::Consul;
 
@@ -64,12 +64,7 @@ $consul->register_service({ ID => 'web2', Name => 'web', Address => '127.0.0.1',
 
 $t->run();
 
-sub section {
-	my ($name) = @_;
-	my (undef, undef, $body) = http_parse(http_get(port(8088)) // '');
-	my ($s) = ($body // '') =~ /(Upstream name: $name;.*?\n\n)/s;
-	return $s // '';
-}
+sub section { show_section(port(8088), $_[0]) }
 
 my $web1 = "server 127.0.0.1:$p1 weight=3 max_fails=5 fail_timeout=20s;";
 my $web2 = "server 127.0.0.1:$p2 weight=1 max_fails=2 fail_timeout=10s;";

@@ -16,7 +16,7 @@ use Test::More;
 use IO::Socket::INET;
 use Socket qw/SOL_SOCKET SO_REUSEADDR/;
 
-use Test::Nginx qw/ :DEFAULT port wait_for http_get http_parse stream_udp /;
+use Test::Nginx qw/ :DEFAULT port wait_for http_get http_parse show_section stream_udp /;
 use Test::Nginx::Backend;
 use Test::Nginx::Stream;
 use Test::Nginx::Consul;
@@ -91,12 +91,7 @@ $consul->put("upstreams/udp/127.0.0.1:$u2", '');
 
 $t->run();
 
-sub section {
-	my ($name) = @_;
-	my (undef, undef, $body) = http_parse(http_get(port(8088)) // '');
-	my ($s) = ($body // '') =~ /(Upstream name: $name;.*?\n\n)/s;
-	return $s // '';
-}
+sub section { show_section(port(8088), $_[0]) }
 
 ok(wait_for(sub {
 	!grep({ section($_) !~ /count: 2\n/ } qw/rr lc rnd two zoned udp/)

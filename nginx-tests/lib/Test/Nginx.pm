@@ -46,7 +46,7 @@ use Test::Nginx::Stream ();
 our $VERSION = '0.01';
 
 our @EXPORT = qw/port wait_for http_get http_parse stream_get stream_udp/;
-our @EXPORT_OK = (@EXPORT, qw/http_request which/);
+our @EXPORT_OK = (@EXPORT, qw/http_request which show_section/);
 our %EXPORT_TAGS = (all => \@EXPORT_OK);
 
 # The caller also gets Test::More's functions (as if it said "use Test::More").
@@ -953,6 +953,15 @@ sub http_request {
 }
 
 # http_parse($raw): ($status, \%headers (lowercase names), $body)
+# show_section($port, $name, [$path]): the block of upstream $name in the
+# upstream_show text report on $port ('' when it is not there).
+sub show_section {
+	my ($port, $name, $path) = @_;
+	my (undef, undef, $body) = http_parse(http_get($port, $path // '/') // '');
+	my ($s) = ($body // '') =~ /(Upstream name: \Q$name\E;.*?\n\n)/s;
+	return $s // '';
+}
+
 sub http_parse {
 	my ($raw) = @_;
 	return () unless defined $raw && length $raw;
