@@ -30,6 +30,8 @@ $t->write_file($_, "server 127.0.0.1:8080 weight=1 max_fails=2 "
 	. "fail_timeout=10s;\n")
 	for qw/my_tcp_backend.conf my_service.conf my_backend.conf
 		mysql_pool.conf/;
+$t->write_file('plain-token', "just-a-token\n");
+$t->write_file('etcd-user', "upsync:pass\n");
 
 # a stream {} block
 sub stream_conf {
@@ -83,8 +85,10 @@ sub emerg {
 
 my $ACC_TYPES = 'accepted: consul, consul_services, consul_health, etcd, etcdv3';
 my $ACC_PARAMS = 'accepted: upsync_type=, upsync_interval=, '
-	. 'upsync_timeout=, strong_dependency=, zone_size=, token_file=';
-my $EXAMPLE = 'expected HOST[:PORT]/PATH, for example '
+	. 'upsync_timeout=, strong_dependency=, zone_size=, token_file=, '
+	. 'ssl_verify=, ssl_trusted_certificate=, ssl_certificate=, '
+	. 'ssl_certificate_key=, ssl_name=';
+my $EXAMPLE = 'expected [https://]HOST[:PORT][,HOST[:PORT]...]/PATH, for example '
 	. '127.0.0.1:8500/v1/kv/upstreams/NAME/';
 my $PORT = 'expected a number from 1 to 65535';
 my $TIME = 'expected an nginx time such as 500ms, 5s or 6m, at most 7d';
@@ -195,6 +199,15 @@ EOF
 
 ['consul_health type', upsync('127.0.0.1:8500/v1/health/service/web upsync_type=consul_health')],
 ['etcdv3 type', upsync('127.0.0.1:2379/upstreams/v/ upsync_type=etcdv3')],
+['failover list of three registry addresses',
+	upsync('127.0.0.1:2379,localhost:2379,[::1]:2379/upstreams/v/ upsync_type=etcdv3')],
+['https with the system CA store',
+	upsync('https://127.0.0.1:2379/upstreams/v/ upsync_type=etcdv3')],
+['https without verification, a name for SNI',
+	upsync('https://127.0.0.1:2379,127.0.0.1:2380/upstreams/v/ upsync_type=etcdv3 '
+		. 'ssl_verify=off ssl_name=etcd.internal')],
+['etcd user and password in token_file',
+	upsync("127.0.0.1:2379/upstreams/v/ upsync_type=etcdv3 token_file=$d/etcd-user")],
 
 ['consul_services catalog path',
 	upsync('127.0.0.1:8500/v1/catalog/service/web '
@@ -235,10 +248,25 @@ my @bad = (
 	emerg(qq{upsync: invalid port in "127.0.0.1:/v1/kv/a/": $PORT $IN})],
 ['non-digit port', upsync('127.0.0.1:80a/v1/kv/a/ upsync_type=consul'),
 	emerg(qq{upsync: invalid port in "127.0.0.1:80a/v1/kv/a/": $PORT $IN})],
-['https', upsync('https://127.0.0.1:8500/v1/kv/a/ upsync_type=consul'),
-	emerg(qq{upsync: https registries are not supported yet in }
-	. qq{"https://127.0.0.1:8500/v1/kv/a/"; use plain http on a trusted }
-	. qq{network $IN})],
+['ssl_verify on http', upsync('127.0.0.1:8500/v1/kv/a/ upsync_type=consul ssl_verify=off'),
+	emerg(qq{upsync: "ssl_verify=" applies to https:// registry addresses only $IN})],
+['client certificate without key',
+	upsync('https://127.0.0.1:8500/v1/kv/a/ upsync_type=consul ssl_certificate=/c.pem'),
+	emerg(qq{upsync: ssl_certificate= and ssl_certificate_key= must be given together $IN})],
+['bad ssl_name', upsync('https://127.0.0.1:8500/v1/kv/a/ upsync_type=consul ssl_name=a/b'),
+	emerg(qq{upsync: invalid ssl_name "a/b": expected a host name or IP address $IN})],
+['missing CA file',
+	upsync('https://127.0.0.1:8500/v1/kv/a/ upsync_type=consul ssl_trusted_certificate=/nonexistent/ca.pem'),
+	qr/\[emerg\] .*\/nonexistent\/ca\.pem.*$/m],
+['empty address in a failover list',
+	upsync('127.0.0.1:8500,/v1/kv/a/ upsync_type=consul'),
+	emerg(qq{upsync: invalid address "127.0.0.1:8500,/v1/kv/a/": $EXAMPLE $IN})],
+['bad port in a failover list',
+	upsync('127.0.0.1:8500,127.0.0.1:x/v1/kv/a/ upsync_type=consul'),
+	emerg(qq{upsync: invalid port in "127.0.0.1:8500,127.0.0.1:x/v1/kv/a/": $PORT $IN})],
+['etcd token_file without a password',
+	upsync("127.0.0.1:2379/v2/keys/a/ upsync_type=etcd token_file=$d/plain-token"),
+	emerg(qq{upsync: token_file "$d/plain-token" of upstream "u" must hold USER:PASSWORD for etcd})],
 ['host not found',
 	upsync('no-such-host.invalid:8500/v1/kv/a/ upsync_type=consul'),
 	qr/\[emerg\] \Qupsync: host "no-such-host.invalid" of upstream "u" not found: \E.+ in \S+:\d+$/m],

@@ -4,14 +4,16 @@
 use std::collections::hash_map::DefaultHasher;
 use std::ffi::{c_char, c_void};
 use std::hash::{Hash, Hasher};
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::ToSocketAddrs;
 use std::ptr;
 
 use ngx::ffi::*;
 use ngx::{ngx_conf_log_error, ngx_string};
 
 use crate::balancer::Plan;
-use crate::conf::{parse_lb, parse_upsync, LbSpec, UpsyncSpec};
+use crate::conf::{
+    parse_credential, parse_lb, parse_upsync, Credential, LbSpec, Target, UpsyncSpec,
+};
 use crate::servers::ServerSpec;
 use crate::zone::{InitOutcome, Zone};
 use crate::{peer, poller, show_handler};
@@ -19,10 +21,13 @@ use crate::{peer, poller, show_handler};
 /// Per-`upstream {}` (and per `server {}`) configuration of this module.
 pub struct SrvConf {
     pub upsync: Option<UpsyncSpec>,
-    /// Registry addresses, resolved when the configuration is read.
-    pub addrs: Vec<SocketAddr>,
+    /// Registry addresses, resolved when the configuration is read: every address of
+    /// the first host, then of the next (the failover order).
+    pub addrs: Vec<Target>,
     /// The registry credential from `token_file=` (never logged or shown).
-    pub token: Option<String>,
+    pub credential: Option<Credential>,
+    /// The TLS context for `https://` registries (null for plain http).
+    pub ssl: *mut ngx_ssl_t,
     pub dump_path: Option<String>,
     pub lb: Option<LbSpec>,
     /// The hash key of `upsync_lb`, compiled; null means `$remote_addr`.
@@ -60,6 +65,16 @@ impl SrvConf {
             ),
             None => format!("upsync: upstream \"{}\"", self.name),
         }
+    }
+
+    /// The name checked against the registry's certificate (and sent in SNI) for one
+    /// of its addresses: `ssl_name=`, or the host as configured.
+    pub fn tls_name(&self, t: &Target) -> String {
+        let spec = self.upsync.as_ref().expect("upsync configured");
+        spec.tls
+            .as_ref()
+            .and_then(|tls| tls.name.clone())
+            .unwrap_or_else(|| spec.endpoint.hosts[t.host].host.clone())
     }
 
     fn fingerprint(&self) -> u64 {
@@ -184,7 +199,8 @@ unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
     let conf = Box::into_raw(Box::new(SrvConf {
         upsync: None,
         addrs: Vec::new(),
-        token: None,
+        credential: None,
+        ssl: ptr::null_mut(),
         dump_path: None,
         lb: None,
         lb_key: ptr::null_mut(),
@@ -236,38 +252,47 @@ unsafe extern "C" fn cmd_upsync(
         Ok(s) => s,
         Err(e) => conf_err!(cf, "upsync: {e} in upstream \"{name}\""),
     };
-    let token = match &spec.token_file {
+    let credential = match &spec.token_file {
         None => None,
         Some(path) => match std::fs::read_to_string(path) {
-            Ok(t) if !t.trim().is_empty() && !t.trim().contains(['\r', '\n']) => {
-                Some(t.trim().to_string())
-            }
-            Ok(_) => conf_err!(
-                cf,
-                "upsync: token_file \"{path}\" of upstream \"{name}\" must hold one non-empty line"
-            ),
+            Ok(t) => match parse_credential(spec.kind, &t) {
+                Ok(c) => Some(c),
+                Err(what) => conf_err!(
+                    cf,
+                    "upsync: token_file \"{path}\" of upstream \"{name}\" {what}"
+                ),
+            },
             Err(e) => conf_err!(
                 cf,
                 "upsync: cannot read token_file \"{path}\" of upstream \"{name}\": {e}"
             ),
         },
     };
-    let addrs: Vec<SocketAddr> =
-        match (spec.endpoint.host.as_str(), spec.endpoint.port).to_socket_addrs() {
-            Ok(it) => it.collect(),
+    let mut addrs = Vec::new();
+    for (i, h) in spec.endpoint.hosts.iter().enumerate() {
+        match (h.host.as_str(), h.port).to_socket_addrs() {
+            Ok(it) => addrs.extend(it.map(|addr| Target { addr, host: i })),
             Err(e) => conf_err!(
                 cf,
                 "upsync: host \"{}\" of upstream \"{name}\" not found: {e}",
-                spec.endpoint.host
+                h.host
             ),
-        };
-    if addrs.is_empty() {
-        conf_err!(
-            cf,
-            "upsync: host \"{}\" of upstream \"{name}\" has no addresses",
-            spec.endpoint.host
-        );
+        }
+        if !addrs.iter().any(|t| t.host == i) {
+            conf_err!(
+                cf,
+                "upsync: host \"{}\" of upstream \"{name}\" has no addresses",
+                h.host
+            );
+        }
     }
+    let ssl = match &spec.tls {
+        None => ptr::null_mut(),
+        Some(tls) => match crate::net::tls::create_context(cf, tls) {
+            Ok(ssl) => ssl,
+            Err(e) => conf_err!(cf, "upsync: {e} for upstream \"{name}\""),
+        },
+    };
     let ours: ngx_stream_upstream_init_pt = Some(peer::init_upstream);
     if (*uscf).peer.init_upstream.is_some() {
         conf_err!(
@@ -303,7 +328,8 @@ unsafe extern "C" fn cmd_upsync(
 
     conf.upsync = Some(spec);
     conf.addrs = addrs;
-    conf.token = token;
+    conf.credential = credential;
+    conf.ssl = ssl;
     conf.uscf = uscf;
     conf.name = name;
     conf.shm_zone = shm;
@@ -549,11 +575,30 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         if !spec.strong_dependency || conf.zone_kept {
             continue;
         }
-        let mut source = crate::registry::source_for(&spec, conf.token.as_deref());
-        let authority = spec.endpoint.authority();
+        let mut source = crate::registry::source_for(&spec, conf.credential.as_ref());
         let timeout = std::time::Duration::from_millis(spec.timeout_ms.clamp(1_000, 5_000));
-        match crate::registry::blocking::fetch(&conf.addrs, &authority, source.as_mut(), 3, timeout)
-        {
+        let ssl = conf.ssl;
+        let wrap = |sock: std::net::TcpStream,
+                    t: &Target|
+         -> Result<Box<dyn crate::registry::blocking::Stream>, String> {
+            match &spec.tls {
+                None => Ok(Box::new(sock)),
+                Some(tls) => {
+                    let name = conf.tls_name(t);
+                    // SAFETY: the context lives with the configuration.
+                    let s = crate::net::tls::BlockingTls::connect(ssl, sock, &name, tls.verify)?;
+                    Ok(Box::new(s))
+                }
+            }
+        };
+        match crate::registry::blocking::fetch(
+            &conf.addrs,
+            &spec.endpoint,
+            source.as_mut(),
+            3,
+            timeout,
+            &wrap,
+        ) {
             Ok(snap) if snap.servers.is_empty() => {
                 ngx::ngx_log_error!(NGX_LOG_WARN, log, "{}: strong_dependency=on: the registry lists no servers; starting with the configured ones", conf.log_prefix());
             }

@@ -11,10 +11,12 @@ use std::ptr;
 use ngx::ffi::*;
 use ngx::ngx_log_error;
 
+use crate::conf::Target;
 use crate::dump;
 use crate::module::SrvConf;
 use crate::net::conn::{send_pending, Sent};
 use crate::net::http::{build_request, ResponseParser};
+use crate::net::tls;
 use crate::registry::{retry_delay_ms, source_for, Snapshot, Source};
 use crate::servers::Diff;
 use crate::zone::{mono_ms, sockaddr_of, Zone};
@@ -39,9 +41,12 @@ pub struct Poller {
     lease_ms: u64,
     tick: ngx_event_t,
     wake: ngx_event_t,
-    /// Connection-level errors go to a copy of the cycle log that only shows critical
-    /// messages: the poller logs each state change itself, once.
+    /// The connection logs into this copy of the cycle log, which writes nothing: its
+    /// writer keeps the last message (`captured`), which a failure line may quote (the
+    /// OpenSSL reason of a failed handshake). The poller logs each state change itself,
+    /// once.
     quiet_log: ngx_log_t,
+    captured: String,
     pc: ngx_peer_connection_t,
     sockaddr: libc::sockaddr_storage,
     peer_name: ngx_str_t,
@@ -63,7 +68,8 @@ pub struct Poller {
     timeout_is_normal: bool,
     owner: bool,
     failures: u32,
-    last_error: Option<String>,
+    /// The distinct errors of the current outage, each logged once (bounded).
+    logged_errors: Vec<String>,
     empty_warned: bool,
     rng: u64,
 }
@@ -103,7 +109,7 @@ pub unsafe fn start(_cycle: *mut ngx_cycle_t, conf: &SrvConf) {
     let p: *mut Poller = Box::into_raw(Box::new(Poller {
         conf,
         zone,
-        source: source_for(spec, conf.token.as_deref()),
+        source: source_for(spec, conf.credential.as_ref()),
         prefix: conf.log_prefix(),
         interval_ms: interval,
         tick_ms,
@@ -114,6 +120,7 @@ pub unsafe fn start(_cycle: *mut ngx_cycle_t, conf: &SrvConf) {
         tick: zeroed(),
         wake: zeroed(),
         quiet_log: *cycle_log(),
+        captured: String::new(),
         pc: zeroed(),
         sockaddr: zeroed(),
         peer_name: ngx_str_t::empty(),
@@ -133,12 +140,15 @@ pub unsafe fn start(_cycle: *mut ngx_cycle_t, conf: &SrvConf) {
         timeout_is_normal: false,
         owner: false,
         failures: 0,
-        last_error: None,
+        logged_errors: Vec::new(),
         empty_warned: false,
         rng: (ngx_pid as u64) << 32 ^ mono_ms() ^ 0x9e37_79b9_7f4a_7c15,
     }));
     let me = &mut *p;
-    me.quiet_log.log_level = NGX_LOG_CRIT as ngx_uint_t;
+    me.quiet_log.log_level = NGX_LOG_INFO as ngx_uint_t;
+    me.quiet_log.writer = Some(capture_log);
+    me.quiet_log.wdata = p as *mut c_void;
+    me.quiet_log.next = ptr::null_mut();
     for (ev, handler) in [
         (
             &mut me.tick,
@@ -186,6 +196,31 @@ unsafe extern "C" fn conn_read_handler(ev: *mut ngx_event_t) {
 unsafe extern "C" fn conn_write_handler(ev: *mut ngx_event_t) {
     let c = (*ev).data as *mut ngx_connection_t;
     (*((*c).data as *mut Poller)).on_write(ev);
+}
+
+/// The quiet log's writer: keeps the message part of the last line (after the time,
+/// level, pid and connection number).
+unsafe extern "C" fn capture_log(
+    log: *mut ngx_log_t,
+    _level: ngx_uint_t,
+    buf: *mut u8,
+    len: usize,
+) {
+    let p = &mut *((*log).wdata as *mut Poller);
+    let line = String::from_utf8_lossy(std::slice::from_raw_parts(buf, len));
+    let msg = line
+        .find('#')
+        .and_then(|i| line[i..].find(": ").map(|j| &line[i + j + 2..]))
+        .unwrap_or(&line);
+    let msg = match msg.strip_prefix('*') {
+        Some(rest) => rest.split_once(' ').map_or(rest, |(_, m)| m),
+        None => msg,
+    };
+    p.captured = crate::servers::printable(msg.trim_end(), 300);
+}
+
+unsafe extern "C" fn tls_handshake_done(c: *mut ngx_connection_t) {
+    (*((*c).data as *mut Poller)).on_handshake(c);
 }
 
 /// `pc.get` for our own connection: the address is already set.
@@ -303,7 +338,10 @@ impl Poller {
         self.window_count += 1;
         self.source.start();
         let req = self.source.next_request();
-        let authority = self.conf().upsync.as_ref().unwrap().endpoint.authority();
+        let authority = {
+            let conf = self.conf();
+            conf.upsync.as_ref().unwrap().endpoint.hosts[self.target().host].authority()
+        };
         self.out = build_request(
             req.method,
             &req.path_and_query,
@@ -326,9 +364,25 @@ impl Poller {
         self.connect();
     }
 
-    unsafe fn connect(&mut self) {
+    /// Why the connection's last send or recv failed: what nginx logged for it (the
+    /// OpenSSL reason on a TLS connection), else the OS error.
+    fn io_error(&mut self) -> String {
+        let os = std::io::Error::last_os_error();
+        match std::mem::take(&mut self.captured) {
+            c if !c.is_empty() => c,
+            _ => os.to_string(),
+        }
+    }
+
+    /// The registry address in use (the failover list rotates on failures).
+    fn target(&self) -> Target {
         let addrs = &self.conf().addrs;
-        let addr = addrs[self.addr_index % addrs.len()];
+        addrs[self.addr_index % addrs.len()]
+    }
+
+    unsafe fn connect(&mut self) {
+        let addr = self.target().addr;
+        self.captured.clear();
         let (storage, len) = sockaddr_of(&addr);
         self.sockaddr = storage;
         self.peer_name_buf = addr.to_string().into_bytes();
@@ -373,6 +427,67 @@ impl Poller {
             return;
         }
         self.connecting = false;
+        self.established();
+    }
+
+    /// The TCP connection is up: start TLS for https registries, else send.
+    unsafe fn established(&mut self) {
+        let ssl = self.conf().ssl;
+        if ssl.is_null() {
+            return self.send();
+        }
+        let c = self.pc.connection;
+        if (*c).pool.is_null() {
+            (*c).pool = ngx_create_pool(1024, &mut self.quiet_log);
+            if (*c).pool.is_null() {
+                return self.fail("out of memory for the TLS session".into());
+            }
+        }
+        let name = self.conf().tls_name(&self.target());
+        match tls::start_handshake(c, ssl, &name, tls_handshake_done) {
+            rc if rc == NGX_AGAIN as ngx_int_t => {
+                let t = self.request_timeout.clamp(1_000, 5_000);
+                ngx_add_timer((*c).read, t as ngx_msec_t);
+            }
+            rc if rc == NGX_OK as ngx_int_t => self.on_handshake(c),
+            _ => {
+                let why = std::mem::take(&mut self.captured);
+                self.fail(format!(
+                    "TLS handshake with {} failed: {why}",
+                    self.target().addr
+                ));
+            }
+        }
+    }
+
+    /// The TLS handshake ended (or timed out): check the certificate, then send.
+    unsafe fn on_handshake(&mut self, c: *mut ngx_connection_t) {
+        let addr = self.target().addr;
+        let timed_out = (*(*c).read).timedout() != 0 || (*(*c).write).timedout() != 0;
+        (*(*c).read).set_timedout(0);
+        (*(*c).write).set_timedout(0);
+        for ev in [(*c).read, (*c).write] {
+            if (*ev).timer_set() != 0 {
+                ngx_del_timer(ev);
+            }
+        }
+        if (*(*c).ssl).handshaked() == 0 {
+            let why = std::mem::take(&mut self.captured);
+            return self.fail(if timed_out {
+                format!("TLS handshake with {addr} timed out")
+            } else {
+                format!("TLS handshake with {addr} failed: {why}")
+            });
+        }
+        let spec = self.conf().upsync.as_ref().unwrap().tls.as_ref().unwrap();
+        if spec.verify {
+            let name = self.conf().tls_name(&self.target());
+            if let Err(e) = tls::verify_peer((*(*c).ssl).connection as *mut SSL, &name) {
+                return self.fail(format!("{e} at {addr}"));
+            }
+        }
+        (*(*c).read).handler = Some(conn_read_handler);
+        (*(*c).write).handler = Some(conn_write_handler);
         self.send();
     }
 
@@ -412,6 +527,7 @@ impl Poller {
                 ));
                 return;
             }
+            return self.established();
         }
         self.send();
     }
@@ -422,8 +538,9 @@ impl Poller {
             Sent::All => {}
             Sent::Again => return,
             Sent::Error => {
-                let err = std::io::Error::last_os_error();
-                self.fail(format!("sending the request failed: {err}"));
+                let err = self.io_error();
+                let addr = self.target().addr;
+                self.fail(format!("sending the request to {addr} failed: {err}"));
                 return;
             }
         }
@@ -499,8 +616,9 @@ impl Poller {
                 }
                 return;
             } else {
-                let err = std::io::Error::last_os_error();
-                return self.fail(format!("reading the response failed: {err}"));
+                let err = self.io_error();
+                let addr = self.target().addr;
+                return self.fail(format!("reading the response from {addr} failed: {err}"));
             }
         }
     }
@@ -556,8 +674,9 @@ impl Poller {
         }
     }
 
-    /// Records a failed exchange: logs it once per distinct error, keeps the last good
-    /// set, and retries after a backoff delay (trying the next registry address).
+    /// Records a failed exchange: logs each distinct error once per outage, keeps the
+    /// last good set, and moves on to the next registry address: at once while the
+    /// round of addresses is not done, after a backoff delay once every one failed.
     unsafe fn fail(&mut self, msg: String) {
         self.close_connection();
         self.in_flight = false;
@@ -565,14 +684,40 @@ impl Poller {
         self.failures = self.failures.saturating_add(1);
         self.addr_index = self.addr_index.wrapping_add(1);
         self.source.reset();
-        let jitter = (self.random() % 1000) as f64 / 1000.0;
-        let delay = retry_delay_ms(self.interval_ms, self.failures, jitter);
-        if self.last_error.as_deref() != Some(msg.as_str()) {
+        let n = self.conf().addrs.len() as u32;
+        let (delay, next) = if n > 1 && self.failures % n != 0 {
+            (
+                0,
+                format!(
+                    "trying the next registry address {} now",
+                    self.target().addr
+                ),
+            )
+        } else {
+            let jitter = (self.random() % 1000) as f64 / 1000.0;
+            let rounds = self.failures.div_ceil(n.max(1));
+            let d = retry_delay_ms(self.interval_ms, rounds, jitter);
+            if n > 1 {
+                (
+                    d,
+                    format!(
+                        "every registry address failed; retrying {} in {d}ms",
+                        self.target().addr
+                    ),
+                )
+            } else {
+                (d, format!("retrying in {d}ms"))
+            }
+        };
+        if !self.logged_errors.contains(&msg) {
             self.log(
                 NGX_LOG_ERR,
-                &format!("{msg}; keeping the current servers, retrying in {delay}ms (further identical errors are not logged)"),
+                &format!("{msg}; keeping the current servers, {next} (further identical errors are not logged)"),
             );
-            self.last_error = Some(msg.clone());
+            if self.logged_errors.len() >= 16 {
+                self.logged_errors.remove(0);
+            }
+            self.logged_errors.push(msg.clone());
         }
         {
             let mut l = self.zone.lock();
@@ -584,16 +729,21 @@ impl Poller {
 
     unsafe fn apply(&mut self, snap: Snapshot) {
         if self.failures > 0 {
+            let at = if self.conf().addrs.len() > 1 {
+                format!(" (at {})", self.target().addr)
+            } else {
+                String::new()
+            };
             self.log(
                 NGX_LOG_NOTICE,
                 &format!(
-                    "registry answers again after {} failed attempts",
+                    "registry answers again after {} failed attempts{at}",
                     self.failures
                 ),
             );
         }
         self.failures = 0;
-        self.last_error = None;
+        self.logged_errors.clear();
         if snap.duplicates > 0 {
             self.log(
                 NGX_LOG_WARN,
@@ -667,7 +817,12 @@ impl Poller {
     unsafe fn close_connection(&mut self) {
         let c = self.pc.connection;
         if !c.is_null() {
+            tls::shutdown(c);
+            let pool = (*c).pool;
             ngx_close_connection(c);
+            if !pool.is_null() {
+                ngx_destroy_pool(pool);
+            }
             self.pc.connection = ptr::null_mut();
         }
         self.connecting = false;

@@ -50,19 +50,14 @@ impl SourceKind {
     }
 }
 
-/// Where a registry lives: `HOST[:PORT]/PATH[?QUERY]` (port 80 when omitted, as in the C module).
+/// One registry address: a host name or IP literal (without brackets) and a port.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    /// Host name or IP literal, without brackets.
+pub struct HostPort {
     pub host: String,
     pub port: u16,
-    /// Path with its leading `/`, without the query.
-    pub path: String,
-    /// The user's own query parameters (without `?`), kept and sent along.
-    pub query: String,
 }
 
-impl Endpoint {
+impl HostPort {
     /// `host:port` as sent in the Host header and shown in logs.
     pub fn authority(&self) -> String {
         if self.host.contains(':') {
@@ -73,13 +68,106 @@ impl Endpoint {
     }
 }
 
+/// Where a registry lives: `[http://|https://]HOST[:PORT][,HOST[:PORT]...]/PATH[?QUERY]`.
+/// Several hosts form a failover list, tried in order. The port is 80 when omitted (as
+/// in the C module), 443 with `https://`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// At least one; the first is tried first.
+    pub hosts: Vec<HostPort>,
+    /// `https://`: TLS to the registry.
+    pub tls: bool,
+    /// Path with its leading `/`, without the query.
+    pub path: String,
+    /// The user's own query parameters (without `?`), kept and sent along.
+    pub query: String,
+}
+
+impl Endpoint {
+    /// Every address, comma-separated, as configured.
+    pub fn authorities(&self) -> String {
+        self.hosts
+            .iter()
+            .map(HostPort::authority)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}{}", self.authority(), self.path)?;
+        if self.tls {
+            f.write_str("https://")?;
+        }
+        write!(f, "{}{}", self.authorities(), self.path)?;
         if !self.query.is_empty() {
             write!(f, "?{}", self.query)?;
         }
         Ok(())
+    }
+}
+
+/// One resolved registry address and the configured host it came from (an index into
+/// `Endpoint::hosts`, for the Host header and the TLS name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target {
+    pub addr: std::net::SocketAddr,
+    pub host: usize,
+}
+
+/// TLS to the registry (`https://` addresses), with nginx's `proxy_ssl_*` meanings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSpec {
+    /// `ssl_verify=`: check the certificate chain and the name (default on).
+    pub verify: bool,
+    /// `ssl_trusted_certificate=`: CA file; the system's default store when unset.
+    pub trusted_certificate: Option<String>,
+    /// `ssl_certificate=` and `ssl_certificate_key=`: client certificate (mutual TLS).
+    pub certificate: Option<(String, String)>,
+    /// `ssl_name=`: the name sent in SNI and checked against the certificate; each
+    /// address's own host when unset.
+    pub name: Option<String>,
+}
+
+/// The registry credential read from `token_file=`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// A Consul ACL token, sent as `X-Consul-Token`.
+    Token(String),
+    /// etcd user and password (`USER:PASSWORD` in the file): HTTP basic auth for v2, a
+    /// token from `/v3/auth/authenticate` for v3.
+    UserPassword { user: String, password: String },
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the secret, even in a debug dump.
+        match self {
+            Credential::Token(_) => f.write_str("Token(<hidden>)"),
+            Credential::UserPassword { user, .. } => write!(f, "UserPassword({user}, <hidden>)"),
+        }
+    }
+}
+
+/// Reads the content of a `token_file=` for a registry kind. The error says what the file
+/// must hold, never what it holds.
+pub fn parse_credential(kind: SourceKind, content: &str) -> Result<Credential, &'static str> {
+    let line = content.trim();
+    if line.is_empty() || line.contains(['\r', '\n']) || line.bytes().any(|b| b < b' ' || b == 0x7f)
+    {
+        return Err("must hold one non-empty line");
+    }
+    match kind {
+        SourceKind::ConsulKv | SourceKind::ConsulServices | SourceKind::ConsulHealth => {
+            Ok(Credential::Token(line.to_string()))
+        }
+        SourceKind::EtcdV2 | SourceKind::EtcdV3 => match line.split_once(':') {
+            Some((u, p)) if !u.is_empty() && !p.is_empty() => Ok(Credential::UserPassword {
+                user: u.to_string(),
+                password: p.to_string(),
+            }),
+            _ => Err("must hold USER:PASSWORD for etcd"),
+        },
     }
 }
 
@@ -98,6 +186,8 @@ pub struct UpsyncSpec {
     /// File holding the registry credential (Consul ACL token), read when the
     /// configuration is loaded so the secret stays out of nginx.conf.
     pub token_file: Option<String>,
+    /// Set for `https://` addresses.
+    pub tls: Option<TlsSpec>,
 }
 
 pub const DEFAULT_INTERVAL_MS: u64 = 5_000;
@@ -111,7 +201,7 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 360_000;
 /// handler prefixes the directive name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfError {
-    #[error("invalid address \"{0}\": expected HOST[:PORT]/PATH, for example 127.0.0.1:8500/v1/kv/upstreams/NAME/")]
+    #[error("invalid address \"{0}\": expected [https://]HOST[:PORT][,HOST[:PORT]...]/PATH, for example 127.0.0.1:8500/v1/kv/upstreams/NAME/")]
     Address(String),
     #[error("invalid port in \"{0}\": expected a number from 1 to 65535")]
     Port(String),
@@ -123,7 +213,7 @@ pub enum ConfError {
     Time(String),
     #[error("invalid value \"{0}\": it must be \"on\" or \"off\"")]
     OnOff(String),
-    #[error("unknown parameter \"{0}\"; accepted: upsync_type=, upsync_interval=, upsync_timeout=, strong_dependency=, zone_size=, token_file=")]
+    #[error("unknown parameter \"{0}\"; accepted: upsync_type=, upsync_interval=, upsync_timeout=, strong_dependency=, zone_size=, token_file=, ssl_verify=, ssl_trusted_certificate=, ssl_certificate=, ssl_certificate_key=, ssl_name=")]
     UnknownParam(String),
     #[error("invalid zone_size \"{0}\": expected a size of at least 64k, such as 8m")]
     ZoneSize(String),
@@ -135,49 +225,41 @@ pub enum ConfError {
         kind: &'static str,
         expected: &'static str,
     },
-    #[error(
-        "https registries are not supported yet in \"{0}\"; use plain http on a trusted network"
-    )]
-    Https(String),
+    #[error("\"{0}\" applies to https:// registry addresses only")]
+    TlsOnly(&'static str),
+    #[error("ssl_certificate= and ssl_certificate_key= must be given together")]
+    CertWithoutKey,
+    #[error("invalid ssl_name \"{0}\": expected a host name or IP address")]
+    TlsName(String),
+    #[error("too many registry addresses in \"{0}\": at most {max}", max = MAX_HOSTS)]
+    TooManyHosts(String),
     #[error("unknown method \"{0}\"; accepted: {accepted}", accepted = LbSpec::ACCEPTED)]
     UnknownLb(String),
 }
 
-/// Splits `HOST[:PORT]/PATH[?QUERY]` (an optional `http://` in front is accepted).
-pub fn parse_endpoint(arg: &str) -> Result<Endpoint, ConfError> {
-    if arg.starts_with("https://") {
-        return Err(ConfError::Https(arg.to_string()));
-    }
-    let rest = arg.strip_prefix("http://").unwrap_or(arg);
-    let slash = rest
-        .find('/')
-        .ok_or_else(|| ConfError::Address(arg.to_string()))?;
-    let (hostport, path_query) = rest.split_at(slash);
-    let (path, query) = match path_query.split_once('?') {
-        Some((p, q)) => (p, q),
-        None => (path_query, ""),
-    };
-    // No spaces or control characters anywhere in what goes on the request line: they
-    // would let a configuration inject headers into registry requests.
-    let unsafe_byte = |b: u8| b <= b' ' || b == 0x7f;
-    if hostport.is_empty()
-        || path.len() < 2
-        || path.bytes().any(unsafe_byte)
-        || query.bytes().any(unsafe_byte)
-    {
-        return Err(ConfError::Address(arg.to_string()));
-    }
+/// Most registry addresses in one failover list.
+pub const MAX_HOSTS: usize = 16;
+
+fn valid_host(host: &str) -> bool {
+    !host.is_empty()
+        && (host.parse::<std::net::Ipv6Addr>().is_ok()
+            || host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_'))
+}
+
+/// One `HOST[:PORT]` of the address list.
+fn parse_host_port(hostport: &str, default_port: u16, arg: &str) -> Result<HostPort, ConfError> {
+    let bad = || ConfError::Address(arg.to_string());
     let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-        let (h, after) = v6
-            .split_once(']')
-            .ok_or_else(|| ConfError::Address(arg.to_string()))?;
+        let (h, after) = v6.split_once(']').ok_or_else(bad)?;
         if h.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err(ConfError::Address(arg.to_string()));
+            return Err(bad());
         }
         match after {
             "" => (h, None),
             p if p.starts_with(':') => (h, Some(&p[1..])),
-            _ => return Err(ConfError::Address(arg.to_string())),
+            _ => return Err(bad()),
         }
     } else {
         match hostport.split_once(':') {
@@ -185,24 +267,57 @@ pub fn parse_endpoint(arg: &str) -> Result<Endpoint, ConfError> {
             None => (hostport, None),
         }
     };
-    let host_ok = !host.is_empty()
-        && (host.contains(':')
-            || host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_'));
-    if !host_ok {
-        return Err(ConfError::Address(arg.to_string()));
+    if host.contains(':') && !hostport.starts_with('[') || !valid_host(host) {
+        return Err(bad());
     }
     let port = match port {
-        None => 80,
+        None => default_port,
         Some(p) => match p.parse::<u16>() {
             Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => n,
             _ => return Err(ConfError::Port(arg.to_string())),
         },
     };
-    Ok(Endpoint {
+    Ok(HostPort {
         host: host.to_string(),
         port,
+    })
+}
+
+/// Splits `[http://|https://]HOST[:PORT][,HOST[:PORT]...]/PATH[?QUERY]`.
+pub fn parse_endpoint(arg: &str) -> Result<Endpoint, ConfError> {
+    let (tls, rest) = match arg.strip_prefix("https://") {
+        Some(r) => (true, r),
+        None => (false, arg.strip_prefix("http://").unwrap_or(arg)),
+    };
+    let slash = rest
+        .find('/')
+        .ok_or_else(|| ConfError::Address(arg.to_string()))?;
+    let (hostlist, path_query) = rest.split_at(slash);
+    let (path, query) = match path_query.split_once('?') {
+        Some((p, q)) => (p, q),
+        None => (path_query, ""),
+    };
+    // No spaces or control characters anywhere in what goes on the request line: they
+    // would let a configuration inject headers into registry requests.
+    let unsafe_byte = |b: u8| b <= b' ' || b == 0x7f;
+    if hostlist.is_empty()
+        || path.len() < 2
+        || path.bytes().any(unsafe_byte)
+        || query.bytes().any(unsafe_byte)
+    {
+        return Err(ConfError::Address(arg.to_string()));
+    }
+    let default_port = if tls { 443 } else { 80 };
+    let hosts = hostlist
+        .split(',')
+        .map(|hp| parse_host_port(hp, default_port, arg))
+        .collect::<Result<Vec<_>, _>>()?;
+    if hosts.len() > MAX_HOSTS {
+        return Err(ConfError::TooManyHosts(arg.to_string()));
+    }
+    Ok(Endpoint {
+        hosts,
+        tls,
         path: path.to_string(),
         query: query.to_string(),
     })
@@ -279,6 +394,11 @@ pub fn parse_upsync(args: &[&str]) -> Result<UpsyncSpec, ConfError> {
     let mut strong = None;
     let mut zone_size = None;
     let mut token_file = None;
+    let mut ssl_verify = None;
+    let mut ssl_trusted = None;
+    let mut ssl_cert = None;
+    let mut ssl_key = None;
+    let mut ssl_name = None;
     for arg in &args[1..] {
         let (k, v) = arg
             .split_once('=')
@@ -316,6 +436,29 @@ pub fn parse_upsync(args: &[&str]) -> Result<UpsyncSpec, ConfError> {
                 }
                 token_file = Some(v.to_string());
             }
+            "ssl_verify" => {
+                dup(ssl_verify.is_some(), "ssl_verify")?;
+                ssl_verify = Some(parse_on_off(v)?);
+            }
+            "ssl_trusted_certificate" | "ssl_certificate" | "ssl_certificate_key" => {
+                let (slot, name) = match k {
+                    "ssl_trusted_certificate" => (&mut ssl_trusted, "ssl_trusted_certificate"),
+                    "ssl_certificate" => (&mut ssl_cert, "ssl_certificate"),
+                    _ => (&mut ssl_key, "ssl_certificate_key"),
+                };
+                dup(slot.is_some(), name)?;
+                if v.is_empty() {
+                    return Err(ConfError::UnknownParam(arg.to_string()));
+                }
+                *slot = Some(v.to_string());
+            }
+            "ssl_name" => {
+                dup(ssl_name.is_some(), "ssl_name")?;
+                if !valid_host(v) {
+                    return Err(ConfError::TlsName(v.to_string()));
+                }
+                ssl_name = Some(v.to_string());
+            }
             "zone_size" => {
                 dup(zone_size.is_some(), "zone_size")?;
                 zone_size = Some(
@@ -329,6 +472,31 @@ pub fn parse_upsync(args: &[&str]) -> Result<UpsyncSpec, ConfError> {
     }
     let kind = kind.ok_or(ConfError::MissingType)?;
     normalize_path(kind, &mut endpoint)?;
+    let tls = if endpoint.tls {
+        let certificate = match (ssl_cert, ssl_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => return Err(ConfError::CertWithoutKey),
+        };
+        Some(TlsSpec {
+            verify: ssl_verify.unwrap_or(true),
+            trusted_certificate: ssl_trusted,
+            certificate,
+            name: ssl_name,
+        })
+    } else {
+        let given = [
+            (ssl_verify.is_some(), "ssl_verify="),
+            (ssl_trusted.is_some(), "ssl_trusted_certificate="),
+            (ssl_cert.is_some(), "ssl_certificate="),
+            (ssl_key.is_some(), "ssl_certificate_key="),
+            (ssl_name.is_some(), "ssl_name="),
+        ];
+        if let Some((_, name)) = given.iter().find(|(set, _)| *set) {
+            return Err(ConfError::TlsOnly(name));
+        }
+        None
+    };
     Ok(UpsyncSpec {
         endpoint,
         kind,
@@ -337,6 +505,7 @@ pub fn parse_upsync(args: &[&str]) -> Result<UpsyncSpec, ConfError> {
         strong_dependency: strong.unwrap_or(false),
         zone_size: zone_size.unwrap_or(DEFAULT_ZONE_SIZE),
         token_file,
+        tls,
     })
 }
 
@@ -434,8 +603,9 @@ mod tests {
             "strong_dependency=on",
         ]);
         assert_eq!(s.kind, SourceKind::ConsulKv);
-        assert_eq!(s.endpoint.host, "127.0.0.1");
-        assert_eq!(s.endpoint.port, 8500);
+        assert_eq!(s.endpoint.hosts[0].host, "127.0.0.1");
+        assert_eq!(s.endpoint.hosts[0].port, 8500);
+        assert_eq!(s.tls, None);
         assert_eq!(s.endpoint.path, "/v1/kv/upstreams/my_tcp_backend/");
         assert_eq!(
             (s.interval_ms, s.timeout_ms, s.strong_dependency),
@@ -462,17 +632,123 @@ mod tests {
     #[test]
     fn endpoint_forms() {
         let e = parse_endpoint("consul.service:8500/v1/kv/a/").unwrap();
-        assert_eq!((e.host.as_str(), e.port), ("consul.service", 8500));
+        assert_eq!(
+            (e.hosts[0].host.as_str(), e.hosts[0].port),
+            ("consul.service", 8500)
+        );
         let e = parse_endpoint("consul/v1/kv/a/").unwrap();
-        assert_eq!(e.port, 80);
+        assert_eq!(e.hosts[0].port, 80);
         let e = parse_endpoint("[::1]:8500/v1/kv/a/?dc=dc2").unwrap();
         assert_eq!(
-            (e.host.as_str(), e.port, e.query.as_str()),
+            (e.hosts[0].host.as_str(), e.hosts[0].port, e.query.as_str()),
             ("::1", 8500, "dc=dc2")
         );
         assert_eq!(e.to_string(), "[::1]:8500/v1/kv/a/?dc=dc2");
         let e = parse_endpoint("http://127.0.0.1:8500/v1/kv/a/").unwrap();
-        assert_eq!(e.authority(), "127.0.0.1:8500");
+        assert_eq!(e.authorities(), "127.0.0.1:8500");
+        assert!(!e.tls);
+    }
+
+    #[test]
+    fn failover_lists_and_tls() {
+        let e = parse_endpoint("https://10.0.0.1:2379,etcd-b,[::1]:2381/v2/keys/x/").unwrap();
+        assert!(e.tls);
+        assert_eq!(e.authorities(), "10.0.0.1:2379,etcd-b:443,[::1]:2381");
+        assert_eq!(
+            e.to_string(),
+            "https://10.0.0.1:2379,etcd-b:443,[::1]:2381/v2/keys/x/"
+        );
+        for bad in [
+            "a:1,/v1/kv/x/",
+            ",a:1/v1/kv/x/",
+            "a:1,,b:2/v1/kv/x/",
+            "::1/v1/kv/x/",
+            "https:///v1/kv/x/",
+        ] {
+            assert!(
+                matches!(parse_endpoint(bad), Err(ConfError::Address(_))),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            parse_endpoint("a:1,b:x/v1/kv/x/"),
+            Err(ConfError::Port(_))
+        ));
+        let many = vec!["h:1"; MAX_HOSTS + 1].join(",") + "/v1/kv/x/";
+        assert!(matches!(
+            parse_endpoint(&many),
+            Err(ConfError::TooManyHosts(_))
+        ));
+
+        let s = ok(&["https://127.0.0.1:2379/p/", "upsync_type=etcdv3"]);
+        assert_eq!(
+            s.tls,
+            Some(TlsSpec {
+                verify: true,
+                trusted_certificate: None,
+                certificate: None,
+                name: None
+            })
+        );
+        let s = ok(&[
+            "https://127.0.0.1:2379/p/",
+            "upsync_type=etcdv3",
+            "ssl_verify=off",
+            "ssl_trusted_certificate=/ca.pem",
+            "ssl_certificate=/c.pem",
+            "ssl_certificate_key=/k.pem",
+            "ssl_name=etcd.internal",
+        ]);
+        let t = s.tls.unwrap();
+        assert!(!t.verify);
+        assert_eq!(t.trusted_certificate.as_deref(), Some("/ca.pem"));
+        assert_eq!(t.certificate, Some(("/c.pem".into(), "/k.pem".into())));
+        assert_eq!(t.name.as_deref(), Some("etcd.internal"));
+        let err = |a: &[&str]| parse_upsync(a).unwrap_err();
+        assert_eq!(
+            err(&["127.0.0.1:2379/p/", "upsync_type=etcdv3", "ssl_verify=off"]),
+            ConfError::TlsOnly("ssl_verify=")
+        );
+        assert_eq!(
+            err(&["https://h:1/p/", "upsync_type=etcdv3", "ssl_certificate=/c"]),
+            ConfError::CertWithoutKey
+        );
+        assert_eq!(
+            err(&["https://h:1/p/", "upsync_type=etcdv3", "ssl_name=a b"]),
+            ConfError::TlsName("a b".into())
+        );
+    }
+
+    #[test]
+    fn credentials_per_registry() {
+        assert_eq!(
+            parse_credential(SourceKind::ConsulKv, "  abc-123\n"),
+            Ok(Credential::Token("abc-123".into()))
+        );
+        assert_eq!(
+            parse_credential(SourceKind::EtcdV3, "root:pa:ss\n"),
+            Ok(Credential::UserPassword {
+                user: "root".into(),
+                password: "pa:ss".into()
+            })
+        );
+        for (kind, bad) in [
+            (SourceKind::EtcdV2, "nopassword"),
+            (SourceKind::EtcdV2, ":pw"),
+            (SourceKind::EtcdV3, "user:"),
+            (SourceKind::ConsulKv, ""),
+            (SourceKind::ConsulKv, "a\nb"),
+        ] {
+            assert!(parse_credential(kind, bad).is_err(), "{bad:?}");
+        }
+        let dbg = format!(
+            "{:?}",
+            Credential::UserPassword {
+                user: "u".into(),
+                password: "s3cret".into()
+            }
+        );
+        assert!(!dbg.contains("s3cret"), "{dbg}");
     }
 
     #[test]
@@ -568,8 +844,12 @@ mod tests {
                 matches!(e, PathForKind { .. })
             }),
             (
-                &["https://127.0.0.1:8500/v1/kv/a/", "upsync_type=consul"],
-                |e| matches!(e, Https(_)),
+                &[
+                    "127.0.0.1:8500/v1/kv/a/",
+                    "upsync_type=consul",
+                    "ssl_name=x",
+                ],
+                |e| matches!(e, TlsOnly(_)),
             ),
         ];
         for (args, check) in cases {

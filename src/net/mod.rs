@@ -2,3 +2,5 @@
 #[cfg(not(test))]
 pub mod conn;
 pub mod http;
+#[cfg(not(test))]
+pub mod tls;

@@ -5,7 +5,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 
 use super::{excerpt, RegistryError, Request, Snapshot, Source};
-use crate::conf::{SourceKind, UpsyncSpec};
+use crate::conf::{Credential, SourceKind, UpsyncSpec};
 use crate::net::http::Head;
 use crate::servers::{apply_json_attrs, apply_tags, parse_addr, ServerSpec};
 
@@ -47,8 +47,11 @@ pub struct Consul {
 }
 
 impl Consul {
-    pub fn with_token(mut self, token: Option<&str>) -> Consul {
-        self.token_header = token.map(|t| format!("X-Consul-Token: {t}"));
+    pub fn with_credential(mut self, cred: Option<&Credential>) -> Consul {
+        self.token_header = match cred {
+            Some(Credential::Token(t)) => Some(format!("X-Consul-Token: {t}")),
+            _ => None,
+        };
         self
     }
 
@@ -309,7 +312,7 @@ mod tests {
         assert!(snap.advanced);
         assert!(c.next_request().path_and_query.contains("index=17&"));
         assert!(c.next_request().headers.is_empty());
-        let mut t = kv_source().with_token(Some("s3cr3t"));
+        let mut t = kv_source().with_credential(Some(&Credential::Token("s3cr3t".into())));
         assert_eq!(
             t.next_request().headers,
             vec!["X-Consul-Token: s3cr3t".to_string()]

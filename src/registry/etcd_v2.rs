@@ -10,10 +10,12 @@
 //! - a watch from an index older than the last 1000 events is 400 with errorCode 401
 //!   ("the event in requested index is outdated and cleared"): read everything again.
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 use serde::Deserialize;
 
 use super::{excerpt, RegistryError, Request, Snapshot, Source};
-use crate::conf::UpsyncSpec;
+use crate::conf::{Credential, UpsyncSpec};
 use crate::net::http::Head;
 use crate::servers::{apply_json_attrs, parse_addr, ServerSpec};
 
@@ -26,6 +28,8 @@ pub struct EtcdV2 {
     read_index: u64,
     timeout_ms: u64,
     note: Option<String>,
+    /// `Authorization: Basic ...` when `token_file=` holds USER:PASSWORD.
+    auth_header: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -64,7 +68,99 @@ impl EtcdV2 {
             read_index: 0,
             timeout_ms: spec.timeout_ms,
             note: None,
+            auth_header: None,
         }
+    }
+
+    pub fn with_credential(mut self, cred: Option<&Credential>) -> EtcdV2 {
+        self.auth_header = match cred {
+            Some(Credential::UserPassword { user, password }) => Some(format!(
+                "Authorization: Basic {}",
+                B64.encode(format!("{user}:{password}"))
+            )),
+            _ => None,
+        };
+        self
+    }
+
+    fn request(&self) -> Request {
+        let extra = if self.user_query.is_empty() {
+            String::new()
+        } else {
+            format!("&{}", self.user_query)
+        };
+        if self.wait_index == 0 {
+            Request::get(
+                format!("{}?recursive=true{extra}", self.path),
+                self.timeout_ms.min(30_000),
+            )
+        } else {
+            Request {
+                timeout_is_normal: true,
+                ..Request::get(
+                    format!(
+                        "{}?wait=true&recursive=true&waitIndex={}{extra}",
+                        self.path, self.wait_index
+                    ),
+                    self.timeout_ms,
+                )
+            }
+        }
+    }
+
+    fn handle_response(
+        &mut self,
+        head: &Head,
+        body: &[u8],
+        watching: bool,
+    ) -> Result<Option<Snapshot>, RegistryError> {
+        if head.status != 200 {
+            let err: Option<EtcdError> = serde_json::from_slice(body).ok();
+            return match (head.status, err) {
+                (404, Some(e)) if e.error_code == 100 && !watching => {
+                    let index = Self::etcd_index(head)?;
+                    self.read_index = index;
+                    self.wait_index = index.saturating_add(1);
+                    Ok(Some(Snapshot::new(Vec::new(), true)))
+                }
+                (400, Some(e)) if e.error_code == 401 && watching => {
+                    // History cleared past our index: read everything again.
+                    self.note = Some(format!(
+                        "etcd no longer has the events since index {} (it keeps the last 1000); reading everything again",
+                        self.wait_index
+                    ));
+                    self.wait_index = 0;
+                    Ok(None)
+                }
+                (code, Some(e)) => Err(RegistryError::Status {
+                    code,
+                    body: format!(
+                        "etcd error {}: {}",
+                        e.error_code,
+                        excerpt(e.message.as_bytes())
+                    ),
+                }),
+                (code, None) => Err(RegistryError::Status {
+                    code,
+                    body: excerpt(body),
+                }),
+            };
+        }
+        if watching {
+            // An event: make sure it is well formed, then read the whole directory again.
+            let r: Response =
+                serde_json::from_slice(body).map_err(|e| RegistryError::Json(e.to_string()))?;
+            if r.action.is_empty() {
+                return Err(RegistryError::Json("watch event has no \"action\"".into()));
+            }
+            self.wait_index = 0;
+            return Ok(None);
+        }
+        let index = Self::etcd_index(head)?;
+        let servers = parse_listing(body)?;
+        self.read_index = index;
+        self.wait_index = index.saturating_add(1);
+        Ok(Some(Snapshot::new(servers, true)))
     }
 
     fn etcd_index(head: &Head) -> Result<u64, RegistryError> {
@@ -115,79 +211,26 @@ pub fn parse_listing(body: &[u8]) -> Result<Vec<ServerSpec>, RegistryError> {
 
 impl Source for EtcdV2 {
     fn next_request(&self) -> Request {
-        let extra = if self.user_query.is_empty() {
-            String::new()
-        } else {
-            format!("&{}", self.user_query)
-        };
-        if self.wait_index == 0 {
-            Request::get(
-                format!("{}?recursive=true{extra}", self.path),
-                self.timeout_ms.min(30_000),
-            )
-        } else {
-            Request {
-                timeout_is_normal: true,
-                ..Request::get(
-                    format!(
-                        "{}?wait=true&recursive=true&waitIndex={}{extra}",
-                        self.path, self.wait_index
-                    ),
-                    self.timeout_ms,
-                )
-            }
-        }
+        let mut r = self.request();
+        r.headers.extend(self.auth_header.clone());
+        r
     }
 
     fn handle(&mut self, head: &Head, body: &[u8]) -> Result<Option<Snapshot>, RegistryError> {
         let watching = self.wait_index != 0;
-        if head.status != 200 {
-            let err: Option<EtcdError> = serde_json::from_slice(body).ok();
-            return match (head.status, err) {
-                (404, Some(e)) if e.error_code == 100 && !watching => {
-                    let index = Self::etcd_index(head)?;
-                    self.read_index = index;
-                    self.wait_index = index.saturating_add(1);
-                    Ok(Some(Snapshot::new(Vec::new(), true)))
-                }
-                (400, Some(e)) if e.error_code == 401 && watching => {
-                    // History cleared past our index: read everything again.
-                    self.note = Some(format!(
-                        "etcd no longer has the events since index {} (it keeps the last 1000); reading everything again",
-                        self.wait_index
-                    ));
-                    self.wait_index = 0;
-                    Ok(None)
-                }
-                (code, Some(e)) => Err(RegistryError::Status {
-                    code,
-                    body: format!(
-                        "etcd error {}: {}",
-                        e.error_code,
-                        excerpt(e.message.as_bytes())
-                    ),
-                }),
-                (code, None) => Err(RegistryError::Status {
-                    code,
-                    body: excerpt(body),
-                }),
+        if head.status == 401 {
+            // Basic auth refused or missing (errorCode 401 of a watch comes as HTTP 400).
+            let why = serde_json::from_slice::<EtcdError>(body)
+                .map(|e| excerpt(e.message.as_bytes()))
+                .unwrap_or_else(|_| excerpt(body));
+            let hint = if self.auth_header.is_some() {
+                "the user and password of token_file= were refused"
+            } else {
+                "etcd requires a user and password: set token_file= to a file holding USER:PASSWORD"
             };
+            return Err(RegistryError::Auth(format!("{hint} (HTTP 401: \"{why}\")")));
         }
-        if watching {
-            // An event: make sure it is well formed, then read the whole directory again.
-            let r: Response =
-                serde_json::from_slice(body).map_err(|e| RegistryError::Json(e.to_string()))?;
-            if r.action.is_empty() {
-                return Err(RegistryError::Json("watch event has no \"action\"".into()));
-            }
-            self.wait_index = 0;
-            return Ok(None);
-        }
-        let index = Self::etcd_index(head)?;
-        let servers = parse_listing(body)?;
-        self.read_index = index;
-        self.wait_index = index.saturating_add(1);
-        Ok(Some(Snapshot::new(servers, true)))
+        self.handle_response(head, body, watching)
     }
 
     fn take_note(&mut self) -> Option<String> {
@@ -197,7 +240,6 @@ impl Source for EtcdV2 {
     fn reset(&mut self) {
         self.wait_index = 0;
     }
-
     fn position(&self) -> u64 {
         self.read_index
     }
@@ -292,5 +334,39 @@ mod tests {
             s.handle(&head(200, None), br#"{"action":"get","node":{"dir":true}}"#),
             Err(RegistryError::MissingHeader(_))
         ));
+    }
+
+    #[test]
+    fn basic_auth() {
+        let spec =
+            crate::conf::parse_upsync(&["127.0.0.1:2379/v2/keys/u", "upsync_type=etcd"]).unwrap();
+        let cred = crate::conf::Credential::UserPassword {
+            user: "root".into(),
+            password: "s3cret".into(),
+        };
+        let mut s = EtcdV2::new(&spec).with_credential(Some(&cred));
+        assert_eq!(
+            s.next_request().headers,
+            vec![format!(
+                "Authorization: Basic {}",
+                B64.encode("root:s3cret")
+            )]
+        );
+        let e = s
+            .handle(
+                &head(401, None),
+                br#"{"message":"Insufficient credentials"}"#,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("were refused") && e.contains("Insufficient credentials"),
+            "{e}"
+        );
+        assert!(!e.contains("s3cret"));
+        let mut anon = EtcdV2::new(&spec);
+        assert!(anon.next_request().headers.is_empty());
+        let e = anon.handle(&head(401, None), b"").unwrap_err().to_string();
+        assert!(e.contains("USER:PASSWORD"), "{e}");
     }
 }

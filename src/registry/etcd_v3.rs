@@ -13,7 +13,7 @@ use base64::Engine as _;
 use serde_json::Value;
 
 use super::{excerpt, RegistryError, Request, Snapshot, Source};
-use crate::conf::UpsyncSpec;
+use crate::conf::{Credential, UpsyncSpec};
 use crate::net::http::Head;
 use crate::servers::{apply_json_attrs, parse_addr, ServerSpec};
 
@@ -26,6 +26,19 @@ pub struct EtcdV3 {
     note: Option<String>,
     /// Bytes of the current watch stream already parsed.
     scanned: usize,
+    /// User and password from `token_file=`: requests carry a token from
+    /// `/v3/auth/authenticate`, fetched first and again when etcd stops accepting it.
+    credential: Option<(String, String)>,
+    token: Option<String>,
+    /// The token was just issued: if etcd refuses it anyway, authenticating again would
+    /// loop, so that is an error.
+    fresh_token: bool,
+}
+
+/// Whether an etcd error text says the auth token is no longer valid (expired, revoked,
+/// or issued by a member that restarted).
+fn token_rejected(text: &str) -> bool {
+    text.contains("invalid auth token") || text.contains("permission denied")
 }
 
 /// The end of a prefix range: the prefix with its last byte incremented.
@@ -179,7 +192,78 @@ impl EtcdV3 {
             timeout_ms: spec.timeout_ms,
             note: None,
             scanned: 0,
+            credential: None,
+            token: None,
+            fresh_token: false,
         }
+    }
+
+    pub fn with_credential(mut self, cred: Option<&Credential>) -> EtcdV3 {
+        self.credential = match cred {
+            Some(Credential::UserPassword { user, password }) => {
+                Some((user.clone(), password.clone()))
+            }
+            _ => None,
+        };
+        self
+    }
+
+    fn authenticating(&self) -> bool {
+        self.credential.is_some() && self.token.is_none()
+    }
+
+    /// The authenticate exchange's answer: the token, or why there is none.
+    fn take_token(&mut self, head: &Head, body: &[u8]) -> Result<Option<Snapshot>, RegistryError> {
+        let user = self.credential.as_ref().map(|c| c.0.as_str()).unwrap_or("");
+        let v: Option<Value> = serde_json::from_slice(body).ok();
+        let token = v
+            .as_ref()
+            .and_then(|v| v.get("token"))
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty() && t.bytes().all(|b| b > b' ' && b < 0x7f));
+        match token {
+            Some(t) if head.status == 200 => {
+                self.token = Some(t.to_string());
+                self.fresh_token = true;
+                Ok(None)
+            }
+            _ => {
+                let why = v
+                    .as_ref()
+                    .and_then(|v| v.get("message").or_else(|| v.get("error")))
+                    .and_then(Value::as_str)
+                    .map(|m| excerpt(m.as_bytes()))
+                    .unwrap_or_else(|| format!("HTTP {}: {}", head.status, excerpt(body)));
+                Err(RegistryError::Auth(format!(
+                    "etcd refused user \"{}\" of token_file=: {why}",
+                    excerpt(user.as_bytes())
+                )))
+            }
+        }
+    }
+
+    /// A request was refused for its token: forget it and authenticate again at once,
+    /// unless the token was brand new.
+    fn token_refused(&mut self, why: &str) -> Result<Option<Snapshot>, RegistryError> {
+        if self.fresh_token || self.credential.is_none() {
+            let hint = if self.credential.is_none() {
+                "etcd requires authentication: set token_file= to a file holding USER:PASSWORD"
+            } else {
+                "etcd refuses a token it has just issued (check the user's role grants the prefix)"
+            };
+            self.token = None;
+            return Err(RegistryError::Auth(format!(
+                "{hint} ({})",
+                excerpt(why.as_bytes())
+            )));
+        }
+        self.token = None;
+        self.watch_from = 0;
+        self.note = Some(
+            "the etcd auth token is no longer accepted (expired or revoked); authenticating again"
+                .into(),
+        );
+        Ok(None)
     }
 
     fn range_json(&self) -> String {
@@ -193,6 +277,75 @@ impl EtcdV3 {
 
 impl Source for EtcdV3 {
     fn next_request(&self) -> Request {
+        let mut r = self.request();
+        if let Some(t) = &self.token {
+            r.headers.push(format!("Authorization: {t}"));
+        }
+        r
+    }
+
+    fn start(&mut self) {
+        self.scanned = 0;
+    }
+
+    fn on_partial(&mut self, head: &Head, body: &[u8]) -> bool {
+        self.watch_from != 0
+            && !self.authenticating()
+            && head.status == 200
+            && watch_state_from(body, &mut self.scanned) != WatchState::Waiting
+    }
+
+    fn handle(&mut self, head: &Head, body: &[u8]) -> Result<Option<Snapshot>, RegistryError> {
+        self.scanned = 0;
+        if self.authenticating() {
+            return self.take_token(head, body);
+        }
+        let result = self.handle_response(head, body);
+        match &result {
+            Err(RegistryError::Status { body: why, .. }) | Err(RegistryError::Json(why))
+                if token_rejected(why) || (head.status == 401 && self.token.is_some()) =>
+            {
+                let why = why.clone();
+                return self.token_refused(&why);
+            }
+            Err(RegistryError::Status {
+                code: 401,
+                body: why,
+            }) => {
+                let why = why.clone();
+                return self.token_refused(&why);
+            }
+            Ok(_) => self.fresh_token = false,
+            Err(_) => {}
+        }
+        result
+    }
+
+    fn take_note(&mut self) -> Option<String> {
+        self.note.take()
+    }
+
+    fn reset(&mut self) {
+        self.watch_from = 0;
+        self.scanned = 0;
+    }
+
+    fn position(&self) -> u64 {
+        self.revision
+    }
+}
+
+impl EtcdV3 {
+    fn request(&self) -> Request {
+        if let Some((user, password)) = self.credential.as_ref().filter(|_| self.authenticating()) {
+            return Request {
+                method: "POST",
+                body: serde_json::json!({ "name": user, "password": password })
+                    .to_string()
+                    .into_bytes(),
+                ..Request::get("/v3/auth/authenticate".into(), self.timeout_ms.min(30_000))
+            };
+        }
         if self.watch_from == 0 {
             Request {
                 method: "POST",
@@ -214,18 +367,11 @@ impl Source for EtcdV3 {
         }
     }
 
-    fn start(&mut self) {
-        self.scanned = 0;
-    }
-
-    fn on_partial(&mut self, head: &Head, body: &[u8]) -> bool {
-        self.watch_from != 0
-            && head.status == 200
-            && watch_state_from(body, &mut self.scanned) != WatchState::Waiting
-    }
-
-    fn handle(&mut self, head: &Head, body: &[u8]) -> Result<Option<Snapshot>, RegistryError> {
-        self.scanned = 0;
+    fn handle_response(
+        &mut self,
+        head: &Head,
+        body: &[u8],
+    ) -> Result<Option<Snapshot>, RegistryError> {
         if head.status != 200 {
             return Err(RegistryError::Status {
                 code: head.status,
@@ -248,19 +394,6 @@ impl Source for EtcdV3 {
         self.revision = revision;
         self.watch_from = revision.saturating_add(1);
         Ok(Some(Snapshot::new(servers, true)))
-    }
-
-    fn take_note(&mut self) -> Option<String> {
-        self.note.take()
-    }
-
-    fn reset(&mut self) {
-        self.watch_from = 0;
-        self.scanned = 0;
-    }
-
-    fn position(&self) -> u64 {
-        self.revision
     }
 }
 
@@ -350,5 +483,74 @@ mod tests {
         );
         assert!(parse_range(bad.as_bytes(), "/u/").is_err());
         assert!(parse_range(br#"{"kvs":[]}"#, "/u/").is_err());
+    }
+
+    #[test]
+    fn token_auth_and_reauth() {
+        let cred = Credential::UserPassword {
+            user: "upsync".into(),
+            password: "pw\"1".into(),
+        };
+        let mut s = EtcdV3::new(
+            &parse_upsync(&["127.0.0.1:2379/upstreams/x", "upsync_type=etcdv3"]).unwrap(),
+        )
+        .with_credential(Some(&cred));
+        let r = s.next_request();
+        assert_eq!(r.path_and_query, "/v3/auth/authenticate");
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(
+            (body["name"].as_str(), body["password"].as_str()),
+            (Some("upsync"), Some("pw\"1"))
+        );
+        assert!(r.headers.is_empty());
+        // refused credentials: a clear error naming the user, never the password
+        let e = s
+            .handle(
+                &head(400),
+                br#"{"error":"etcdserver: authentication failed, invalid user ID or password","code":3}"#,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"upsync\"") && e.contains("invalid user ID") && !e.contains("pw"),
+            "{e}"
+        );
+        assert_eq!(s.next_request().path_and_query, "/v3/auth/authenticate");
+        // a token: every later request carries it
+        assert_eq!(
+            s.handle(&head(200), br#"{"header":{},"token":"tok.42"}"#)
+                .unwrap(),
+            None
+        );
+        let r = s.next_request();
+        assert_eq!(r.path_and_query, "/v3/kv/range");
+        assert_eq!(r.headers, vec!["Authorization: tok.42".to_string()]);
+        let range = br#"{"header":{"revision":"3"}}"#;
+        assert!(s.handle(&head(200), range).unwrap().is_some());
+        // the token expires: authenticate again at once, with a note
+        s.reset();
+        let expired = br#"{"error":"etcdserver: invalid auth token","code":16,"message":"etcdserver: invalid auth token"}"#;
+        assert_eq!(s.handle(&head(401), expired).unwrap(), None);
+        assert!(s.take_note().unwrap().contains("authenticating again"));
+        assert_eq!(s.next_request().path_and_query, "/v3/auth/authenticate");
+        // a fresh token refused at once is an error, not a loop
+        assert_eq!(
+            s.handle(&head(200), br#"{"token":"tok.43"}"#).unwrap(),
+            None
+        );
+        let e = s.handle(&head(401), expired).unwrap_err().to_string();
+        assert!(e.contains("just issued"), "{e}");
+        // no credentials configured, etcd wants them
+        let mut anon = EtcdV3::new(
+            &parse_upsync(&["127.0.0.1:2379/upstreams/x", "upsync_type=etcdv3"]).unwrap(),
+        );
+        let e = anon
+            .handle(
+                &head(401),
+                br#"{"error":"etcdserver: user name is empty","code":16}"#,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("set token_file="), "{e}");
     }
 }

@@ -8,7 +8,7 @@ pub mod etcd_v3;
 
 use std::fmt;
 
-use crate::conf::{SourceKind, UpsyncSpec};
+use crate::conf::{Credential, SourceKind, UpsyncSpec};
 use crate::net::http::Head;
 use crate::servers::{normalize, ServerSpec, SpecError};
 
@@ -79,6 +79,8 @@ pub enum RegistryError {
     },
     /// Consul hid entries this token may not read: applying the rest would drop servers.
     AclFiltered,
+    /// The registry refused the credentials (or wants some).
+    Auth(String),
 }
 
 impl fmt::Display for RegistryError {
@@ -89,12 +91,16 @@ impl fmt::Display for RegistryError {
                 if !body.is_empty() {
                     write!(f, ": \"{body}\"")?;
                 }
+                if *code == 401 || *code == 403 {
+                    write!(f, " (the registry wants credentials: check token_file=)")?;
+                }
                 Ok(())
             }
             RegistryError::MissingHeader(h) => write!(f, "response has no {h} header"),
             RegistryError::BadHeader(h, v) => write!(f, "invalid {h} header \"{v}\""),
             RegistryError::Json(e) => write!(f, "invalid JSON in response: {e}"),
             RegistryError::Entry { key, err } => write!(f, "entry \"{key}\": {err}"),
+            RegistryError::Auth(why) => write!(f, "authentication failed: {why}"),
             RegistryError::AclFiltered => write!(
                 f,
                 "the ACL token may not read every entry (X-Consul-Results-Filtered-By-ACLs); a partial list is not applied"
@@ -135,15 +141,15 @@ pub trait Source: Send {
     fn position(&self) -> u64;
 }
 
-/// Builds the protocol for a parsed `upsync` directive; `token` is the credential read
-/// from `token_file=` (Consul: sent as X-Consul-Token).
-pub fn source_for(spec: &UpsyncSpec, token: Option<&str>) -> Box<dyn Source> {
+/// Builds the protocol for a parsed `upsync` directive; `cred` is the credential read
+/// from `token_file=` (Consul: an ACL token; etcd: user and password).
+pub fn source_for(spec: &UpsyncSpec, cred: Option<&Credential>) -> Box<dyn Source> {
     match spec.kind {
         SourceKind::ConsulKv | SourceKind::ConsulServices | SourceKind::ConsulHealth => {
-            Box::new(consul::Consul::new(spec).with_token(token))
+            Box::new(consul::Consul::new(spec).with_credential(cred))
         }
-        SourceKind::EtcdV2 => Box::new(etcd_v2::EtcdV2::new(spec)),
-        SourceKind::EtcdV3 => Box::new(etcd_v3::EtcdV3::new(spec)),
+        SourceKind::EtcdV2 => Box::new(etcd_v2::EtcdV2::new(spec).with_credential(cred)),
+        SourceKind::EtcdV3 => Box::new(etcd_v3::EtcdV3::new(spec).with_credential(cred)),
     }
 }
 

@@ -121,7 +121,10 @@ sub available {
 # process
 
 # start($t, version => '3.4'|'3.5', port => P, peer_port => PP,
-#       [name => 'etcd'], [binary => path], [args => [...]])
+#       [name => 'etcd'], [binary => path], [args => [...]],
+#       [tls => { port => TP, cert => F, key => F, [ca => F] }])
+# With tls, etcd also serves https on 127.0.0.1:TP (client certificates
+# required when ca is given); the plain port stays for the harness.
 sub start {
 	my ($class, $t, %o) = @_;
 	my $version = $o{version} // '3.4';
@@ -140,6 +143,7 @@ sub start {
 		binary => $bin,
 		data_dir => $t->testdir . "/$name-data",
 		args => $o{args} // [],
+		tls => $o{tls},
 		http => HTTP::Tiny->new(timeout => 10, keep_alive => 0),
 	}, $class;
 
@@ -161,10 +165,13 @@ sub read_log { $_[0]{t}->read_file("$_[0]{name}.log") // '' }
 sub command {
 	my ($self) = @_;
 	my ($name, $p, $pp) = @$self{qw/name port peer_port/};
+	my $tls = $self->{tls};
+	my $listen = "http://127.0.0.1:$p";
+	$listen .= ",https://127.0.0.1:$tls->{port}" if $tls;
 	my @cmd = ($self->{binary},
 		'--name', $name,
 		'--data-dir', $self->{data_dir},
-		'--listen-client-urls', "http://127.0.0.1:$p",
+		'--listen-client-urls', $listen,
 		'--advertise-client-urls', "http://127.0.0.1:$p",
 		'--listen-peer-urls', "http://127.0.0.1:$pp",
 		'--initial-advertise-peer-urls', "http://127.0.0.1:$pp",
@@ -179,6 +186,11 @@ sub command {
 		'--heartbeat-interval=10',
 		'--election-timeout=100',
 	);
+	if ($tls) {
+		push @cmd, '--cert-file', $tls->{cert}, '--key-file', $tls->{key};
+		push @cmd, '--client-cert-auth', '--trusted-ca-file', $tls->{ca}
+			if $tls->{ca};
+	}
 	push @cmd, @{$self->{args}};
 	return @cmd;
 }

@@ -1,0 +1,296 @@
+//! TLS to `https://` registries with nginx's own SSL library (`ngx_ssl_*`, OpenSSL
+//! underneath): one `SSL_CTX` per upstream, made when the configuration is read; a TLS
+//! session on the poller's connection; and the checks nginx's `proxy_ssl_verify` makes
+//! (chain, then name) after the handshake. Also a blocking TLS stream for the master's
+//! `strong_dependency=on` read.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::ptr;
+
+use ngx::ffi::*;
+
+use crate::conf::TlsSpec;
+
+/// Maximum certificate chain length checked (nginx's `proxy_ssl_verify_depth` is 1 by
+/// default, which rejects any intermediate CA: registries often use one).
+const VERIFY_DEPTH: ngx_int_t = 9;
+
+/// A string in the configuration pool, as nginx's file loaders want it.
+unsafe fn pool_str(cf: *mut ngx_conf_t, s: &str) -> Option<ngx_str_t> {
+    let data = ngx_pnalloc((*cf).pool, s.len() + 1) as *mut u8;
+    if data.is_null() {
+        return None;
+    }
+    ptr::copy_nonoverlapping(s.as_ptr(), data, s.len());
+    *data.add(s.len()) = 0;
+    Some(ngx_str_t { len: s.len(), data })
+}
+
+/// The oldest queued OpenSSL error as text, and an empty queue.
+fn openssl_error() -> String {
+    let mut first = String::new();
+    // SAFETY: the error queue is thread-local; the buffer is large enough and
+    // ERR_error_string_n always terminates it.
+    unsafe {
+        loop {
+            let e = ERR_get_error();
+            if e == 0 {
+                break;
+            }
+            if first.is_empty() {
+                let mut buf = [0 as c_char; 256];
+                ERR_error_string_n(e, buf.as_mut_ptr(), buf.len());
+                first = CStr::from_ptr(buf.as_ptr()).to_string_lossy().into_owned();
+            }
+        }
+    }
+    if first.is_empty() {
+        "no detail from OpenSSL".into()
+    } else {
+        first
+    }
+}
+
+/// Creates the client context of one upstream's registry. nginx logs the file errors
+/// itself (naming the file); the caller adds the upstream.
+///
+/// # Safety
+/// `cf` is the configuration being parsed; the context lives as long as its pool.
+pub unsafe fn create_context(
+    cf: *mut ngx_conf_t,
+    spec: &TlsSpec,
+) -> Result<*mut ngx_ssl_t, String> {
+    let ssl = ngx_pcalloc((*cf).pool, std::mem::size_of::<ngx_ssl_t>()) as *mut ngx_ssl_t;
+    if ssl.is_null() {
+        return Err("out of memory".into());
+    }
+    (*ssl).log = (*cf).log;
+    if ngx_ssl_create(
+        ssl,
+        (NGX_SSL_TLSv1_2 | NGX_SSL_TLSv1_3) as ngx_uint_t,
+        ptr::null_mut(),
+    ) != NGX_OK as ngx_int_t
+    {
+        return Err("cannot create the TLS context".into());
+    }
+    let cln = ngx_pool_cleanup_add((*cf).pool, 0);
+    if cln.is_null() {
+        return Err("out of memory".into());
+    }
+    (*cln).handler = Some(ngx_ssl_cleanup_ctx);
+    (*cln).data = ssl as *mut c_void;
+
+    if let Some((cert, key)) = &spec.certificate {
+        let (Some(mut c), Some(mut k)) = (pool_str(cf, cert), pool_str(cf, key)) else {
+            return Err("out of memory".into());
+        };
+        if ngx_ssl_certificate(cf, ssl, &mut c, &mut k, ptr::null_mut()) != NGX_OK as ngx_int_t {
+            return Err(format!(
+                "cannot load ssl_certificate=\"{cert}\" with its key"
+            ));
+        }
+    }
+    if spec.verify {
+        match &spec.trusted_certificate {
+            Some(ca) => {
+                let Some(mut f) = pool_str(cf, ca) else {
+                    return Err("out of memory".into());
+                };
+                if ngx_ssl_trusted_certificate(cf, ssl, &mut f, VERIFY_DEPTH) != NGX_OK as ngx_int_t
+                {
+                    return Err(format!("cannot load ssl_trusted_certificate=\"{ca}\""));
+                }
+            }
+            None => {
+                if SSL_CTX_set_default_verify_paths((*ssl).ctx as *mut SSL_CTX) != 1 {
+                    return Err(format!(
+                        "cannot load the system's trusted certificates: {}",
+                        openssl_error()
+                    ));
+                }
+                SSL_CTX_set_verify_depth((*ssl).ctx as *mut SSL_CTX, VERIFY_DEPTH as c_int);
+            }
+        }
+    }
+    Ok(ssl)
+}
+
+fn is_ip(name: &str) -> bool {
+    name.parse::<std::net::IpAddr>().is_ok()
+}
+
+/// Sets SNI (host names only: RFC 6066 has no IP addresses in SNI).
+unsafe fn set_server_name(s: *mut SSL, name: &str) {
+    if is_ip(name) {
+        return;
+    }
+    if let Ok(n) = CString::new(name) {
+        SSL_ctrl(
+            s,
+            SSL_CTRL_SET_TLSEXT_HOSTNAME as c_int,
+            TLSEXT_NAMETYPE_host_name as _,
+            n.as_ptr() as *mut c_void,
+        );
+    }
+}
+
+/// Checks a finished handshake like `proxy_ssl_verify on`: the chain first, then that the
+/// certificate names `name` (a DNS name, or an IP address in its IP SANs).
+///
+/// # Safety
+/// `s` is an SSL connection whose handshake completed.
+pub unsafe fn verify_peer(s: *mut SSL, name: &str) -> Result<(), String> {
+    let rc = SSL_get_verify_result(s);
+    if rc != X509_V_OK as std::ffi::c_long {
+        let why = CStr::from_ptr(X509_verify_cert_error_string(rc)).to_string_lossy();
+        return Err(format!(
+            "the registry's certificate is not trusted: {why} (verify error {rc})"
+        ));
+    }
+    let cert = SSL_get1_peer_certificate(s);
+    if cert.is_null() {
+        return Err("the registry sent no certificate".into());
+    }
+    let ok = match CString::new(name) {
+        Ok(n) if is_ip(name) => X509_check_ip_asc(cert, n.as_ptr(), 0) == 1,
+        Ok(n) => X509_check_host(cert, n.as_ptr(), name.len(), 0, ptr::null_mut()) == 1,
+        Err(_) => false,
+    };
+    X509_free(cert);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "the registry's certificate does not match \"{name}\" (set ssl_name= to the name it carries)"
+        ))
+    }
+}
+
+/// Puts a TLS session on a freshly connected nginx connection and starts the handshake.
+/// Returns what `ngx_ssl_handshake` returns; with NGX_AGAIN, `done` is called when the
+/// handshake ends (or its timer fires).
+///
+/// # Safety
+/// `c` is a connected nginx connection with a pool; `ssl` a context from
+/// `create_context`.
+pub unsafe fn start_handshake(
+    c: *mut ngx_connection_t,
+    ssl: *mut ngx_ssl_t,
+    name: &str,
+    done: unsafe extern "C" fn(*mut ngx_connection_t),
+) -> ngx_int_t {
+    if ngx_ssl_create_connection(ssl, c, NGX_SSL_CLIENT as ngx_uint_t) != NGX_OK as ngx_int_t {
+        return NGX_ERROR as ngx_int_t;
+    }
+    set_server_name((*(*c).ssl).connection as *mut SSL, name);
+    let rc = ngx_ssl_handshake(c);
+    if rc == NGX_AGAIN as ngx_int_t {
+        (*(*c).ssl).handler = Some(done);
+    }
+    rc
+}
+
+/// Ends the TLS session of a connection about to be closed: close_notify if the socket
+/// takes it at once, never waiting for the peer's.
+///
+/// # Safety
+/// `c` is a live nginx connection.
+pub unsafe fn shutdown(c: *mut ngx_connection_t) {
+    if (*c).ssl.is_null() {
+        return;
+    }
+    (*(*c).ssl).set_no_wait_shutdown(1);
+    if ngx_ssl_shutdown(c) == NGX_AGAIN as ngx_int_t {
+        // The socket is full: drop the close_notify rather than wait for it.
+        (*(*c).ssl).set_no_send_shutdown(1);
+        ngx_ssl_shutdown(c);
+    }
+}
+
+/// A blocking TLS stream over a std socket, for the master's one-shot read.
+pub struct BlockingTls {
+    ssl: *mut SSL,
+    _sock: TcpStream,
+}
+
+impl BlockingTls {
+    /// # Safety
+    /// `ctx` is a context from `create_context` that outlives the stream.
+    pub unsafe fn connect(
+        ctx: *mut ngx_ssl_t,
+        sock: TcpStream,
+        name: &str,
+        verify: bool,
+    ) -> Result<BlockingTls, String> {
+        let ssl = SSL_new((*ctx).ctx as *mut SSL_CTX);
+        if ssl.is_null() {
+            return Err(format!("TLS: {}", openssl_error()));
+        }
+        let me = BlockingTls { ssl, _sock: sock };
+        if SSL_set_fd(ssl, me._sock.as_raw_fd()) != 1 {
+            return Err(format!("TLS: {}", openssl_error()));
+        }
+        set_server_name(ssl, name);
+        if SSL_connect(ssl) != 1 {
+            return Err(format!("TLS handshake failed: {}", openssl_error()));
+        }
+        if verify {
+            verify_peer(ssl, name)?;
+        }
+        Ok(me)
+    }
+}
+
+impl Drop for BlockingTls {
+    fn drop(&mut self) {
+        // SAFETY: `ssl` came from SSL_new and is freed once.
+        unsafe {
+            SSL_shutdown(self.ssl);
+            SSL_free(self.ssl);
+        }
+    }
+}
+
+impl Read for BlockingTls {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(c_int::MAX as usize) as c_int;
+        // SAFETY: `buf` is valid for `n` bytes.
+        let rc = unsafe { SSL_read(self.ssl, buf.as_mut_ptr() as *mut c_void, n) };
+        if rc > 0 {
+            return Ok(rc as usize);
+        }
+        // SAFETY: `ssl` is live; SSL_get_error only reads its state.
+        let e = unsafe { SSL_get_error(self.ssl, rc) };
+        if e == SSL_ERROR_ZERO_RETURN as c_int {
+            return Ok(0);
+        }
+        if e == SSL_ERROR_SYSCALL as c_int {
+            let os = std::io::Error::last_os_error();
+            if os.raw_os_error().unwrap_or(0) != 0 {
+                return Err(os);
+            }
+            return Ok(0); // the peer closed without close_notify
+        }
+        Err(std::io::Error::other(openssl_error()))
+    }
+}
+
+impl Write for BlockingTls {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(c_int::MAX as usize) as c_int;
+        // SAFETY: `buf` is valid for `n` bytes.
+        let rc = unsafe { SSL_write(self.ssl, buf.as_ptr() as *const c_void, n) };
+        if rc > 0 {
+            Ok(rc as usize)
+        } else {
+            Err(std::io::Error::other(openssl_error()))
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
