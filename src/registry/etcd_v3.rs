@@ -35,10 +35,12 @@ pub struct EtcdV3 {
     fresh_token: bool,
 }
 
-/// Whether an etcd error text says the auth token is no longer valid (expired, revoked,
-/// or issued by a member that restarted).
+/// Whether an etcd error text says the request lacks a valid auth token (none sent, or
+/// one that expired, was revoked, or came from a member that restarted).
 fn token_rejected(text: &str) -> bool {
-    text.contains("invalid auth token") || text.contains("permission denied")
+    text.contains("invalid auth token")
+        || text.contains("permission denied")
+        || text.contains("user name is empty")
 }
 
 /// The end of a prefix range: the prefix with its last byte incremented.
