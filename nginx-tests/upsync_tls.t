@@ -12,7 +12,9 @@
 # - https:// to a plain-http port fails the handshake with OpenSSL's reason;
 # - strong_dependency=on reads over TLS (with a client certificate) in the
 #   master before workers start;
-# - changes arrive over the TLS watch, and connections go where they say.
+# - changes arrive over the TLS watch, and connections go where they say;
+# - Consul over TLS: nginx's own stream ssl terminates in front of the Consul
+#   emulator; blocking queries run over the kept-alive TLS connection.
 
 use strict;
 use warnings;
@@ -26,6 +28,7 @@ use Test::More;
 use Test::Nginx qw/ :DEFAULT port wait_for show_section /;
 use Test::Nginx::Backend;
 use Test::Nginx::Etcd;
+use Test::Nginx::Consul;
 use Test::Nginx::Tls;
 use Test::Nginx::Stream;
 
@@ -35,7 +38,7 @@ select STDOUT; $| = 1;
 my $t = Test::Nginx->new(workers => 2)->has(qw/stream upsync/);
 plan(skip_all => 'no etcd 3.4') unless Test::Nginx::Etcd->available('3.4');
 plan(skip_all => 'no openssl command') unless Test::Nginx::Tls->available;
-$t->plan(19);
+$t->plan(21);
 
 my $pki = Test::Nginx::Tls->make($t);
 my ($p1, $p2) = (port(8081), port(8082));
@@ -66,6 +69,7 @@ my %ups = (
 	mtls        => "https://127.0.0.1:$mtls/u/ upsync_type=etcdv3 $ca $client strong_dependency=on",
 	mtls_nocert => "https://127.0.0.1:$mtls/u/ upsync_type=etcdv3 $ca",
 	plain_port  => "https://127.0.0.1:$plain/u/ upsync_type=etcdv3 ssl_verify=off",
+	consul      => "https://localhost:${\ port(8445)}/v1/kv/upstreams/c/ upsync_type=consul $ca",
 );
 my $conf = '';
 for my $name (sort keys %ups) {
@@ -84,8 +88,19 @@ $conf
     server { listen 127.0.0.1:%%PORT_8080%%; proxy_pass ca_ip; }
     server { listen 127.0.0.1:%%PORT_8079%%; proxy_pass mtls; }
     server { listen 127.0.0.1:%%PORT_8088%%; upstream_show; }
+
+    # TLS in front of the Consul emulator
+    server {
+        listen 127.0.0.1:%%PORT_8445%% ssl;
+        ssl_certificate $pki->{'server.pem'};
+        ssl_certificate_key $pki->{'server.key'};
+        proxy_pass 127.0.0.1:%%PORT_8502%%;
+    }
 }
 EOF
+
+my $consul = Test::Nginx::Consul->start($t, port => port(8502));
+$consul->put("upstreams/c/127.0.0.1:$p1", '{"weight":7}');
 
 my @backends = (Test::Nginx::Backend->tcp($t, port => $p1, id => 'b1'),
 	Test::Nginx::Backend->tcp($t, port => $p2, id => 'b2'));
@@ -133,6 +148,12 @@ $etcd->v3_delete("/u/127.0.0.1:$p1");
 ok(wait_for(sub { my $s = section('ca_ip'); $s =~ /:$p2 / && $s !~ /:$p1 / }, timeout => 5),
 	'a change arrives over the TLS watch');
 is(greeting(port(8080)), "b2\n", 'and connections follow it');
+
+# Consul through nginx's ssl: synced, then a change over the same session
+ok(wait_for(sub { section('consul') =~ /:$p1 weight=7 / }, timeout => 5), 'Consul over TLS: synced');
+$consul->put("upstreams/c/127.0.0.1:$p2", '{"weight":8}');
+ok(wait_for(sub { section('consul') =~ /:$p2 weight=8 / }, timeout => 5),
+	'Consul over TLS: a change ends the blocking query and arrives');
 
 # no private key material or certificate bodies in the log
 my $log = $t->error_log;

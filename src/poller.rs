@@ -564,6 +564,11 @@ impl Poller {
         if c.is_null() {
             return;
         }
+        if self.connecting && (*ev).timedout() == 0 {
+            // A refused connect can be reported on the read side first: let the connect
+            // check (SO_ERROR) name it.
+            return self.on_write((*c).write);
+        }
         if !self.in_flight {
             // An idle kept-alive connection became readable: the registry closed it (or
             // sent something unasked). Either way it cannot be reused.
@@ -737,8 +742,9 @@ impl Poller {
             self.log(
                 NGX_LOG_NOTICE,
                 &format!(
-                    "registry answers again after {} failed attempts{at}",
-                    self.failures
+                    "registry answers again after {} failed attempt{}{at}",
+                    self.failures,
+                    if self.failures == 1 { "" } else { "s" }
                 ),
             );
         }

@@ -122,7 +122,10 @@ sub available {
 
 # start($t, version => '3.4'|'3.5', port => P, peer_port => PP,
 #       [name => 'etcd'], [binary => path], [args => [...]],
-#       [tls => { port => TP, cert => F, key => F, [ca => F] }])
+#       [tls => { port => TP, cert => F, key => F, [ca => F] }],
+#       [cluster => 'n1=http://127.0.0.1:PP1,n2=...'], [no_wait => 1])
+# cluster: this member's --initial-cluster (several start() calls with
+# no_wait => 1, then wait_up on each, make a real multi-member cluster).
 # With tls, etcd also serves https on 127.0.0.1:TP (client certificates
 # required when ca is given); the plain port stays for the harness.
 sub start {
@@ -144,10 +147,11 @@ sub start {
 		data_dir => $t->testdir . "/$name-data",
 		args => $o{args} // [],
 		tls => $o{tls},
+		cluster => $o{cluster},
 		http => HTTP::Tiny->new(timeout => 10, keep_alive => 0),
 	}, $class;
 
-	$self->start_again;
+	$self->start_again(no_wait => $o{no_wait});
 	return $self;
 }
 
@@ -175,7 +179,7 @@ sub command {
 		'--advertise-client-urls', "http://127.0.0.1:$p",
 		'--listen-peer-urls', "http://127.0.0.1:$pp",
 		'--initial-advertise-peer-urls', "http://127.0.0.1:$pp",
-		'--initial-cluster', "$name=http://127.0.0.1:$pp",
+		'--initial-cluster', $self->{cluster} // "$name=http://127.0.0.1:$pp",
 		'--initial-cluster-state', 'new',
 		'--enable-v2=true',
 		'--logger=zap',
@@ -203,9 +207,18 @@ sub start_again {
 	die "Etcd->start_again: already running (pid $self->{pid})\n"
 		if $self->{pid};
 
-	my $t0 = time;
-	my $pid = $t->spawn($self->{name}, $self->command);
-	$self->{pid} = $pid;
+	$self->{t0} = time;
+	$self->{pid} = $t->spawn($self->{name}, $self->command);
+	return $self if $o{no_wait};
+	return $self->wait_up(%o);
+}
+
+# wait_up(): waits until this member answers and reports itself healthy.
+sub wait_up {
+	my ($self, %o) = @_;
+	my $t = $self->{t};
+	my $pid = $self->{pid};
+	my $t0 = $self->{t0};
 
 	my $probe = HTTP::Tiny->new(timeout => 1, keep_alive => 0);
 	my $exited;
