@@ -58,7 +58,7 @@ fuzz_target!(|data: &[u8]| {
         check::request(&build_request(
             req.method,
             &req.path_and_query,
-            &spec.endpoint.authority(),
+            &spec.endpoint.hosts[0].authority(),
             &req.headers,
             &req.body,
         ));
