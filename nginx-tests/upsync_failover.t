@@ -19,7 +19,7 @@ use lib 'nginx-tests/lib';
 
 use Test::More;
 
-use Test::Nginx qw/ :DEFAULT port wait_for show_section /;
+use Test::Nginx qw/ :DEFAULT port wait_for show_section http_get http_parse /;
 use Test::Nginx::Backend;
 use Test::Nginx::Etcd;
 use Test::Nginx::Stream;
@@ -29,7 +29,7 @@ select STDOUT; $| = 1;
 
 my $t = Test::Nginx->new(workers => 2)->has(qw/stream upsync/);
 plan(skip_all => 'no etcd 3.4') unless Test::Nginx::Etcd->available('3.4');
-$t->plan(11);
+$t->plan(13);
 
 my @client = map { port($_) } 8501 .. 8503;
 my @peer = map { port($_) } 8601 .. 8603;
@@ -98,6 +98,11 @@ ok(wait_for(sub { eval { $members[2]->v3_put("/f/127.0.0.1:$p2", ""); 1 } or do 
 ok(wait_for(sub { section('cluster') =~ /:$p2 / }, timeout => 5), 'the change arrives after the failover');
 ok($t->wait_for_log(qr/upstream "cluster".*registry answers again after \d+ failed attempts? \(at 127\.0\.0\.1:($client[1]|$client[2])\)/, 5, from => $mark),
 	'recovery logged with the member that answered');
+
+my $json = (http_parse(http_get(port(8088), '/?format=json&upstream=cluster')))[2] // '';
+like($json, qr/"registry_in_use": "127\.0\.0\.1:($client[1]|$client[2])"/,
+	'JSON status names the member in use after the failover');
+like($json, qr/"registry": "\Q$all\E\/f\/"/, 'and the configured list');
 
 # every address dead: backoff after each round, and the configured server stays
 ok($t->wait_for_log(qr/upstream "all_dead".*cannot connect to 127\.0\.0\.1:$dead2: .*every registry address failed; retrying 127\.0\.0\.1:$dead1 in \d+ms/, 5),

@@ -760,7 +760,9 @@ impl Poller {
             );
         }
         let position = self.source.position();
+        let in_use = self.target().addr.to_string();
         let mut l = self.zone.lock();
+        l.set_in_use(&in_use);
         l.hdr.status.position = position;
         l.hdr.status.last_sync_ms = wall_ms();
         l.hdr.status.consecutive_failures = 0;

@@ -42,6 +42,8 @@ impl ServerView {
 pub struct SourceView {
     pub kind: String,
     pub address: String,
+    /// The registry address that answered last (a member of a failover list).
+    pub in_use: String,
     pub lb: String,
     /// Consul index / etcd index or revision of the last successful read.
     pub position: u64,
@@ -206,6 +208,7 @@ pub fn render_json(upstreams: &[UpstreamView]) -> String {
                 json!({
                     "type": src.kind,
                     "registry": src.address,
+                    "registry_in_use": if src.in_use.is_empty() { Value::Null } else { json!(src.in_use) },
                     "lb": src.lb,
                     "index": src.position,
                     "last_sync": if src.last_sync_ms > 0 { json!(src.last_sync_ms as f64 / 1000.0) } else { Value::Null },

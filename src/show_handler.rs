@@ -110,6 +110,7 @@ unsafe fn synced_view(name: String, conf: &SrvConf, now: i64) -> UpstreamView {
     let source = SourceView {
         kind: spec.kind.name().into(),
         address: spec.endpoint.to_string(),
+        in_use: l.in_use(),
         lb: conf
             .lb
             .as_ref()

@@ -27,7 +27,7 @@ use nginx_sys::{
 use crate::balancer::{PeerState, Peers};
 use crate::servers::ServerSpec;
 
-const MAGIC: u64 = 0x7570_7379_6e63_0002; // "upsync", layout v2
+const MAGIC: u64 = 0x7570_7379_6e63_0003; // "upsync", layout v3
 
 /// Longest address text: `[ffff:...:ffff%scope]:65535` fits easily.
 pub const NAME_MAX: usize = 64;
@@ -128,6 +128,9 @@ pub struct SyncStatus {
     pub updates: u64,
     pub last_error_len: u32,
     pub last_error: [u8; 256],
+    /// The registry address of the last successful read (`ip:port`).
+    pub in_use_len: u32,
+    pub in_use: [u8; 64],
 }
 
 #[repr(C)]
@@ -397,6 +400,18 @@ impl Locked<'_> {
         let n = msg.len().min(st.last_error.len());
         st.last_error[..n].copy_from_slice(&msg.as_bytes()[..n]);
         st.last_error_len = n as u32;
+    }
+
+    pub fn set_in_use(&mut self, addr: &str) {
+        let st = &mut self.hdr.status;
+        let n = addr.len().min(st.in_use.len());
+        st.in_use[..n].copy_from_slice(&addr.as_bytes()[..n]);
+        st.in_use_len = n as u32;
+    }
+
+    pub fn in_use(&self) -> String {
+        let st = &self.hdr.status;
+        String::from_utf8_lossy(&st.in_use[..st.in_use_len as usize]).into_owned()
     }
 
     pub fn last_error(&self) -> String {
