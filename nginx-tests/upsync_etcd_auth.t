@@ -29,7 +29,7 @@ use Test::Nginx::Etcd;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-use constant PER_RUN => 14;
+use constant PER_RUN => 16;
 
 Test::Nginx->new()->has(qw/stream upsync/);
 my @versions = grep { Test::Nginx::Etcd->available($_) } qw/3.4 3.5/;
@@ -89,7 +89,8 @@ for my $version (@versions) {
 	my $v2 = "127.0.0.1:%%PORT_8500%%/v2/keys/upstreams/v2u/ upsync_type=etcd upsync_interval=200ms";
 	my $conf = '';
 	my %ups = (
-		v3good => "$v3 token_file=%%TESTDIR%%/good",
+		v3good => "$v3 token_file=%%TESTDIR%%/good strong_dependency=on",
+		v2strong => "$v2 token_file=%%TESTDIR%%/good strong_dependency=on",
 		v3none => $v3,
 		v3wrong => "$v3 token_file=%%TESTDIR%%/wrong",
 		v2good => "$v2 token_file=%%TESTDIR%%/good",
@@ -114,6 +115,10 @@ EOF
 	$t->run();
 	my $section = sub { show_section(port(8088), @_) };
 
+	for my $name (qw/v3good v2strong/) {
+		ok($t->grep_log(qr/upstream "$name".*strong_dependency=on: starting with 1 servers from the registry/),
+			"$L: $name: the master's first read authenticates too");
+	}
 	ok(wait_for(sub { $section->('v3good') =~ /:$p1 weight=4 / }, timeout => 5),
 		"$L: v3 token auth: synced");
 	ok($t->wait_for_log(qr/upstream "v3none".*authentication failed: etcd requires authentication: set token_file=/, 5),

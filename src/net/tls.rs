@@ -214,6 +214,7 @@ pub unsafe fn shutdown(c: *mut ngx_connection_t) {
 pub struct BlockingTls {
     ssl: *mut SSL,
     _sock: TcpStream,
+    connected: bool,
 }
 
 impl BlockingTls {
@@ -229,7 +230,11 @@ impl BlockingTls {
         if ssl.is_null() {
             return Err(format!("TLS: {}", openssl_error()));
         }
-        let me = BlockingTls { ssl, _sock: sock };
+        let mut me = BlockingTls {
+            ssl,
+            _sock: sock,
+            connected: false,
+        };
         if SSL_set_fd(ssl, me._sock.as_raw_fd()) != 1 {
             return Err(format!("TLS: {}", openssl_error()));
         }
@@ -237,6 +242,7 @@ impl BlockingTls {
         if SSL_connect(ssl) != 1 {
             return Err(format!("TLS handshake failed: {}", openssl_error()));
         }
+        me.connected = true;
         if verify {
             verify_peer(ssl, name)?;
         }
@@ -246,10 +252,14 @@ impl BlockingTls {
 
 impl Drop for BlockingTls {
     fn drop(&mut self) {
-        // SAFETY: `ssl` came from SSL_new and is freed once.
+        // SAFETY: `ssl` came from SSL_new and is freed once; the error queue is left
+        // empty for nginx's own SSL calls in this process.
         unsafe {
-            SSL_shutdown(self.ssl);
+            if self.connected {
+                SSL_shutdown(self.ssl);
+            }
             SSL_free(self.ssl);
+            ERR_clear_error();
         }
     }
 }
