@@ -38,7 +38,7 @@ select STDOUT; $| = 1;
 my $t = Test::Nginx->new(workers => 2)->has(qw/stream upsync/);
 plan(skip_all => 'no etcd 3.4') unless Test::Nginx::Etcd->available('3.4');
 plan(skip_all => 'no openssl command') unless Test::Nginx::Tls->available;
-$t->plan(21);
+$t->plan(23);
 
 my $pki = Test::Nginx::Tls->make($t);
 my ($p1, $p2) = (port(8081), port(8082));
@@ -70,6 +70,7 @@ my %ups = (
 	mtls_nocert => "https://127.0.0.1:$mtls/u/ upsync_type=etcdv3 $ca",
 	plain_port  => "https://127.0.0.1:$plain/u/ upsync_type=etcdv3 ssl_verify=off",
 	consul      => "https://localhost:${\ port(8445)}/v1/kv/upstreams/c/ upsync_type=consul $ca",
+	via_nginx   => "https://127.0.0.1:${\ port(8446)}/u/ upsync_type=etcdv3 $ca",
 );
 my $conf = '';
 for my $name (sort keys %ups) {
@@ -95,6 +96,16 @@ $conf
         ssl_certificate $pki->{'server.pem'};
         ssl_certificate_key $pki->{'server.key'};
         proxy_pass 127.0.0.1:%%PORT_8502%%;
+    }
+
+    # TLS in front of etcd's plain port, logging whether sessions were resumed
+    log_format tls \$ssl_session_reused;
+    server {
+        listen 127.0.0.1:%%PORT_8446%% ssl;
+        ssl_certificate $pki->{'server.pem'};
+        ssl_certificate_key $pki->{'server.key'};
+        access_log %%TESTDIR%%/tls_access.log tls;
+        proxy_pass 127.0.0.1:$plain;
     }
 }
 EOF
@@ -154,6 +165,15 @@ ok(wait_for(sub { section('consul') =~ /:$p1 weight=7 / }, timeout => 5), 'Consu
 $consul->put("upstreams/c/127.0.0.1:$p2", '{"weight":8}');
 ok(wait_for(sub { section('consul') =~ /:$p2 weight=8 / }, timeout => 5),
 	'Consul over TLS: a change ends the blocking query and arrives');
+
+# each etcd v3 watch event ends its connection: the reconnect resumes the
+# TLS session instead of a full handshake
+ok(wait_for(sub { section('via_nginx') =~ /:$p2 / && section('via_nginx') !~ /:$p1 / }, timeout => 5),
+	'etcd through nginx ssl: synced after the change');
+$etcd->v3_put("/u/127.0.0.1:$p1", '');
+ok(wait_for(sub { ($t->read_file('tls_access.log') // '') =~ /^r$/m }, timeout => 5),
+	'a reconnect resumes the TLS session (ssl_session_reused "r")')
+	or diag($t->read_file('tls_access.log'));
 
 # no private key material or certificate bodies in the log
 my $log = $t->error_log;

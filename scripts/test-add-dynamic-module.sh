@@ -120,6 +120,19 @@ printf '%s\n' "$out" | grep -q 'test is successful' || {
     die "nginx -t did not report success"
 }
 
+# This nginx has no SSL (configured without any ssl module): an https:// registry
+# is refused by nginx -t with a line that says why.
+sed 's|upsync 127.0.0.1:8500/v1/kv/upstreams/x/|upsync https://127.0.0.1:8500/v1/kv/upstreams/x/|' \
+    "$P/nginx.conf" >"$P/https.conf"
+if out=$(objs/nginx -t -p "$P/" -c "$P/https.conf" -e stderr 2>&1); then
+    printf '%s\n' "$out" >&2
+    die "nginx -t accepted an https:// registry in an nginx without SSL"
+fi
+printf '%s\n' "$out" | grep -q 'https:// registries need nginx built with SSL' || {
+    printf '%s\n' "$out" >&2
+    die "nginx -t did not explain that https:// needs SSL"
+}
+
 note "configure $((t1 - t0))s, make modules $((t2 - t1))s, make $((t3 - t2))s"
 printf 'test-add-dynamic-module: OK: %s loaded into %s, nginx -t passed\n' \
     objs/ngx_stream_upsync_module.so "objs/nginx ($(objs/nginx -v 2>&1 | sed 's/.*: //'))"

@@ -26,8 +26,8 @@ pub struct SrvConf {
     pub addrs: Vec<Target>,
     /// The registry credential from `token_file=` (never logged or shown).
     pub credential: Option<Credential>,
-    /// The TLS context for `https://` registries (null for plain http).
-    pub ssl: *mut ngx_ssl_t,
+    /// The TLS context (`ngx_ssl_t`) for `https://` registries; null for plain http.
+    pub ssl: *mut c_void,
     pub dump_path: Option<String>,
     pub lb: Option<LbSpec>,
     /// The hash key of `upsync_lb`, compiled; null means `$remote_addr`.

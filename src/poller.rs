@@ -47,6 +47,8 @@ pub struct Poller {
     /// once.
     quiet_log: ngx_log_t,
     captured: String,
+    /// TLS session of the registry address in use, to resume on reconnects.
+    tls_session: *mut c_void,
     pc: ngx_peer_connection_t,
     sockaddr: libc::sockaddr_storage,
     peer_name: ngx_str_t,
@@ -121,6 +123,7 @@ pub unsafe fn start(_cycle: *mut ngx_cycle_t, conf: &SrvConf) {
         wake: zeroed(),
         quiet_log: *cycle_log(),
         captured: String::new(),
+        tls_session: ptr::null_mut(),
         pc: zeroed(),
         sockaddr: zeroed(),
         peer_name: ngx_str_t::empty(),
@@ -221,6 +224,16 @@ unsafe extern "C" fn capture_log(
 
 unsafe extern "C" fn tls_handshake_done(c: *mut ngx_connection_t) {
     (*((*c).data as *mut Poller)).on_handshake(c);
+}
+
+/// OpenSSL made a session the next connection can resume (TLS 1.3 sends it after the
+/// handshake): keep the newest.
+unsafe extern "C" fn tls_save_session(c: *mut ngx_connection_t) {
+    let p = &mut *((*c).data as *mut Poller);
+    let s = tls::get_session(c);
+    if !s.is_null() {
+        tls::free_session(std::mem::replace(&mut p.tls_session, s));
+    }
 }
 
 /// `pc.get` for our own connection: the address is already set.
@@ -411,6 +424,17 @@ impl Poller {
         }
         let c = self.pc.connection;
         (*c).data = self as *mut Poller as *mut c_void;
+        // Requests go out whole: no Nagle delay. Without this, a request written right
+        // after the TLS handshake's last flight waits for the registry's delayed ACK
+        // (~40 ms on Linux), on every reconnect (etcd v3 watches end with one).
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            (*c).fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            &one as *const _ as *const c_void,
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
         (*c).log = &mut self.quiet_log;
         (*(*c).read).log = (*c).log;
         (*(*c).write).log = (*c).log;
@@ -444,7 +468,14 @@ impl Poller {
             }
         }
         let name = self.conf().tls_name(&self.target());
-        match tls::start_handshake(c, ssl, &name, tls_handshake_done) {
+        match tls::start_handshake(
+            c,
+            ssl,
+            &name,
+            self.tls_session,
+            tls_handshake_done,
+            tls_save_session,
+        ) {
             rc if rc == NGX_AGAIN as ngx_int_t => {
                 let t = self.request_timeout.clamp(1_000, 5_000);
                 ngx_add_timer((*c).read, t as ngx_msec_t);
@@ -471,7 +502,7 @@ impl Poller {
                 ngx_del_timer(ev);
             }
         }
-        if (*(*c).ssl).handshaked() == 0 {
+        if !tls::handshaked(c) {
             let why = std::mem::take(&mut self.captured);
             return self.fail(if timed_out {
                 format!("TLS handshake with {addr} timed out")
@@ -482,7 +513,7 @@ impl Poller {
         let spec = self.conf().upsync.as_ref().unwrap().tls.as_ref().unwrap();
         if spec.verify {
             let name = self.conf().tls_name(&self.target());
-            if let Err(e) = tls::verify_peer((*(*c).ssl).connection as *mut SSL, &name) {
+            if let Err(e) = tls::verify_connection(c, &name) {
                 return self.fail(format!("{e} at {addr}"));
             }
         }
@@ -688,6 +719,9 @@ impl Poller {
         self.parser = None;
         self.failures = self.failures.saturating_add(1);
         self.addr_index = self.addr_index.wrapping_add(1);
+        // A session belongs to the address that issued it (and a failed one is no
+        // help): the next handshake is a full one.
+        tls::free_session(std::mem::replace(&mut self.tls_session, ptr::null_mut()));
         self.source.reset();
         let n = self.conf().addrs.len() as u32;
         let (delay, next) = if n > 1 && self.failures % n != 0 {

@@ -53,6 +53,7 @@ fn fetch_one(
         .map_err(|e| e.to_string())?;
     s.set_write_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
+    s.set_nodelay(true).map_err(|e| e.to_string())?;
     let mut s = wrap(s, t)?;
     // An authentication exchange (etcd v3) may come first: a few exchanges at most.
     for _ in 0..3 {
