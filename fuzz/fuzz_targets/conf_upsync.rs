@@ -1,10 +1,12 @@
 //! `upsync` directive values (conf::parse_upsync): no panic; an accepted directive gives
 //! a registry source whose first request is well formed, and whose timing arithmetic
-//! (Consul wait/deadline, retry backoff) holds for the accepted values.
+//! (Consul wait/deadline, retry backoff) holds for the accepted values. The last
+//! argument doubles as a token_file's content: an accepted credential gives requests
+//! whose header lines stay well formed (no CR/LF smuggled in by the secret).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use upsync_pure::check;
-use upsync_pure::conf::parse_upsync;
+use upsync_pure::conf::{parse_credential, parse_upsync};
 use upsync_pure::net::http::build_request;
 use upsync_pure::registry::{consul::wait_and_deadline, retry_delay_ms, source_for};
 
@@ -19,15 +21,21 @@ fuzz_target!(|data: &[u8]| {
     };
     let Ok(spec) = parse_upsync(&args) else { return };
     let _ = spec.endpoint.to_string();
-    let source = source_for(&spec, None);
-    let req = source.next_request();
-    check::request(&build_request(
-        req.method,
-        &req.path_and_query,
-        &spec.endpoint.hosts[0].authority(),
-        &req.headers,
-        &req.body,
-    ));
+    let cred = parse_credential(spec.kind, args.last().copied().unwrap_or("")).ok();
+    for c in [None, cred.as_ref()] {
+        let source = source_for(&spec, c);
+        let req = source.next_request();
+        for h in &req.headers {
+            assert!(!h.bytes().any(|b| b < b' ' || b == 0x7f), "control byte in header {h:?}");
+        }
+        check::request(&build_request(
+            req.method,
+            &req.path_and_query,
+            &spec.endpoint.hosts[0].authority(),
+            &req.headers,
+            &req.body,
+        ));
+    }
     let (wait, deadline) = wait_and_deadline(spec.timeout_ms);
     assert!(deadline >= wait);
     for failures in 1..=4 {
