@@ -57,7 +57,7 @@ if [ ! -f /usr/lib/nginx/modules/ngx_stream_module.so ]; then
 fi
 
 NGINX_V=$("$NGINX_BIN" -V 2>&1) || die "'$NGINX_BIN -V' failed: $NGINX_V"
-NGINX_VERSION=$(printf '%s\n' "$NGINX_V" | sed -n 's|^nginx version: nginx/||p' | head -n1)
+NGINX_VERSION=$(printf '%s\n' "$NGINX_V" | sed -n 's|^nginx version: nginx/||p' | sed -n 1p)
 SRC_VERSION=$(sed -n 's/^#define NGINX_VERSION *"\(.*\)"/\1/p' "$NGINX_DEV_SRC/src/core/nginx.h")
 [ -n "$NGINX_VERSION" ] || die "cannot read the version from '$NGINX_BIN -V'"
 [ "$NGINX_VERSION" = "$SRC_VERSION" ] ||

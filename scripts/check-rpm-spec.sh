@@ -32,8 +32,8 @@ fi
 [ -f "$SPEC" ] || fail "$SPEC not found"
 
 # The spec's Version must follow Cargo.toml.
-CRATE_VERSION=$(sed -n '/^\[package\]/,/^\[/{s/^version *= *"\([^"]*\)".*/\1/p}' Cargo.toml | head -n1)
-SPEC_VERSION=$(rpmspec -q --srpm --qf '%{VERSION}\n' "$SPEC" 2>/dev/null | head -n1)
+CRATE_VERSION=$(sed -n '/^\[package\]/,/^\[/{s/^version *= *"\([^"]*\)".*/\1/p}' Cargo.toml | sed -n 1p)
+SPEC_VERSION=$(rpmspec -q --srpm --qf '%{VERSION}\n' "$SPEC" 2>/dev/null | sed -n 1p)
 [ "$SPEC_VERSION" = "$CRATE_VERSION" ] ||
     fail "$SPEC has Version $SPEC_VERSION, Cargo.toml has $CRATE_VERSION"
 say "Version $SPEC_VERSION matches Cargo.toml"

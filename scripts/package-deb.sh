@@ -45,7 +45,7 @@ done
 
 # --- version and architecture -----------------------------------------------
 
-CRATE_VERSION=$(sed -n '/^\[package\]/,/^\[/{s/^version *= *"\([^"]*\)".*/\1/p}' Cargo.toml | head -n1)
+CRATE_VERSION=$(sed -n '/^\[package\]/,/^\[/{s/^version *= *"\([^"]*\)".*/\1/p}' Cargo.toml | sed -n 1p)
 [ -n "$CRATE_VERSION" ] || die "cannot read the version from Cargo.toml"
 VERSION=$CRATE_VERSION-${DEB_REVISION:-1}
 ARCH=$(dpkg --print-architecture)
@@ -88,7 +88,7 @@ STREAM_VERSION=$(dpkg-query -W -f='${Version}' libnginx-mod-stream 2>/dev/null |
 # that can be installed matches).
 ABI=
 if [ -r "$ABI_SUBSTVARS" ]; then
-    ABI=$(sed -n 's/^nginx:abi=//p' "$ABI_SUBSTVARS" | head -n1)
+    ABI=$(sed -n 's/^nginx:abi=//p' "$ABI_SUBSTVARS" | sed -n 1p)
 fi
 if [ -n "$ABI" ] && dpkg-query -W -f='${Provides}\n' nginx nginx-core nginx-full nginx-light nginx-extras 2>/dev/null |
         tr ',' '\n' | sed 's/^ *//; s/ .*//' | grep -qxF "$ABI"; then

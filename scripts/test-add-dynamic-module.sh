@@ -31,7 +31,7 @@ ver=$(awk '/^name = "nginx-src"$/ { getline; gsub(/version = |"/, ""); print; ex
 
 CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}
 find_src() {
-    ls -d "$CARGO_HOME"/registry/src/*/"nginx-src-$ver"/nginx 2>/dev/null | head -n1
+    ls -d "$CARGO_HOME"/registry/src/*/"nginx-src-$ver"/nginx 2>/dev/null | sed -n 1p
 }
 SRC=$(find_src)
 if [ -z "$SRC" ]; then
