@@ -17,7 +17,7 @@ use crate::module::SrvConf;
 use crate::net::conn::{send_pending, Sent};
 use crate::net::http::{build_request, ResponseParser};
 use crate::net::tls;
-use crate::registry::{retry_delay_ms, source_for, Snapshot, Source};
+use crate::registry::{redact, retry_delay_ms, source_for, Snapshot, Source};
 use crate::servers::Diff;
 use crate::zone::{mono_ms, sockaddr_of, Zone};
 
@@ -673,7 +673,7 @@ impl Poller {
         let head = parser.head().expect("complete response has a head");
         let result = self.source.handle(head, parser.body());
         if let Some(note) = self.source.take_note() {
-            self.log(NGX_LOG_NOTICE, &note);
+            self.log(NGX_LOG_NOTICE, &redact(&note, self.source.as_ref()));
         }
         let progress = match &result {
             Ok(None) => true, // a watch fired
@@ -714,6 +714,7 @@ impl Poller {
     /// last good set, and moves on to the next registry address: at once while the
     /// round of addresses is not done, after a backoff delay once every one failed.
     unsafe fn fail(&mut self, msg: String) {
+        let msg = redact(&msg, self.source.as_ref());
         self.close_connection();
         self.in_flight = false;
         self.parser = None;

@@ -5,16 +5,18 @@
 //!
 //! Input (plain bytes, so crashing inputs can be written by hand):
 //!   KIND_BYTE STEP [0xFF 0xFF STEP]...
-//! KIND_BYTE % 5: consul, consul_services, consul_health, etcd (v2), etcdv3.
+//! KIND_BYTE % 5: consul, consul_services, consul_health, etcd (v2), etcdv3; with
+//! KIND_BYTE >= 128 the source has a credential (Consul token, etcd user and password),
+//! so the etcd v3 authentication exchange is driven too.
 //! STEP: "STATUS\nINDEX\nFLAGS\nBODY" -- INDEX is the X-Consul-Index / X-Etcd-Index
 //! value ("-": no header); FLAGS may contain 'p' (offer the body to on_partial byte by
 //! byte first, as the poller does while a watch streams) and 'r' (reset() afterwards).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use upsync_pure::check;
-use upsync_pure::conf::parse_upsync;
+use upsync_pure::conf::{parse_upsync, Credential};
 use upsync_pure::net::http::{build_request, Head};
-use upsync_pure::registry::{source_for, RegistryError, Snapshot};
+use upsync_pure::registry::{redact, source_for, RegistryError, Snapshot, Source};
 
 const SPECS: &[&[&str]] = &[
     &["127.0.0.1:8500/v1/kv/upstreams/test", "upsync_type=consul", "upsync_timeout=6m"],
@@ -24,11 +26,20 @@ const SPECS: &[&[&str]] = &[
     &["127.0.0.1:2379/upstreams/test/", "upsync_type=etcdv3", "upsync_timeout=2s"],
 ];
 
-fn finish(r: Result<Option<Snapshot>, RegistryError>) {
+fn finish(r: Result<Option<Snapshot>, RegistryError>, source: &dyn Source) {
     match r {
         Ok(Some(snap)) => check::snapshot(&snap),
         Ok(None) => {}
-        Err(e) => check::error(&e),
+        Err(e) => {
+            check::error(&e);
+            // what is logged and shown (redacted) never holds the secret, even when
+            // the registry echoes it
+            let shown = redact(&e.to_string(), source);
+            assert!(
+                source.secrets().is_empty() || !shown.contains("fuzz-secret"),
+                "{shown}"
+            );
+        }
     }
 }
 
@@ -52,7 +63,15 @@ fn split_steps(data: &[u8]) -> Vec<&[u8]> {
 fuzz_target!(|data: &[u8]| {
     let Some((&kind, rest)) = data.split_first() else { return };
     let spec = parse_upsync(SPECS[kind as usize % SPECS.len()]).unwrap();
-    let mut source = source_for(&spec, None);
+    let cred = match (kind >= 128, spec.kind.name()) {
+        (false, _) => None,
+        (true, "etcd" | "etcdv3") => Some(Credential::UserPassword {
+            user: "upsync".into(),
+            password: "fuzz-secret".into(),
+        }),
+        (true, _) => Some(Credential::Token("fuzz-secret".into())),
+    };
+    let mut source = source_for(&spec, cred.as_ref());
     for step in split_steps(rest).into_iter().take(16) {
         let req = source.next_request();
         check::request(&build_request(
@@ -86,14 +105,16 @@ fuzz_target!(|data: &[u8]| {
         if flags.contains(&b'p') {
             for cut in 0..=body.len() {
                 if source.on_partial(&head, &body[..cut]) {
-                    finish(source.handle(&head, &body[..cut]));
+                    let r = source.handle(&head, &body[..cut]);
+                    finish(r, source.as_ref());
                     done = true;
                     break;
                 }
             }
         }
         if !done {
-            finish(source.handle(&head, body));
+            let r = source.handle(&head, body);
+            finish(r, source.as_ref());
         }
         if let Some(note) = source.take_note() {
             assert!(!note.contains('\n'), "line break in a note: {note:?}");

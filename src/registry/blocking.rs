@@ -90,7 +90,8 @@ fn fetch_one(
             }
         }
         let head = p.head().ok_or("no response")?.clone();
-        if let Some(snap) = source.handle(&head, p.body()).map_err(|e| e.to_string())? {
+        let result = source.handle(&head, p.body());
+        if let Some(snap) = result.map_err(|e| super::redact(&e.to_string(), source))? {
             return Ok(snap);
         }
         if !p.keep_alive() {

@@ -140,6 +140,14 @@ impl Source for Consul {
         self.index = 0;
     }
 
+    fn secrets(&self) -> Vec<String> {
+        self.token_header
+            .as_deref()
+            .and_then(|h| h.strip_prefix("X-Consul-Token: "))
+            .map(|t| vec![t.to_string()])
+            .unwrap_or_default()
+    }
+
     fn position(&self) -> u64 {
         self.index
     }

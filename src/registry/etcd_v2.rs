@@ -30,6 +30,8 @@ pub struct EtcdV2 {
     note: Option<String>,
     /// `Authorization: Basic ...` when `token_file=` holds USER:PASSWORD.
     auth_header: Option<String>,
+    /// The password and its basic-auth encoding, to keep out of logs.
+    secrets: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -69,17 +71,18 @@ impl EtcdV2 {
             timeout_ms: spec.timeout_ms,
             note: None,
             auth_header: None,
+            secrets: Vec::new(),
         }
     }
 
     pub fn with_credential(mut self, cred: Option<&Credential>) -> EtcdV2 {
-        self.auth_header = match cred {
-            Some(Credential::UserPassword { user, password }) => Some(format!(
-                "Authorization: Basic {}",
-                B64.encode(format!("{user}:{password}"))
-            )),
-            _ => None,
-        };
+        self.auth_header = None;
+        self.secrets.clear();
+        if let Some(Credential::UserPassword { user, password }) = cred {
+            let basic = B64.encode(format!("{user}:{password}"));
+            self.auth_header = Some(format!("Authorization: Basic {basic}"));
+            self.secrets = vec![password.clone(), basic];
+        }
         self
     }
 
@@ -240,6 +243,10 @@ impl Source for EtcdV2 {
     fn reset(&mut self) {
         self.wait_index = 0;
     }
+    fn secrets(&self) -> Vec<String> {
+        self.secrets.clone()
+    }
+
     fn position(&self) -> u64 {
         self.read_index
     }

@@ -30,6 +30,8 @@ pub struct EtcdV3 {
     /// `/v3/auth/authenticate`, fetched first and again when etcd stops accepting it.
     credential: Option<(String, String)>,
     token: Option<String>,
+    /// The token etcd refused last (it may still be quoted in an error).
+    old_token: Option<String>,
     /// The token was just issued: if etcd refuses it anyway, authenticating again would
     /// loop, so that is an error.
     fresh_token: bool,
@@ -196,6 +198,7 @@ impl EtcdV3 {
             scanned: 0,
             credential: None,
             token: None,
+            old_token: None,
             fresh_token: false,
         }
     }
@@ -334,6 +337,13 @@ impl Source for EtcdV3 {
 
     fn position(&self) -> u64 {
         self.revision
+    }
+
+    fn secrets(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.credential.iter().map(|c| c.1.clone()).collect();
+        v.extend(self.token.clone());
+        v.extend(self.old_token.clone());
+        v
     }
 }
 

@@ -139,6 +139,24 @@ pub trait Source: Send {
     fn reset(&mut self);
     /// The position, for status output (Consul index, etcd index).
     fn position(&self) -> u64;
+    /// The secrets this source sends (token, password, their encodings), so text that
+    /// quotes a registry's answer can be cleaned of them before it is logged or shown:
+    /// a proxy or a registry may echo a request back.
+    fn secrets(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// `text` with every secret of `source` replaced by `<hidden>`.
+pub fn redact(text: &str, source: &dyn Source) -> String {
+    let mut out = text.to_string();
+    for s in source.secrets() {
+        // Short secrets would blank ordinary words; the parsers refuse empty ones.
+        if s.len() >= 4 {
+            out = out.replace(&s, "<hidden>");
+        }
+    }
+    out
 }
 
 /// Builds the protocol for a parsed `upsync` directive; `cred` is the credential read
@@ -177,5 +195,35 @@ mod tests {
         // never a hot loop, even with a tiny interval; no overflow with a huge one
         assert!(retry_delay_ms(0, 1, 0.0) >= 50);
         assert_eq!(retry_delay_ms(u64::MAX, 9, 0.5), u64::MAX);
+    }
+
+    #[test]
+    fn secrets_are_redacted_from_echoed_text() {
+        let spec = crate::conf::parse_upsync(&["h:1/upstreams/x/", "upsync_type=etcdv3"]).unwrap();
+        let cred = Credential::UserPassword {
+            user: "upsync".into(),
+            password: "hunter22".into(),
+        };
+        let src = source_for(&spec, Some(&cred));
+        assert_eq!(
+            redact(
+                "echo: {\"name\":\"upsync\",\"password\":\"hunter22\"}",
+                src.as_ref()
+            ),
+            "echo: {\"name\":\"upsync\",\"password\":\"<hidden>\"}"
+        );
+        let spec = crate::conf::parse_upsync(&["h:1/v2/keys/x/", "upsync_type=etcd"]).unwrap();
+        let src = source_for(&spec, Some(&cred));
+        let basic = "dXBzeW5jOmh1bnRlcjIy"; // base64("upsync:hunter22")
+        assert_eq!(
+            redact(&format!("got Basic {basic}"), src.as_ref()),
+            "got Basic <hidden>"
+        );
+        let spec = crate::conf::parse_upsync(&["h:1/v1/kv/x/", "upsync_type=consul"]).unwrap();
+        let src = source_for(&spec, Some(&Credential::Token("tok-1234".into())));
+        assert_eq!(
+            redact("token tok-1234 denied", src.as_ref()),
+            "token <hidden> denied"
+        );
     }
 }
