@@ -23,7 +23,7 @@ use HTTP::Tiny;
 use JSON::PP;
 use MIME::Base64;
 
-use Test::Nginx qw/ :DEFAULT port wait_for http_get http_parse show_section /;
+use Test::Nginx qw/ :DEFAULT port wait_for http_get http_parse show_section upsync_upstreams /;
 use Test::Nginx::Etcd;
 
 select STDERR; $| = 1;
@@ -87,7 +87,6 @@ for my $version (@versions) {
 	$t->write_file('wrong', "upsync:not-the-password\n");
 	my $v3 = "127.0.0.1:%%PORT_8500%%/v3u/ upsync_type=etcdv3 upsync_interval=200ms";
 	my $v2 = "127.0.0.1:%%PORT_8500%%/v2/keys/upstreams/v2u/ upsync_type=etcd upsync_interval=200ms";
-	my $conf = '';
 	my %ups = (
 		v3good => "$v3 token_file=%%TESTDIR%%/good strong_dependency=on",
 		v2strong => "$v2 token_file=%%TESTDIR%%/good strong_dependency=on",
@@ -97,13 +96,7 @@ for my $version (@versions) {
 		v2none => $v2,
 		v2wrong => "$v2 token_file=%%TESTDIR%%/wrong",
 	);
-	for my $name (sort keys %ups) {
-		$conf .= "    upstream $name {\n"
-			. "        upsync $ups{$name};\n"
-			. "        upsync_dump_path %%TESTDIR%%/servers_$name.conf;\n"
-			. "        server 127.0.0.1:%%PORT_8089%%;\n"
-			. "    }\n";
-	}
+	my $conf = upsync_upstreams(\%ups);
 	$t->write_file_expand('nginx.conf', <<"EOF");
 %%TEST_GLOBALS%%
 events { }

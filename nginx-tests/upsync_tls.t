@@ -25,7 +25,7 @@ use lib 'nginx-tests/lib';
 
 use Test::More;
 
-use Test::Nginx qw/ :DEFAULT port wait_for show_section /;
+use Test::Nginx qw/ :DEFAULT port wait_for show_section upsync_upstreams /;
 use Test::Nginx::Backend;
 use Test::Nginx::Etcd;
 use Test::Nginx::Consul;
@@ -72,14 +72,7 @@ my %ups = (
 	consul      => "https://localhost:${\ port(8445)}/v1/kv/upstreams/c/ upsync_type=consul $ca",
 	via_nginx   => "https://127.0.0.1:${\ port(8446)}/u/ upsync_type=etcdv3 $ca",
 );
-my $conf = '';
-for my $name (sort keys %ups) {
-	$conf .= "    upstream $name {\n"
-		. "        upsync $ups{$name} upsync_interval=200ms;\n"
-		. "        upsync_dump_path %%TESTDIR%%/servers_$name.conf;\n"
-		. "        server 127.0.0.1:%%PORT_8089%%;\n"
-		. "    }\n";
-}
+my $conf = upsync_upstreams(\%ups, 'upsync_interval=200ms');
 
 $t->write_file_expand('nginx.conf', <<"EOF");
 %%TEST_GLOBALS%%

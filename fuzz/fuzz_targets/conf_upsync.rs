@@ -7,7 +7,6 @@
 use libfuzzer_sys::fuzz_target;
 use upsync_pure::check;
 use upsync_pure::conf::{parse_credential, parse_upsync};
-use upsync_pure::net::http::build_request;
 use upsync_pure::registry::{consul::wait_and_deadline, retry_delay_ms, source_for};
 
 fuzz_target!(|data: &[u8]| {
@@ -23,18 +22,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = spec.endpoint.to_string();
     let cred = parse_credential(spec.kind, args.last().copied().unwrap_or("")).ok();
     for c in [None, cred.as_ref()] {
-        let source = source_for(&spec, c);
-        let req = source.next_request();
-        for h in &req.headers {
-            assert!(!h.bytes().any(|b| b < b' ' || b == 0x7f), "control byte in header {h:?}");
-        }
-        check::request(&build_request(
-            req.method,
-            &req.path_and_query,
-            &spec.endpoint.hosts[0].authority(),
-            &req.headers,
-            &req.body,
-        ));
+        check::next_request(source_for(&spec, c).as_ref(), &spec.endpoint);
     }
     let (wait, deadline) = wait_and_deadline(spec.timeout_ms);
     assert!(deadline >= wait);

@@ -15,7 +15,7 @@
 use libfuzzer_sys::fuzz_target;
 use upsync_pure::check;
 use upsync_pure::conf::{parse_upsync, Credential};
-use upsync_pure::net::http::{build_request, Head};
+use upsync_pure::net::http::Head;
 use upsync_pure::registry::{redact, source_for, RegistryError, Snapshot, Source};
 
 const SPECS: &[&[&str]] = &[
@@ -73,14 +73,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut source = source_for(&spec, cred.as_ref());
     for step in split_steps(rest).into_iter().take(16) {
-        let req = source.next_request();
-        check::request(&build_request(
-            req.method,
-            &req.path_and_query,
-            &spec.endpoint.hosts[0].authority(),
-            &req.headers,
-            &req.body,
-        ));
+        check::next_request(source.as_ref(), &spec.endpoint);
         let mut parts = step.splitn(4, |&b| b == b'\n');
         let status = parts.next().unwrap_or(b"");
         let index = parts.next().unwrap_or(b"-");
@@ -124,6 +117,5 @@ fuzz_target!(|data: &[u8]| {
             source.reset();
         }
     }
-    let req = source.next_request();
-    check::request(&build_request(req.method, &req.path_and_query, "h:1", &req.headers, &req.body));
+    check::next_request(source.as_ref(), &spec.endpoint);
 });

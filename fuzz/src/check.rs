@@ -2,7 +2,9 @@
 //! panics, which libFuzzer reports as a crash (the same as a panic inside the parser).
 
 use crate::dump;
-use crate::registry::{RegistryError, Snapshot};
+use crate::conf::Endpoint;
+use crate::net::http::build_request;
+use crate::registry::{RegistryError, Snapshot, Source};
 use crate::servers::{ServerSpec, MAX_COUNT, MAX_FAIL_TIMEOUT, MAX_WEIGHT};
 
 /// A server the registry handed us: within nginx's limits, and its `server` line (dump
@@ -51,6 +53,23 @@ pub fn error(e: &RegistryError) {
 }
 
 /// A request line and headers built from state we derived: one line, no injection.
+/// The next request of a source, as the poller would send it to the first address:
+/// header lines free of control bytes (no CR/LF smuggled in by a value or a secret),
+/// and a well-formed request head.
+pub fn next_request(source: &dyn Source, endpoint: &Endpoint) {
+    let req = source.next_request();
+    for h in &req.headers {
+        assert!(!h.bytes().any(|b| b < b' ' || b == 0x7f), "control byte in header {h:?}");
+    }
+    request(&build_request(
+        req.method,
+        &req.path_and_query,
+        &endpoint.hosts[0].authority(),
+        &req.headers,
+        &req.body,
+    ));
+}
+
 pub fn request(bytes: &[u8]) {
     let head_end = bytes
         .windows(4)

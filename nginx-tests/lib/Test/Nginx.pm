@@ -46,7 +46,7 @@ use Test::Nginx::Stream ();
 our $VERSION = '0.01';
 
 our @EXPORT = qw/port wait_for http_get http_parse stream_get stream_udp/;
-our @EXPORT_OK = (@EXPORT, qw/http_request which show_section/);
+our @EXPORT_OK = (@EXPORT, qw/http_request which show_section upsync_upstreams/);
 our %EXPORT_TAGS = (all => \@EXPORT_OK);
 
 # The caller also gets Test::More's functions (as if it said "use Test::More").
@@ -960,6 +960,21 @@ sub show_section {
 	my (undef, undef, $body) = http_parse(http_get($port, $path // '/') // '');
 	my ($s) = ($body // '') =~ /(Upstream name: \Q$name\E;.*?\n\n)/s;
 	return $s // '';
+}
+
+# upsync_upstreams(\%ups, [$extra]): one stream upstream block per name, in
+# name order: "upsync $ups{NAME} $extra;", a dump file servers_NAME.conf in
+# the test directory, and 127.0.0.1:%%PORT_8089%% as the configured server.
+sub upsync_upstreams {
+	my ($ups, $extra) = @_;
+	$extra = defined $extra ? " $extra" : '';
+	return join '', map {
+		"    upstream $_ {\n"
+		. "        upsync $ups->{$_}$extra;\n"
+		. "        upsync_dump_path %%TESTDIR%%/servers_$_.conf;\n"
+		. "        server 127.0.0.1:%%PORT_8089%%;\n"
+		. "    }\n"
+	} sort keys %$ups;
 }
 
 sub http_parse {
