@@ -4,7 +4,9 @@
 # packaged nginx (/usr/sbin/nginx + libnginx-mod-stream):
 # nginx -t, upstream_show with one static and one upsync upstream (whose
 # registry is a closed port, so the configured server stays), and a session
-# proxied through the upsync upstream to a real backend.
+# proxied through the upsync upstream to a real backend; then (with etcd) a
+# registry read over mutual TLS through Debian's nginx and its OpenSSL, and a
+# change that arrives over a resumed TLS session.
 #
 # Independent of the caller's TEST_NGINX_* settings: the binary, the globals
 # (load the packaged stream module) and the module path are set below.
@@ -20,8 +22,10 @@ use FindBin;
 use lib "$FindBin::Bin/lib";
 use lib 'nginx-tests/lib';
 
-use Test::Nginx qw/ :DEFAULT port wait_for http_get http_parse stream_get /;
+use Test::Nginx qw/ :DEFAULT port wait_for http_get http_parse stream_get show_section /;
 use Test::Nginx::Backend;
+use Test::Nginx::Etcd;
+use Test::Nginx::Tls;
 
 ###############################################################################
 
@@ -50,7 +54,7 @@ $ENV{TEST_NGINX_BINARY} = $NGINX;
 $ENV{TEST_NGINX_GLOBALS} = "load_module $STREAM_SO;";
 $ENV{TEST_NGINX_MODULE} = $MODULE;
 
-my $t = Test::Nginx->new(workers => 1)->has(qw/stream upsync/)->plan(9);
+my $t = Test::Nginx->new(workers => 1)->has(qw/stream upsync/)->plan(12);
 
 $t->write_file_expand('nginx.conf', <<'EOF');
 
@@ -124,5 +128,44 @@ $t->stop();
 
 is(scalar $t->alerts, 0, 'no alerts in error.log')
 	or diag($t->tail_log(30));
-
 ###############################################################################
+# TLS with Debian's nginx (its OpenSSL, its ngx_ssl_* structures)
+
+SKIP: {
+	skip 'no etcd 3.4 or openssl command', 3
+		unless Test::Nginx::Etcd->available('3.4') && Test::Nginx::Tls->available;
+
+	my $t2 = Test::Nginx->new(workers => 1);
+	my $pki = Test::Nginx::Tls->make($t2);
+	my $tls = port(8443);
+	my $etcd = Test::Nginx::Etcd->start($t2, port => port(8501), peer_port => port(8601),
+		tls => { port => $tls, cert => $pki->{'server.pem'}, key => $pki->{'server.key'},
+			ca => $pki->{'ca.pem'} });
+	$etcd->v3_put("/d/127.0.0.1:$p1", '');
+	$t2->write_file_expand('nginx.conf', <<"EOF");
+
+%%TEST_GLOBALS%%
+
+events { }
+
+stream {
+    upstream d {
+        upsync https://127.0.0.1:$tls/d/ upsync_type=etcdv3 upsync_interval=200ms
+               ssl_trusted_certificate=$pki->{'ca.pem'}
+               ssl_certificate=$pki->{'client.pem'} ssl_certificate_key=$pki->{'client.key'};
+        upsync_dump_path %%TESTDIR%%/servers_d.conf;
+        server 127.0.0.1:%%PORT_8089%%;
+    }
+    server { listen 127.0.0.1:%%PORT_8083%%; upstream_show; }
+}
+EOF
+	$t2->run();
+	ok(wait_for(sub { show_section(port(8083), 'd') =~ /:$p1 / }, timeout => 5),
+		'Debian nginx: synced over mutual TLS');
+	$etcd->v3_put("/d/127.0.0.1:$p2", '');
+	ok(wait_for(sub { show_section(port(8083), 'd') =~ /:$p2 / }, timeout => 5),
+		'Debian nginx: a change arrives after the TLS reconnect');
+	$t2->stop();
+	is(scalar $t2->alerts, 0, 'Debian nginx with TLS: no alerts in error.log')
+		or diag($t2->tail_log(30));
+}
