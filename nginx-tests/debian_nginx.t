@@ -54,7 +54,7 @@ $ENV{TEST_NGINX_BINARY} = $NGINX;
 $ENV{TEST_NGINX_GLOBALS} = "load_module $STREAM_SO;";
 $ENV{TEST_NGINX_MODULE} = $MODULE;
 
-my $t = Test::Nginx->new(workers => 1)->has(qw/stream upsync/)->plan(12);
+my $t = Test::Nginx->new(workers => 1)->has(qw/stream upsync/)->plan(13);
 
 $t->write_file_expand('nginx.conf', <<'EOF');
 
@@ -132,7 +132,7 @@ is(scalar $t->alerts, 0, 'no alerts in error.log')
 # TLS with Debian's nginx (its OpenSSL, its ngx_ssl_* structures)
 
 SKIP: {
-	skip 'no etcd 3.4 or openssl command', 3
+	skip 'no etcd 3.4 or openssl command', 4
 		unless Test::Nginx::Etcd->available('3.4') && Test::Nginx::Tls->available;
 
 	my $t2 = Test::Nginx->new(workers => 1);
@@ -151,7 +151,7 @@ events { }
 stream {
     upstream d {
         upsync https://127.0.0.1:$tls/d/ upsync_type=etcdv3 upsync_interval=200ms
-               ssl_trusted_certificate=$pki->{'ca.pem'}
+               strong_dependency=on ssl_trusted_certificate=$pki->{'ca.pem'}
                ssl_certificate=$pki->{'client.pem'} ssl_certificate_key=$pki->{'client.key'};
         upsync_dump_path %%TESTDIR%%/servers_d.conf;
         server 127.0.0.1:%%PORT_8089%%;
@@ -159,7 +159,11 @@ stream {
     server { listen 127.0.0.1:%%PORT_8083%%; upstream_show; }
 }
 EOF
+	# strong_dependency=on: the master reads the registry over TLS with Debian's
+	# nginx (a --with-debug build, whose verify callback logs) before it starts
 	$t2->run();
+	like(show_section(port(8083), 'd'), qr/:$p1 /,
+		'Debian nginx: strong_dependency read over mutual TLS at start');
 	ok(wait_for(sub { show_section(port(8083), 'd') =~ /:$p1 / }, timeout => 5),
 		'Debian nginx: synced over mutual TLS');
 	$etcd->v3_put("/d/127.0.0.1:$p2", '');

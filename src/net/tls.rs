@@ -270,9 +270,11 @@ mod imp {
         ssl: *mut SSL,
         _sock: TcpStream,
         connected: bool,
-        /// nginx's SSL callbacks (the client session cache's) look the nginx connection
-        /// up from the SSL object: an inert one, with no session saving, stands in.
-        _stand_in: Box<(ngx_connection_t, ngx_ssl_connection_t)>,
+        /// nginx's SSL callbacks (the client session cache's, and the certificate
+        /// verification's, which logs at debug level in `--with-debug` builds) look the
+        /// nginx connection up from the SSL object: an inert one, with no session
+        /// saving and a log that writes nothing, stands in.
+        _stand_in: Box<(ngx_connection_t, ngx_ssl_connection_t, ngx_log_t)>,
     }
 
     impl BlockingTls {
@@ -294,8 +296,12 @@ mod imp {
                 connected: false,
                 _stand_in: Box::new(std::mem::zeroed()),
             };
-            let (c, sc) = &mut *me._stand_in;
+            let (c, sc, log) = &mut *me._stand_in;
             c.ssl = sc;
+            // log_level 0 with no file: ngx_log_error's level test fails for every
+            // level above NGX_LOG_STDERR, which nginx's SSL callbacks never use.
+            log.log_level = 0;
+            c.log = log;
             if SSL_set_ex_data(ssl, ngx_ssl_connection_index, c as *mut _ as *mut c_void) != 1 {
                 return Err(format!("TLS: {}", openssl_error()));
             }
