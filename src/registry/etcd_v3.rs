@@ -256,13 +256,13 @@ impl EtcdV3 {
             } else {
                 "etcd refuses a token it has just issued (check the user's role grants the prefix)"
             };
-            self.token = None;
+            self.old_token = self.token.take().or(self.old_token.take());
             return Err(RegistryError::Auth(format!(
                 "{hint} ({})",
                 excerpt(why.as_bytes())
             )));
         }
-        self.token = None;
+        self.old_token = self.token.take().or(self.old_token.take());
         self.watch_from = 0;
         self.note = Some(
             "the etcd auth token is no longer accepted (expired or revoked); authenticating again"
@@ -320,8 +320,8 @@ impl Source for EtcdV3 {
                 let why = why.clone();
                 return self.token_refused(&why);
             }
-            Ok(_) => self.fresh_token = false,
-            Err(_) => {}
+            // Any other answer means the token was accepted at least once.
+            _ => self.fresh_token = false,
         }
         result
     }
@@ -333,6 +333,7 @@ impl Source for EtcdV3 {
     fn reset(&mut self) {
         self.watch_from = 0;
         self.scanned = 0;
+        self.fresh_token = false;
     }
 
     fn position(&self) -> u64 {

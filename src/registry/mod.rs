@@ -148,12 +148,80 @@ pub trait Source: Send {
 }
 
 /// `text` with every secret of `source` replaced by `<hidden>`.
+///
+/// The text may quote a registry's answer as received (JSON-escaped), after
+/// [`excerpt`] mapped control characters, or cut at 128 bytes with `...`; each of those
+/// forms is hidden, and so is the start of a secret that a cut left before `...`.
+/// Secrets shorter than 4 bytes are hidden only where they stand as a separate word,
+/// so that they do not blank ordinary words.
 pub fn redact(text: &str, source: &dyn Source) -> String {
     let mut out = text.to_string();
-    for s in source.secrets() {
-        // Short secrets would blank ordinary words; the parsers refuse empty ones.
-        if s.len() >= 4 {
-            out = out.replace(&s, "<hidden>");
+    for secret in source.secrets() {
+        if secret.is_empty() {
+            continue;
+        }
+        let escaped = serde_json::to_string(&secret).unwrap_or_default();
+        let escaped = escaped[1..escaped.len().saturating_sub(1).max(1)].to_string();
+        let shown = crate::servers::printable(&secret, usize::MAX);
+        let mut forms = vec![secret.clone(), escaped, shown];
+        forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+        forms.dedup();
+        for form in &forms {
+            out = if form.len() >= 4 {
+                out.replace(form.as_str(), "<hidden>")
+            } else {
+                replace_word(&out, form)
+            };
+        }
+        // An excerpt cut inside a secret leaves its first bytes before the "...".
+        for form in forms.iter().filter(|f| f.len() > 4) {
+            out = hide_cut_prefix(&out, form);
+        }
+    }
+    out
+}
+
+/// `text` with each occurrence of `word` that is not part of a longer alphanumeric run
+/// replaced by `<hidden>`.
+fn replace_word(text: &str, word: &str) -> String {
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric());
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(word) {
+        let before = if at > 0 {
+            rest[..at].chars().last()
+        } else {
+            out.chars().last()
+        };
+        let after = rest[at + word.len()..].chars().next();
+        out.push_str(&rest[..at]);
+        if alnum(before) || alnum(after) {
+            out.push_str(word);
+        } else {
+            out.push_str("<hidden>");
+        }
+        rest = &rest[at + word.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Hides a start of `secret` (4 bytes or more) that ends right before a `...` cut mark.
+fn hide_cut_prefix(text: &str, secret: &str) -> String {
+    let mut out = text.to_string();
+    let mut from = 0;
+    while let Some(pos) = out[from..].find("...").map(|p| p + from) {
+        let head = &out[..pos];
+        let hit = (4..secret.len())
+            .rev()
+            .filter(|&n| secret.is_char_boundary(n))
+            .find(|&n| head.ends_with(&secret[..n]));
+        match hit {
+            Some(n) => {
+                out.replace_range(pos - n..pos, "<hidden>");
+                from = pos - n + "<hidden>...".len();
+            }
+            None => from = pos + 3,
         }
     }
     out
@@ -224,6 +292,36 @@ mod tests {
         assert_eq!(
             redact("token tok-1234 denied", src.as_ref()),
             "token <hidden> denied"
+        );
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_every_quoted_form() {
+        let spec = crate::conf::parse_upsync(&["h:1/upstreams/x/", "upsync_type=etcdv3"]).unwrap();
+        let cred = |p: &str| Credential::UserPassword {
+            user: "upsync".into(),
+            password: p.into(),
+        };
+        // JSON-escaped, as an echoed request body quotes it
+        let src = source_for(&spec, Some(&cred("pa\"ss\\word")));
+        assert_eq!(
+            redact(r#"{"password":"pa\"ss\\word"}"#, src.as_ref()),
+            r#"{"password":"<hidden>"}"#
+        );
+        // cut by an excerpt in the middle of the secret
+        let src = source_for(&spec, Some(&cred("correct-horse-battery")));
+        let cut = format!("{}...", &format!("{:>110}password\":\"correct-hor", "x")[..128]);
+        let text = excerpt(format!("{:>110}password\":\"correct-horse-battery\"}}", "x").as_bytes());
+        assert_eq!(text, cut);
+        assert!(!redact(&text, src.as_ref()).contains("correct"), "{}", redact(&text, src.as_ref()));
+        assert!(redact(&text, src.as_ref()).ends_with("\"<hidden>..."));
+        // ordinary text that merely ends like a cut is left alone
+        assert_eq!(redact("cor...", src.as_ref()), "cor...");
+        // a short secret is hidden where it stands alone, not inside other words
+        let src = source_for(&spec, Some(&cred("ab1")));
+        assert_eq!(
+            redact(r#"user "ab1" has password ab1 in cab1ne"#, src.as_ref()),
+            r#"user "<hidden>" has password <hidden> in cab1ne"#
         );
     }
 }
