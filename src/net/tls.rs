@@ -153,6 +153,29 @@ mod imp {
     ///
     /// # Safety
     /// `s` is an SSL connection whose handshake completed.
+    /// The peer's certificate, with a reference the caller frees (`X509_free`).
+    ///
+    /// OpenSSL 3 names the function SSL_get1_peer_certificate (the old name is a macro),
+    /// OpenSSL 1.1.1 (RHEL 8) only SSL_get_peer_certificate; both take a reference. It
+    /// is looked up in the process (nginx links libssl) so that the module loads with
+    /// either library instead of naming a symbol one of them lacks.
+    unsafe fn peer_certificate(s: *mut SSL) -> *mut X509 {
+        type GetPeer = unsafe extern "C" fn(*const SSL) -> *mut X509;
+        static GET_PEER: std::sync::OnceLock<Option<GetPeer>> = std::sync::OnceLock::new();
+        let f = GET_PEER.get_or_init(|| {
+            [c"SSL_get1_peer_certificate", c"SSL_get_peer_certificate"]
+                .iter()
+                .map(|name| libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()))
+                .find(|p| !p.is_null())
+                // SAFETY: both functions have this signature.
+                .map(|p| std::mem::transmute::<*mut c_void, GetPeer>(p))
+        });
+        match f {
+            Some(f) => f(s),
+            None => ptr::null_mut(),
+        }
+    }
+
     pub unsafe fn verify_peer(s: *mut SSL, name: &str) -> Result<(), String> {
         let rc = SSL_get_verify_result(s);
         if rc != X509_V_OK as std::ffi::c_long {
@@ -161,7 +184,7 @@ mod imp {
                 "the registry's certificate is not trusted: {why} (verify error {rc})"
             ));
         }
-        let cert = SSL_get1_peer_certificate(s);
+        let cert = peer_certificate(s);
         if cert.is_null() {
             return Err("the registry sent no certificate".into());
         }
