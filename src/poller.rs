@@ -4,9 +4,11 @@
 //! lease; a worker that dies loses it when its pid is gone or the lease runs out, and
 //! another worker takes over on its next tick.
 
+use std::cell::{Cell, UnsafeCell};
 use std::ffi::c_void;
 use std::mem::{size_of, zeroed};
 use std::ptr;
+use std::rc::Rc;
 
 use ngx::ffi::*;
 use ngx::ngx_log_error;
@@ -31,24 +33,49 @@ const MIN_GAP_MS: u64 = 20;
 const FAST_STREAK: u32 = 3;
 const MAX_PER_SECOND: u32 = 100;
 
+/// The part of a poller that nginx calls back into while a poller method is running:
+/// the connection's log writer and OpenSSL's new-session callback. It is shared (`Rc`)
+/// and mutated only through cells, so those callbacks never make a second
+/// `&mut Poller`.
+struct Side {
+    prefix: String,
+    /// The connection logs into this copy of the cycle log, whose writer keeps the last
+    /// message (`captured`) for a failure line to quote (the OpenSSL reason of a failed
+    /// handshake) and writes only alerts and worse itself: the poller logs each state
+    /// change once.
+    log: UnsafeCell<ngx_log_t>,
+    captured: Cell<String>,
+    /// TLS session of the registry address in use, to resume on reconnects.
+    tls_session: Cell<*mut c_void>,
+}
+
+impl Side {
+    fn log(&self) -> *mut ngx_log_t {
+        self.log.get()
+    }
+
+    fn take_captured(&self) -> String {
+        self.captured.take()
+    }
+
+    /// # Safety
+    /// `s` is null or a session from `tls::get_session` that nothing else owns.
+    unsafe fn replace_session(&self, s: *mut c_void) {
+        tls::free_session(self.tls_session.replace(s));
+    }
+}
+
 pub struct Poller {
     conf: *const SrvConf,
     zone: Zone,
     source: Box<dyn Source>,
-    prefix: String,
     interval_ms: u64,
     tick_ms: u64,
     lease_ms: u64,
     tick: ngx_event_t,
     wake: ngx_event_t,
-    /// The connection logs into this copy of the cycle log, which writes nothing: its
-    /// writer keeps the last message (`captured`), which a failure line may quote (the
-    /// OpenSSL reason of a failed handshake). The poller logs each state change itself,
-    /// once.
-    quiet_log: ngx_log_t,
-    captured: String,
-    /// TLS session of the registry address in use, to resume on reconnects.
-    tls_session: *mut c_void,
+    /// What nginx's callbacks write to (the connection's log, the TLS session cache).
+    side: Rc<Side>,
     pc: ngx_peer_connection_t,
     sockaddr: libc::sockaddr_storage,
     peer_name: ngx_str_t,
@@ -112,7 +139,6 @@ pub unsafe fn start(_cycle: *mut ngx_cycle_t, conf: &SrvConf) {
         conf,
         zone,
         source: source_for(spec, conf.credential.as_ref()),
-        prefix: conf.log_prefix(),
         interval_ms: interval,
         tick_ms,
         // A dead poller is replaced at the next tick (its pid is gone); the lease only
@@ -121,9 +147,12 @@ pub unsafe fn start(_cycle: *mut ngx_cycle_t, conf: &SrvConf) {
         lease_ms: (interval * 3).clamp(3_000, 30_000),
         tick: zeroed(),
         wake: zeroed(),
-        quiet_log: *cycle_log(),
-        captured: String::new(),
-        tls_session: ptr::null_mut(),
+        side: Rc::new(Side {
+            prefix: conf.log_prefix(),
+            log: UnsafeCell::new(*cycle_log()),
+            captured: Cell::new(String::new()),
+            tls_session: Cell::new(ptr::null_mut()),
+        }),
         pc: zeroed(),
         sockaddr: zeroed(),
         peer_name: ngx_str_t::empty(),
@@ -148,10 +177,11 @@ pub unsafe fn start(_cycle: *mut ngx_cycle_t, conf: &SrvConf) {
         rng: (ngx_pid as u64) << 32 ^ mono_ms() ^ 0x9e37_79b9_7f4a_7c15,
     }));
     let me = &mut *p;
-    me.quiet_log.log_level = NGX_LOG_INFO as ngx_uint_t;
-    me.quiet_log.writer = Some(capture_log);
-    me.quiet_log.wdata = p as *mut c_void;
-    me.quiet_log.next = ptr::null_mut();
+    let log = &mut *me.side.log();
+    log.log_level = NGX_LOG_INFO as ngx_uint_t;
+    log.writer = Some(capture_log);
+    log.wdata = Rc::as_ptr(&me.side) as *mut c_void;
+    log.next = ptr::null_mut();
     for (ev, handler) in [
         (
             &mut me.tick,
@@ -202,14 +232,10 @@ unsafe extern "C" fn conn_write_handler(ev: *mut ngx_event_t) {
 }
 
 /// The quiet log's writer: keeps the message part of the last line (after the time,
-/// level, pid and connection number).
-unsafe extern "C" fn capture_log(
-    log: *mut ngx_log_t,
-    _level: ngx_uint_t,
-    buf: *mut u8,
-    len: usize,
-) {
-    let p = &mut *((*log).wdata as *mut Poller);
+/// level, pid and connection number); alerts and worse (nginx's own failures, such as
+/// an epoll_ctl() error) also go to the error log at once.
+unsafe extern "C" fn capture_log(log: *mut ngx_log_t, level: ngx_uint_t, buf: *mut u8, len: usize) {
+    let side = &*((*log).wdata as *const Side);
     let line = String::from_utf8_lossy(std::slice::from_raw_parts(buf, len));
     let msg = line
         .find('#')
@@ -219,7 +245,17 @@ unsafe extern "C" fn capture_log(
         Some(rest) => rest.split_once(' ').map_or(rest, |(_, m)| m),
         None => msg,
     };
-    p.captured = crate::servers::printable(msg.trim_end(), 300);
+    let msg = crate::servers::printable(msg.trim_end(), 300);
+    if level <= NGX_LOG_ALERT as ngx_uint_t {
+        ngx_log_error!(
+            level as u32,
+            cycle_log(),
+            "{}: registry connection: {}",
+            side.prefix,
+            msg
+        );
+    }
+    side.captured.set(msg);
 }
 
 unsafe extern "C" fn tls_handshake_done(c: *mut ngx_connection_t) {
@@ -229,10 +265,11 @@ unsafe extern "C" fn tls_handshake_done(c: *mut ngx_connection_t) {
 /// OpenSSL made a session the next connection can resume (TLS 1.3 sends it after the
 /// handshake): keep the newest.
 unsafe extern "C" fn tls_save_session(c: *mut ngx_connection_t) {
-    let p = &mut *((*c).data as *mut Poller);
+    // The connection logs into the side's log, whose wdata is the side.
+    let side = &*((*(*c).log).wdata as *const Side);
     let s = tls::get_session(c);
     if !s.is_null() {
-        tls::free_session(std::mem::replace(&mut p.tls_session, s));
+        side.replace_session(s);
     }
 }
 
@@ -261,7 +298,7 @@ impl Poller {
     fn log(&self, level: u32, msg: &str) {
         // SAFETY: the cycle log is valid for the life of the process.
         unsafe {
-            ngx_log_error!(level, cycle_log(), "{}: {}", self.prefix, msg);
+            ngx_log_error!(level, cycle_log(), "{}: {}", self.side.prefix, msg);
         }
     }
 
@@ -381,7 +418,7 @@ impl Poller {
     /// OpenSSL reason on a TLS connection), else the OS error.
     fn io_error(&mut self) -> String {
         let os = std::io::Error::last_os_error();
-        match std::mem::take(&mut self.captured) {
+        match self.side.take_captured() {
             c if !c.is_empty() => c,
             _ => os.to_string(),
         }
@@ -395,7 +432,7 @@ impl Poller {
 
     unsafe fn connect(&mut self) {
         let addr = self.target().addr;
-        self.captured.clear();
+        self.side.captured.take();
         let (storage, len) = sockaddr_of(&addr);
         self.sockaddr = storage;
         self.peer_name_buf = addr.to_string().into_bytes();
@@ -408,7 +445,7 @@ impl Poller {
         self.pc.socklen = len;
         self.pc.name = &mut self.peer_name;
         self.pc.get = Some(registry_peer_get);
-        self.pc.log = &mut self.quiet_log;
+        self.pc.log = self.side.log();
         self.pc
             .set_log_error(ngx_connection_log_error_e_NGX_ERROR_ERR as u32);
         self.pc.tries = 1;
@@ -435,7 +472,7 @@ impl Poller {
             &one as *const _ as *const c_void,
             size_of::<libc::c_int>() as libc::socklen_t,
         );
-        (*c).log = &mut self.quiet_log;
+        (*c).log = self.side.log();
         (*(*c).read).log = (*c).log;
         (*(*c).write).log = (*c).log;
         (*(*c).read).handler = Some(conn_read_handler);
@@ -462,7 +499,7 @@ impl Poller {
         }
         let c = self.pc.connection;
         if (*c).pool.is_null() {
-            (*c).pool = ngx_create_pool(1024, &mut self.quiet_log);
+            (*c).pool = ngx_create_pool(1024, self.side.log());
             if (*c).pool.is_null() {
                 return self.fail("out of memory for the TLS session".into());
             }
@@ -472,7 +509,7 @@ impl Poller {
             c,
             ssl,
             &name,
-            self.tls_session,
+            self.side.tls_session.get(),
             tls_handshake_done,
             tls_save_session,
         ) {
@@ -482,7 +519,7 @@ impl Poller {
             }
             rc if rc == NGX_OK as ngx_int_t => self.on_handshake(c),
             _ => {
-                let why = std::mem::take(&mut self.captured);
+                let why = self.side.take_captured();
                 self.fail(format!(
                     "TLS handshake with {} failed: {why}",
                     self.target().addr
@@ -503,7 +540,7 @@ impl Poller {
             }
         }
         if !tls::handshaked(c) {
-            let why = std::mem::take(&mut self.captured);
+            let why = self.side.take_captured();
             return self.fail(if timed_out {
                 format!("TLS handshake with {addr} timed out")
             } else {
@@ -582,7 +619,10 @@ impl Poller {
             ngx_add_timer((*c).read, self.request_timeout as ngx_msec_t);
         }
         if ngx_handle_read_event((*c).read, 0) != NGX_OK as ngx_int_t {
-            self.fail("cannot wait for the response".into());
+            self.fail(format!(
+                "cannot wait for the response: {}",
+                self.side.take_captured()
+            ));
             return;
         }
         if (*(*c).read).ready() != 0 {
@@ -648,7 +688,10 @@ impl Poller {
                 };
             } else if n == NGX_AGAIN as isize {
                 if ngx_handle_read_event((*c).read, 0) != NGX_OK as ngx_int_t {
-                    self.fail("cannot wait for the response".into());
+                    self.fail(format!(
+                        "cannot wait for the response: {}",
+                        self.side.take_captured()
+                    ));
                 }
                 return;
             } else {
@@ -722,7 +765,7 @@ impl Poller {
         self.addr_index = self.addr_index.wrapping_add(1);
         // A session belongs to the address that issued it (and a failed one is no
         // help): the next handshake is a full one.
-        tls::free_session(std::mem::replace(&mut self.tls_session, ptr::null_mut()));
+        self.side.replace_session(ptr::null_mut());
         self.source.reset();
         let n = self.conf().addrs.len() as u32;
         let (delay, next) = if n > 1 && self.failures % n != 0 {

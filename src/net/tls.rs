@@ -148,17 +148,15 @@ mod imp {
         }
     }
 
-    /// Checks a finished handshake like `proxy_ssl_verify on`: the chain first, then that the
-    /// certificate names `name` (a DNS name, or an IP address in its IP SANs).
-    ///
-    /// # Safety
-    /// `s` is an SSL connection whose handshake completed.
     /// The peer's certificate, with a reference the caller frees (`X509_free`).
     ///
     /// OpenSSL 3 names the function SSL_get1_peer_certificate (the old name is a macro),
     /// OpenSSL 1.1.1 (RHEL 8) only SSL_get_peer_certificate; both take a reference. It
     /// is looked up in the process (nginx links libssl) so that the module loads with
     /// either library instead of naming a symbol one of them lacks.
+    ///
+    /// # Safety
+    /// `s` is a live SSL connection.
     unsafe fn peer_certificate(s: *mut SSL) -> *mut X509 {
         type GetPeer = unsafe extern "C" fn(*const SSL) -> *mut X509;
         static GET_PEER: std::sync::OnceLock<Option<GetPeer>> = std::sync::OnceLock::new();
@@ -176,6 +174,11 @@ mod imp {
         }
     }
 
+    /// Checks a finished handshake like `proxy_ssl_verify on`: the chain first, then that the
+    /// certificate names `name` (a DNS name, or an IP address in its IP SANs).
+    ///
+    /// # Safety
+    /// `s` is an SSL connection whose handshake completed.
     pub unsafe fn verify_peer(s: *mut SSL, name: &str) -> Result<(), String> {
         let rc = SSL_get_verify_result(s);
         if rc != X509_V_OK as std::ffi::c_long {

@@ -310,10 +310,18 @@ mod tests {
         );
         // cut by an excerpt in the middle of the secret
         let src = source_for(&spec, Some(&cred("correct-horse-battery")));
-        let cut = format!("{}...", &format!("{:>110}password\":\"correct-hor", "x")[..128]);
-        let text = excerpt(format!("{:>110}password\":\"correct-horse-battery\"}}", "x").as_bytes());
+        let cut = format!(
+            "{}...",
+            &format!("{:>110}password\":\"correct-hor", "x")[..128]
+        );
+        let text =
+            excerpt(format!("{:>110}password\":\"correct-horse-battery\"}}", "x").as_bytes());
         assert_eq!(text, cut);
-        assert!(!redact(&text, src.as_ref()).contains("correct"), "{}", redact(&text, src.as_ref()));
+        assert!(
+            !redact(&text, src.as_ref()).contains("correct"),
+            "{}",
+            redact(&text, src.as_ref())
+        );
         assert!(redact(&text, src.as_ref()).ends_with("\"<hidden>..."));
         // ordinary text that merely ends like a cut is left alone
         assert_eq!(redact("cor...", src.as_ref()), "cor...");
