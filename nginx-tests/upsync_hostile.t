@@ -609,11 +609,12 @@ my $n = 0;
 for my $name (@ORDER) {
 	my $u = $U{$name};
 	my $addr = $u->{via} eq 'emu' ? '127.0.0.1:%%PORT_8500%%' : "127.0.0.1:%%PORT_$RAWPORT{$name}%%";
+	my $pre = $u->{prefix} // '';
 	my $path = {
-		consul => "/v1/kv/$u->{prefix}",
+		consul => "/v1/kv/$pre",
 		consul_services => '/v1/catalog/service/websvc',
-		etcd => "/v2/keys$u->{prefix}/",
-		etcdv3 => $u->{prefix},
+		etcd => "/v2/keys$pre/",
+		etcdv3 => $pre,
 	}->{$u->{type}};
 	$u->{show_port} = port(8080 + $n++);
 	$u->{t} = Test::Nginx->new(workers => 2);
@@ -721,7 +722,7 @@ sub log_poll {
 	my $new = <$fh> // '';
 	close $fh;
 	$u->{log_pos} += length $new;
-	$new = $u->{log_rest} . $new;
+	$new = ($u->{log_rest} // "") . $new;
 	my @l = split /\n/, $new, -1;
 	$u->{log_rest} = pop @l;
 	push @{$u->{log}}, @l;
