@@ -424,6 +424,14 @@ impl Poller {
         }
     }
 
+    /// The failure of ngx_handle_read_event, with what nginx logged about it.
+    fn cannot_wait(&self) -> String {
+        match self.side.take_captured() {
+            why if why.is_empty() => "cannot wait for the response".into(),
+            why => format!("cannot wait for the response: {why}"),
+        }
+    }
+
     /// The registry address in use (the failover list rotates on failures).
     fn target(&self) -> Target {
         let addrs = &self.conf().addrs;
@@ -619,10 +627,7 @@ impl Poller {
             ngx_add_timer((*c).read, self.request_timeout as ngx_msec_t);
         }
         if ngx_handle_read_event((*c).read, 0) != NGX_OK as ngx_int_t {
-            self.fail(format!(
-                "cannot wait for the response: {}",
-                self.side.take_captured()
-            ));
+            self.fail(self.cannot_wait());
             return;
         }
         if (*(*c).read).ready() != 0 {
@@ -688,10 +693,7 @@ impl Poller {
                 };
             } else if n == NGX_AGAIN as isize {
                 if ngx_handle_read_event((*c).read, 0) != NGX_OK as ngx_int_t {
-                    self.fail(format!(
-                        "cannot wait for the response: {}",
-                        self.side.take_captured()
-                    ));
+                    self.fail(self.cannot_wait());
                 }
                 return;
             } else {

@@ -155,30 +155,51 @@ pub trait Source: Send {
 /// Secrets shorter than 4 bytes are hidden only where they stand as a separate word,
 /// so that they do not blank ordinary words.
 pub fn redact(text: &str, source: &dyn Source) -> String {
+    // Longest first across all secrets, so that hiding a short one never breaks up a
+    // longer one (a 1-byte password inside a token) and leaves the rest of it showing.
+    let mut forms: Vec<String> = source
+        .secrets()
+        .iter()
+        .filter(|s| !s.is_empty())
+        .flat_map(|s| quoted_forms(s))
+        .collect();
+    forms.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+    forms.dedup();
     let mut out = text.to_string();
-    for secret in source.secrets() {
-        if secret.is_empty() {
-            continue;
-        }
-        let escaped = serde_json::to_string(&secret).unwrap_or_default();
-        let escaped = escaped[1..escaped.len().saturating_sub(1).max(1)].to_string();
-        let shown = crate::servers::printable(&secret, usize::MAX);
-        let mut forms = vec![secret.clone(), escaped, shown];
-        forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
-        forms.dedup();
-        for form in &forms {
-            out = if form.len() >= 4 {
-                out.replace(form.as_str(), "<hidden>")
-            } else {
-                replace_word(&out, form)
-            };
-        }
-        // An excerpt cut inside a secret leaves its first bytes before the "...".
-        for form in forms.iter().filter(|f| f.len() > 4) {
-            out = hide_cut_prefix(&out, form);
-        }
+    for form in &forms {
+        out = if form.len() >= 4 {
+            out.replace(form.as_str(), "<hidden>")
+        } else {
+            replace_word(&out, form)
+        };
+    }
+    // An excerpt cut inside a secret leaves its first bytes before the "...".
+    for form in forms.iter().filter(|f| f.len() > 4) {
+        out = hide_cut_prefix(&out, form);
     }
     out
+}
+
+/// The ways a secret can appear in text quoting a registry's answer: as sent,
+/// JSON-escaped (serde's way, and Go's, which also escapes `<`, `>` and `&`), and each
+/// of those with control characters mapped by [`excerpt`].
+fn quoted_forms(secret: &str) -> Vec<String> {
+    let json = serde_json::to_string(secret).unwrap_or_default();
+    let json = json
+        .strip_prefix('"')
+        .and_then(|j| j.strip_suffix('"'))
+        .unwrap_or(secret)
+        .to_string();
+    let go = json
+        .replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026");
+    let raw = [secret.to_string(), json, go];
+    let shown = raw
+        .iter()
+        .map(|f| crate::servers::printable(f, usize::MAX))
+        .collect::<Vec<_>>();
+    raw.into_iter().chain(shown).collect()
 }
 
 /// `text` with each occurrence of `word` that is not part of a longer alphanumeric run
@@ -206,22 +227,23 @@ fn replace_word(text: &str, word: &str) -> String {
     out
 }
 
-/// Hides a start of `secret` (4 bytes or more) that ends right before a `...` cut mark.
+/// Hides a start of `secret` (4 bytes or more) that ends right before a `...` cut mark
+/// (the last three dots of a run: the secret itself may end in dots).
 fn hide_cut_prefix(text: &str, secret: &str) -> String {
     let mut out = text.to_string();
     let mut from = 0;
-    while let Some(pos) = out[from..].find("...").map(|p| p + from) {
-        let head = &out[..pos];
+    while let Some(start) = out[from..].find("...").map(|p| p + from) {
+        let run = out[start..].bytes().take_while(|&b| b == b'.').count();
+        let mark = start + run - 3;
+        let head = &out[..mark];
         let hit = (4..secret.len())
             .rev()
             .filter(|&n| secret.is_char_boundary(n))
             .find(|&n| head.ends_with(&secret[..n]));
-        match hit {
-            Some(n) => {
-                out.replace_range(pos - n..pos, "<hidden>");
-                from = pos - n + "<hidden>...".len();
-            }
-            None => from = pos + 3,
+        from = start + run;
+        if let Some(n) = hit {
+            out.replace_range(mark - n..mark, "<hidden>");
+            from = from - n + "<hidden>".len();
         }
     }
     out
@@ -331,5 +353,64 @@ mod tests {
             redact(r#"user "ab1" has password ab1 in cab1ne"#, src.as_ref()),
             r#"user "<hidden>" has password <hidden> in cab1ne"#
         );
+    }
+
+    /// Found by review: a short secret hidden first broke up a longer one; forms
+    /// escaped the way Go does, or escaped and then control-mapped; a cut after dots
+    /// that belong to the secret.
+    #[test]
+    fn redaction_covers_overlapping_secrets_and_more_forms() {
+        let spec = crate::conf::parse_upsync(&["h:1/upstreams/x/", "upsync_type=etcdv3"]).unwrap();
+        let cred = |p: &str| Credential::UserPassword {
+            user: "upsync".into(),
+            password: p.into(),
+        };
+        let src = source_for(&spec, Some(&cred("1")));
+        // the v3 source's token would be a second secret; the v2 Basic form is one
+        let spec2 = crate::conf::parse_upsync(&["h:1/v2/keys/x/", "upsync_type=etcd"]).unwrap();
+        let v2 = source_for(&spec2, Some(&cred("1")));
+        let basic = "dXBzeW5jOjE="; // base64("upsync:1")
+        assert_eq!(
+            redact(&format!("Basic {basic} and 1"), v2.as_ref()),
+            "Basic <hidden> and <hidden>"
+        );
+        assert_eq!(redact("abc 1.5", src.as_ref()), "abc <hidden>.5");
+        // a password of "1" and a token that ends in ".1", the short one listed first
+        struct Fixed(Vec<String>);
+        impl Source for Fixed {
+            fn next_request(&self) -> Request {
+                Request::get("/".into(), 1)
+            }
+            fn handle(&mut self, _: &Head, _: &[u8]) -> Result<Option<Snapshot>, RegistryError> {
+                Ok(None)
+            }
+            fn reset(&mut self) {}
+            fn position(&self) -> u64 {
+                0
+            }
+            fn secrets(&self) -> Vec<String> {
+                self.0.clone()
+            }
+        }
+        let both = Fixed(vec!["1".into(), "abcdEFGHijklMNOP.1".into()]);
+        assert_eq!(
+            redact("token abcdEFGHijklMNOP.1 (1)", &both),
+            "token <hidden> (<hidden>)"
+        );
+        let src = source_for(&spec, Some(&cred("pa\"ss\u{1}x\u{7f}<wo>&rd")));
+        for shown in [
+            r#"pa"ss.x.<wo>&rd"#,
+            r#"pa\"ss\u0001x.<wo>&rd"#,
+            r#"pa\"ss\u0001x.\u003cwo\u003e\u0026rd"#,
+        ] {
+            assert_eq!(
+                redact(&format!("[{shown}]"), src.as_ref()),
+                "[<hidden>]",
+                "{shown}"
+            );
+        }
+        let src = source_for(&spec, Some(&cred("abcd..efghij")));
+        assert_eq!(redact("x abcd.....", src.as_ref()), "x <hidden>...");
+        assert_eq!(redact("x abcd..efg... y", src.as_ref()), "x <hidden>... y");
     }
 }
