@@ -50,6 +50,14 @@ struct Side {
 }
 
 impl Side {
+    /// Writes `msg` to the error log, prefixed with the upstream.
+    fn error_log(&self, level: u32, msg: &str) {
+        // SAFETY: the cycle log is valid for the life of the process.
+        unsafe {
+            ngx_log_error!(level, cycle_log(), "{}: {}", self.prefix, msg);
+        }
+    }
+
     fn log(&self) -> *mut ngx_log_t {
         self.log.get()
     }
@@ -247,13 +255,7 @@ unsafe extern "C" fn capture_log(log: *mut ngx_log_t, level: ngx_uint_t, buf: *m
     };
     let msg = crate::servers::printable(msg.trim_end(), 300);
     if level <= NGX_LOG_ALERT as ngx_uint_t {
-        ngx_log_error!(
-            level as u32,
-            cycle_log(),
-            "{}: registry connection: {}",
-            side.prefix,
-            msg
-        );
+        side.error_log(level as u32, &format!("registry connection: {msg}"));
     }
     side.captured.set(msg);
 }
@@ -296,10 +298,7 @@ impl Poller {
     }
 
     fn log(&self, level: u32, msg: &str) {
-        // SAFETY: the cycle log is valid for the life of the process.
-        unsafe {
-            ngx_log_error!(level, cycle_log(), "{}: {}", self.side.prefix, msg);
-        }
+        self.side.error_log(level, msg);
     }
 
     unsafe fn on_tick(&mut self) {
@@ -440,7 +439,7 @@ impl Poller {
 
     unsafe fn connect(&mut self) {
         let addr = self.target().addr;
-        self.side.captured.take();
+        self.side.take_captured();
         let (storage, len) = sockaddr_of(&addr);
         self.sockaddr = storage;
         self.peer_name_buf = addr.to_string().into_bytes();

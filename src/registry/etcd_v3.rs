@@ -250,19 +250,19 @@ impl EtcdV3 {
     /// A request was refused for its token: forget it and authenticate again at once,
     /// unless the token was brand new.
     fn token_refused(&mut self, why: &str) -> Result<Option<Snapshot>, RegistryError> {
+        // Kept only so that text echoing it can still be redacted.
+        self.old_token = self.token.take().or(self.old_token.take());
         if self.fresh_token || self.credential.is_none() {
             let hint = if self.credential.is_none() {
                 "etcd requires authentication: set token_file= to a file holding USER:PASSWORD"
             } else {
                 "etcd refuses a token it has just issued (check the user's role grants the prefix)"
             };
-            self.old_token = self.token.take().or(self.old_token.take());
             return Err(RegistryError::Auth(format!(
                 "{hint} ({})",
                 excerpt(why.as_bytes())
             )));
         }
-        self.old_token = self.token.take().or(self.old_token.take());
         self.watch_from = 0;
         self.note = Some(
             "the etcd auth token is no longer accepted (expired or revoked); authenticating again"

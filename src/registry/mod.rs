@@ -317,21 +317,26 @@ mod tests {
         );
     }
 
+    /// An etcd v3 source for user "upsync" with `password`.
+    fn v3_with_password(password: &str) -> Box<dyn Source> {
+        let spec = crate::conf::parse_upsync(&["h:1/upstreams/x/", "upsync_type=etcdv3"]).unwrap();
+        let cred = Credential::UserPassword {
+            user: "upsync".into(),
+            password: password.into(),
+        };
+        source_for(&spec, Some(&cred))
+    }
+
     #[test]
     fn secrets_are_redacted_in_every_quoted_form() {
-        let spec = crate::conf::parse_upsync(&["h:1/upstreams/x/", "upsync_type=etcdv3"]).unwrap();
-        let cred = |p: &str| Credential::UserPassword {
-            user: "upsync".into(),
-            password: p.into(),
-        };
         // JSON-escaped, as an echoed request body quotes it
-        let src = source_for(&spec, Some(&cred("pa\"ss\\word")));
+        let src = v3_with_password("pa\"ss\\word");
         assert_eq!(
             redact(r#"{"password":"pa\"ss\\word"}"#, src.as_ref()),
             r#"{"password":"<hidden>"}"#
         );
         // cut by an excerpt in the middle of the secret
-        let src = source_for(&spec, Some(&cred("correct-horse-battery")));
+        let src = v3_with_password("correct-horse-battery");
         let cut = format!(
             "{}...",
             &format!("{:>110}password\":\"correct-hor", "x")[..128]
@@ -348,7 +353,7 @@ mod tests {
         // ordinary text that merely ends like a cut is left alone
         assert_eq!(redact("cor...", src.as_ref()), "cor...");
         // a short secret is hidden where it stands alone, not inside other words
-        let src = source_for(&spec, Some(&cred("ab1")));
+        let src = v3_with_password("ab1");
         assert_eq!(
             redact(r#"user "ab1" has password ab1 in cab1ne"#, src.as_ref()),
             r#"user "<hidden>" has password <hidden> in cab1ne"#
@@ -360,15 +365,14 @@ mod tests {
     /// that belong to the secret.
     #[test]
     fn redaction_covers_overlapping_secrets_and_more_forms() {
-        let spec = crate::conf::parse_upsync(&["h:1/upstreams/x/", "upsync_type=etcdv3"]).unwrap();
-        let cred = |p: &str| Credential::UserPassword {
-            user: "upsync".into(),
-            password: p.into(),
-        };
-        let src = source_for(&spec, Some(&cred("1")));
+        let src = v3_with_password("1");
         // the v3 source's token would be a second secret; the v2 Basic form is one
-        let spec2 = crate::conf::parse_upsync(&["h:1/v2/keys/x/", "upsync_type=etcd"]).unwrap();
-        let v2 = source_for(&spec2, Some(&cred("1")));
+        let spec = crate::conf::parse_upsync(&["h:1/v2/keys/x/", "upsync_type=etcd"]).unwrap();
+        let cred = Credential::UserPassword {
+            user: "upsync".into(),
+            password: "1".into(),
+        };
+        let v2 = source_for(&spec, Some(&cred));
         let basic = "dXBzeW5jOjE="; // base64("upsync:1")
         assert_eq!(
             redact(&format!("Basic {basic} and 1"), v2.as_ref()),
@@ -397,7 +401,7 @@ mod tests {
             redact("token abcdEFGHijklMNOP.1 (1)", &both),
             "token <hidden> (<hidden>)"
         );
-        let src = source_for(&spec, Some(&cred("pa\"ss\u{1}x\u{7f}<wo>&rd")));
+        let src = v3_with_password("pa\"ss\u{1}x\u{7f}<wo>&rd");
         for shown in [
             r#"pa"ss.x.<wo>&rd"#,
             r#"pa\"ss\u0001x.<wo>&rd"#,
@@ -409,7 +413,7 @@ mod tests {
                 "{shown}"
             );
         }
-        let src = source_for(&spec, Some(&cred("abcd..efghij")));
+        let src = v3_with_password("abcd..efghij");
         assert_eq!(redact("x abcd.....", src.as_ref()), "x <hidden>...");
         assert_eq!(redact("x abcd..efg... y", src.as_ref()), "x <hidden>... y");
     }
