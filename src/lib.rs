@@ -1,24 +1,17 @@
-//! ngx_stream_upsync_module: keeps nginx stream `upstream {}` blocks in sync with Consul
-//! and etcd, with no reloads.
+//! ngx_stream_upsync_module: keeps nginx stream `upstream {}` blocks in sync with service
+//! discovery, with no reloads. This crate is the nginx glue; the pure logic (directive
+//! values, registry protocols, balancing, formats) is the `upsync_core` crate.
 //!
 //! Data flow: registry -> poller (one per upstream per nginx instance, elected through
 //! shared memory) -> server set in the upstream's shared zone (with a generation number)
 //! -> every worker's balancer -> the session's connection.
-//!
-//! Pure logic (no nginx symbols): `conf`, `servers`, `dump`, `show`, `net::http`,
-//! `registry`, `balancer`. nginx glue: `module`, `zone`, `peer`, `poller`, `client`,
-//! `show_handler`.
-
-pub mod balancer;
-pub mod conf;
-pub mod dump;
-pub mod net;
-pub mod registry;
-pub mod servers;
-pub mod show;
 
 #[cfg(not(test))]
+mod blocking;
+#[cfg(not(test))]
 pub mod module;
+#[cfg(not(test))]
+pub mod net;
 #[cfg(not(test))]
 mod peer;
 #[cfg(not(test))]

@@ -10,11 +10,11 @@ use std::ptr;
 use ngx::ffi::*;
 use ngx::{ngx_conf_log_error, ngx_string};
 
-use crate::balancer::Plan;
-use crate::conf::{
+use upsync_core::balancer::Plan;
+use upsync_core::conf::{
     parse_credential, parse_lb, parse_upsync, Credential, LbSpec, Target, UpsyncSpec,
 };
-use crate::servers::ServerSpec;
+use upsync_core::servers::ServerSpec;
 use crate::zone::{InitOutcome, Zone};
 use crate::{peer, poller, show_handler};
 
@@ -561,7 +561,7 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
             check_dump_dir(log, conf, (*ccf).user as u32, (*ccf).group as u32);
         }
         let stale =
-            crate::dump::remove_stale_temps(std::path::Path::new(&conf.dump_path()), |pid| {
+            upsync_core::dump::remove_stale_temps(std::path::Path::new(&conf.dump_path()), |pid| {
                 libc::kill(pid as libc::pid_t, 0) == 0 || *libc::__errno_location() == libc::EPERM
             });
         if stale > 0 {
@@ -575,12 +575,12 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         if !spec.strong_dependency || conf.zone_kept {
             continue;
         }
-        let mut source = crate::registry::source_for(&spec, conf.credential.as_ref());
+        let mut source = upsync_core::registry::source_for(&spec, conf.credential.as_ref());
         let timeout = std::time::Duration::from_millis(spec.timeout_ms.clamp(1_000, 5_000));
         let ssl = conf.ssl;
         let wrap = |sock: std::net::TcpStream,
                     t: &Target|
-         -> Result<Box<dyn crate::registry::blocking::Stream>, String> {
+         -> Result<Box<dyn crate::blocking::Stream>, String> {
             match &spec.tls {
                 None => Ok(Box::new(sock)),
                 Some(tls) => {
@@ -591,7 +591,7 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
                 }
             }
         };
-        match crate::registry::blocking::fetch(
+        match crate::blocking::fetch(
             &conf.addrs,
             &spec.endpoint,
             source.as_mut(),
@@ -609,9 +609,9 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
                     return NGX_ERROR as ngx_int_t;
                 }
                 let path = conf.dump_path();
-                if let Err(e) = crate::dump::write_atomic(
+                if let Err(e) = upsync_core::dump::write_atomic(
                     std::path::Path::new(&path),
-                    crate::dump::render(&snap.servers).as_bytes(),
+                    upsync_core::dump::render(&snap.servers).as_bytes(),
                 ) {
                     ngx::ngx_log_error!(
                         NGX_LOG_ERR,

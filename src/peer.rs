@@ -9,9 +9,9 @@ use std::ptr;
 
 use ngx::ffi::*;
 
-use crate::balancer::{pick, Method, Plan, PlanPeer};
+use upsync_core::balancer::{pick, Method, Plan, PlanPeer};
 use crate::module::{upstream_conf, SrvConf};
-use crate::servers::ServerSpec;
+use upsync_core::servers::ServerSpec;
 use crate::zone::{mono_ms, SetPeers, Slot, Zone, NAME_MAX};
 
 /// Per-session state, allocated from the session's pool.
@@ -71,7 +71,7 @@ pub unsafe extern "C" fn init_upstream(
         return NGX_ERROR as ngx_int_t;
     };
     conf.initial = configured_servers(us);
-    crate::servers::normalize(&mut conf.initial);
+    upsync_core::servers::normalize(&mut conf.initial);
     conf.initialized = true;
     NGX_OK as ngx_int_t
 }

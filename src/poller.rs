@@ -13,14 +13,14 @@ use std::rc::Rc;
 use ngx::ffi::*;
 use ngx::ngx_log_error;
 
-use crate::conf::Target;
-use crate::dump;
+use upsync_core::conf::Target;
+use upsync_core::dump;
 use crate::module::SrvConf;
 use crate::net::conn::{send_pending, Sent};
-use crate::net::http::{build_request, ResponseParser};
+use upsync_core::http::{build_request, ResponseParser};
 use crate::net::tls;
-use crate::registry::{redact, retry_delay_ms, source_for, Snapshot, Source};
-use crate::servers::Diff;
+use upsync_core::registry::{redact, retry_delay_ms, source_for, Snapshot, Source};
+use upsync_core::servers::Diff;
 use crate::zone::{mono_ms, sockaddr_of, Zone};
 
 /// Largest registry response accepted (a 10,000-server KV listing is about 2 MB).
@@ -253,7 +253,7 @@ unsafe extern "C" fn capture_log(log: *mut ngx_log_t, level: ngx_uint_t, buf: *m
         Some(rest) => rest.split_once(' ').map_or(rest, |(_, m)| m),
         None => msg,
     };
-    let msg = crate::servers::printable(msg.trim_end(), 300);
+    let msg = upsync_core::servers::printable(msg.trim_end(), 300);
     if level <= NGX_LOG_ALERT as ngx_uint_t {
         side.error_log(level as u32, &format!("registry connection: {msg}"));
     }

@@ -11,8 +11,8 @@ use ngx::ffi::*;
 
 use crate::module::{cycle_upstreams, upstream_conf, SrvConf};
 use crate::net::conn::{send_pending, Sent};
-use crate::servers::server_line;
-use crate::show::{parse_request, render, ServerView, ShowRequest, SourceView, UpstreamView};
+use upsync_core::servers::server_line;
+use upsync_core::show::{parse_request, render, ServerView, ShowRequest, SourceView, UpstreamView};
 
 const REQUEST_WAIT_MS: ngx_msec_t = 1_000;
 const SEND_TIMEOUT_MS: ngx_msec_t = 10_000;

@@ -24,8 +24,8 @@ use nginx_sys::{
     ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc_locked, ngx_slab_free_locked, ngx_slab_pool_t,
 };
 
-use crate::balancer::{PeerState, Peers};
-use crate::servers::ServerSpec;
+use upsync_core::balancer::{PeerState, Peers};
+use upsync_core::servers::ServerSpec;
 
 const MAGIC: u64 = 0x7570_7379_6e63_0003; // "upsync", layout v3
 

@@ -1,7 +1,7 @@
 //! `upsync_lb` values (conf::parse_lb): no panic; an accepted method has a name.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use upsync_pure::conf::parse_lb;
+use upsync_core::conf::parse_lb;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

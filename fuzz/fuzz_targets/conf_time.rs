@@ -2,7 +2,7 @@
 //! overflow, and format_ms renders an accepted time back to the same value.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use upsync_pure::conf::time::{format_ms, parse_size, parse_time_ms};
+use upsync_core::conf::time::{format_ms, parse_size, parse_time_ms};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

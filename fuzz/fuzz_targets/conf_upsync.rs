@@ -5,9 +5,9 @@
 //! whose header lines stay well formed (no CR/LF smuggled in by the secret).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use upsync_pure::check;
-use upsync_pure::conf::{parse_credential, parse_upsync};
-use upsync_pure::registry::{consul::wait_and_deadline, retry_delay_ms, source_for};
+use upsync_fuzz::check;
+use upsync_core::conf::{parse_credential, parse_upsync};
+use upsync_core::registry::{consul::wait_and_deadline, retry_delay_ms, source_for};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

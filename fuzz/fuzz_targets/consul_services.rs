@@ -1,7 +1,8 @@
 //! Consul catalog/health service listing: registry::consul::parse_services.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use upsync_pure::{check, registry::consul::parse_services};
+use upsync_fuzz::check;
+use upsync_core::registry::consul::parse_services;
 
 fuzz_target!(|data: &[u8]| {
     match parse_services(data) {

@@ -3,8 +3,8 @@
 //! is the number written (no silent wrap-around).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use upsync_pure::conf::time::parse_time_ms;
-use upsync_pure::dump;
+use upsync_core::conf::time::parse_time_ms;
+use upsync_core::dump;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

@@ -1,7 +1,8 @@
 //! etcd v3 range response: registry::etcd_v3::parse_range.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use upsync_pure::{check, registry::etcd_v3::parse_range};
+use upsync_fuzz::check;
+use upsync_core::registry::etcd_v3::parse_range;
 
 fuzz_target!(|data: &[u8]| {
     for prefix in ["/upstreams/x/", ""] {

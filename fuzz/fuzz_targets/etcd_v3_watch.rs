@@ -3,7 +3,7 @@
 //! not change when more bytes arrive.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use upsync_pure::registry::etcd_v3::{watch_state, WatchState};
+use upsync_core::registry::etcd_v3::{watch_state, WatchState};
 
 fuzz_target!(|data: &[u8]| {
     let full = watch_state(data);

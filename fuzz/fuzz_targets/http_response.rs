@@ -4,7 +4,7 @@
 //! body must respect the limit, and a complete response stays complete.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use upsync_pure::net::http::{HttpError, ResponseParser};
+use upsync_core::http::{HttpError, ResponseParser};
 
 #[derive(Debug, PartialEq)]
 enum Outcome {

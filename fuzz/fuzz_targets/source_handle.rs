@@ -13,10 +13,10 @@
 //! byte first, as the poller does while a watch streams) and 'r' (reset() afterwards).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use upsync_pure::check;
-use upsync_pure::conf::{parse_upsync, Credential};
-use upsync_pure::net::http::Head;
-use upsync_pure::registry::{redact, source_for, RegistryError, Snapshot, Source};
+use upsync_fuzz::check;
+use upsync_core::conf::{parse_upsync, Credential};
+use upsync_core::http::Head;
+use upsync_core::registry::{redact, source_for, RegistryError, Snapshot, Source};
 
 const SPECS: &[&[&str]] = &[
     &["127.0.0.1:8500/v1/kv/upstreams/test", "upsync_type=consul", "upsync_timeout=6m"],

@@ -1,11 +1,11 @@
 //! Invariants every accepted result must satisfy, shared by the fuzz targets. A violation
 //! panics, which libFuzzer reports as a crash (the same as a panic inside the parser).
 
-use crate::dump;
-use crate::conf::Endpoint;
-use crate::net::http::build_request;
-use crate::registry::{RegistryError, Snapshot, Source};
-use crate::servers::{ServerSpec, MAX_COUNT, MAX_FAIL_TIMEOUT, MAX_WEIGHT};
+use upsync_core::dump;
+use upsync_core::conf::Endpoint;
+use upsync_core::http::build_request;
+use upsync_core::registry::{RegistryError, Snapshot, Source};
+use upsync_core::servers::{ServerSpec, MAX_COUNT, MAX_FAIL_TIMEOUT, MAX_WEIGHT};
 
 /// A server the registry handed us: within nginx's limits, and its `server` line (dump
 /// file, upstream_show) reads back as the same server.

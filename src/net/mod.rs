@@ -1,6 +1,3 @@
-//! Networking: the pure HTTP parser and the nginx-event client built on it.
-#[cfg(not(test))]
+//! The nginx-side networking helpers: non-blocking writes and TLS on nginx connections.
 pub mod conn;
-pub mod http;
-#[cfg(not(test))]
 pub mod tls;

@@ -16,7 +16,7 @@ mod imp {
 
     use ngx::ffi::*;
 
-    use crate::conf::TlsSpec;
+    use upsync_core::conf::TlsSpec;
 
     /// Maximum certificate chain length checked (nginx's `proxy_ssl_verify_depth` is 1 by
     /// default, which rejects any intermediate CA: registries often use one).
@@ -412,7 +412,7 @@ mod imp {
 
     use ngx::ffi::{ngx_conf_t, ngx_connection_t, ngx_int_t, NGX_ERROR};
 
-    use crate::conf::TlsSpec;
+    use upsync_core::conf::TlsSpec;
 
     pub unsafe fn create_context(
         _cf: *mut ngx_conf_t,

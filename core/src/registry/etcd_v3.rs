@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::{excerpt, RegistryError, Request, Snapshot, Source};
 use crate::conf::{Credential, UpsyncSpec};
-use crate::net::http::Head;
+use crate::http::Head;
 use crate::servers::{apply_json_attrs, parse_addr, ServerSpec};
 
 pub struct EtcdV3 {

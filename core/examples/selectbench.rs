@@ -5,13 +5,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-// The balancer is pure Rust with no nginx symbols: include it directly (the library
-// itself also carries the nginx glue, which only links inside nginx).
-#[path = "../src/balancer.rs"]
-#[allow(dead_code)]
-mod balancer;
-
-use balancer::{pick, Method, PeerState, Plan, PlanPeer};
+use upsync_core::balancer::{pick, Method, PeerState, Plan, PlanPeer};
 
 fn run(n: usize, method: Method, picks: u64) -> f64 {
     let names: Vec<String> = (0..n)

@@ -6,9 +6,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use super::{Snapshot, Source};
-use crate::conf::{Endpoint, Target};
-use crate::net::http::{build_request, ResponseParser};
+use upsync_core::registry::{redact, Snapshot, Source};
+use upsync_core::conf::{Endpoint, Target};
+use upsync_core::http::{build_request, ResponseParser};
 
 /// A byte stream to the registry: the socket itself, or TLS over it.
 pub trait Stream: Read + Write {}
@@ -91,7 +91,7 @@ fn fetch_one(
         }
         let head = p.head().ok_or("no response")?.clone();
         let result = source.handle(&head, p.body());
-        if let Some(snap) = result.map_err(|e| super::redact(&e.to_string(), source))? {
+        if let Some(snap) = result.map_err(|e| redact(&e.to_string(), source))? {
             return Ok(snap);
         }
         if !p.keep_alive() {

@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use super::{excerpt, RegistryError, Request, Snapshot, Source};
 use crate::conf::{Credential, UpsyncSpec};
-use crate::net::http::Head;
+use crate::http::Head;
 use crate::servers::{apply_json_attrs, parse_addr, ServerSpec};
 
 pub struct EtcdV2 {

@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use super::{excerpt, RegistryError, Request, Snapshot, Source};
 use crate::conf::{Credential, SourceKind, UpsyncSpec};
-use crate::net::http::Head;
+use crate::http::Head;
 use crate::servers::{apply_json_attrs, apply_tags, parse_addr, ServerSpec};
 
 /// Consul caps `wait` at 10 minutes.

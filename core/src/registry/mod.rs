@@ -1,7 +1,6 @@
 //! Registry protocols. Each one turns "what do I know so far" into the next HTTP request,
 //! and a response into a server list. No I/O here: the poller drives the requests.
 
-pub mod blocking;
 pub mod consul;
 pub mod etcd_v2;
 pub mod etcd_v3;
@@ -9,7 +8,7 @@ pub mod etcd_v3;
 use std::fmt;
 
 use crate::conf::{Credential, SourceKind, UpsyncSpec};
-use crate::net::http::Head;
+use crate::http::Head;
 use crate::servers::{normalize, ServerSpec, SpecError};
 
 /// The next request to send.

@@ -1,22 +1,7 @@
 //! Checks that a dump file parses (scripts/crash-dump): exits 0 and prints the number of
 //! servers, or prints the parse error and exits 1. Uses the module's own dump parser.
 
-#[path = "../src/conf/time.rs"]
-#[allow(dead_code)]
-pub mod time;
-
-/// The module tree the included files expect (`crate::conf::time`).
-mod conf {
-    pub use crate::time;
-}
-
-#[path = "../src/servers.rs"]
-#[allow(dead_code)]
-mod servers;
-
-#[path = "../src/dump.rs"]
-#[allow(dead_code)]
-mod dump;
+use upsync_core::dump;
 
 fn main() {
     let path = std::env::args().nth(1).expect("usage: dumpcheck FILE");
