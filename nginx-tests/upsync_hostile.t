@@ -254,7 +254,7 @@ my @CONSUL_EMU = (
 	[ 'Value a JSON number', kv_bad_value('17'), 'value is not a JSON object: 17' ],
 	[ 'Value a long non-ASCII JSON string', kv_bad_value(qq("$LONG_E")), 'value is not a JSON object' ],
 	# numbers
-	[ 'weight 0', kv_bad_value('{"weight":0}'), 'invalid value for "weight": 0 \(a positive integer\)' ],
+	[ 'weight 0', kv_bad_value('{"weight":0}'), 'invalid value for "weight": 0 \(an integer from 1 to 10000\)' ],
 	[ 'weight negative', kv_bad_value('{"weight":-5}'), 'invalid value for "weight": -5 ' ],
 	[ 'weight 1e30', kv_bad_value('{"weight":1e30}'), 'invalid value for "weight": 1e\+30 ' ],
 	[ 'weight 2^64', kv_bad_value('{"weight":18446744073709551616}'), 'invalid value for "weight": 1\.8446744073709552e\+19 ' ],

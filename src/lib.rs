@@ -17,6 +17,8 @@ mod peer;
 #[cfg(not(test))]
 mod poller;
 #[cfg(not(test))]
+mod process;
+#[cfg(not(test))]
 mod show_handler;
 #[cfg(not(test))]
 pub mod zone;

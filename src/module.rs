@@ -10,12 +10,12 @@ use std::ptr;
 use ngx::ffi::*;
 use ngx::{ngx_conf_log_error, ngx_string};
 
-use upsync_core::balancer::Plan;
+use upsync_core::balancer::{Method, Plan};
 use upsync_core::conf::{
     parse_credential, parse_lb, parse_upsync, Credential, LbSpec, Target, UpsyncSpec,
 };
 use upsync_core::servers::ServerSpec;
-use crate::zone::{InitOutcome, Zone};
+use crate::zone::{InitOutcome, Zone, ZoneError};
 use crate::{peer, poller, show_handler};
 
 /// Per-`upstream {}` (and per `server {}`) configuration of this module.
@@ -32,8 +32,6 @@ pub struct SrvConf {
     pub lb: Option<LbSpec>,
     /// The hash key of `upsync_lb`, compiled; null means `$remote_addr`.
     pub lb_key: *mut ngx_stream_complex_value_t,
-    /// This worker's selection plan for the current set (rebuilt when the set changes).
-    pub plan: Option<Plan>,
     pub uscf: *mut ngx_stream_upstream_srv_conf_t,
     pub name: String,
     /// The `server` lines of the configuration (usually the included dump).
@@ -41,7 +39,10 @@ pub struct SrvConf {
     pub initialized: bool,
     pub shm_zone: *mut ngx_shm_zone_t,
     pub zone: Option<Zone>,
-    pub zone_kept: bool,
+    /// What the zone's initialization found; committed by `init_module`.
+    pub outcome: Option<InitOutcome>,
+    /// The plan of the configured servers, kept for a source switch's commit.
+    pub switch_plan: Option<Plan>,
     /// `upstream_show` is set in this (stream server) block.
     pub show: bool,
 }
@@ -77,7 +78,14 @@ impl SrvConf {
             .unwrap_or_else(|| spec.endpoint.hosts[t.host].host.clone())
     }
 
-    fn fingerprint(&self) -> u64 {
+    /// The balancing method (`upsync_lb`, round robin by default).
+    pub fn method(&self) -> Method {
+        self.lb.as_ref().map(|l| l.method).unwrap_or_default()
+    }
+
+    /// Identifies the upstream's source (name, type, endpoint): a zone keeps its set
+    /// across a reload only for the same source, and only its pollers publish there.
+    pub fn fingerprint(&self) -> u64 {
         let mut h = DefaultHasher::new();
         self.name.hash(&mut h);
         if let Some(u) = &self.upsync {
@@ -204,14 +212,14 @@ unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
         dump_path: None,
         lb: None,
         lb_key: ptr::null_mut(),
-        plan: None,
         uscf: ptr::null_mut(),
         name: String::new(),
         initial: Vec::new(),
         initialized: false,
         shm_zone: ptr::null_mut(),
         zone: None,
-        zone_kept: false,
+        outcome: None,
+        switch_plan: None,
         show: false,
     }));
     // The Rust fields own heap memory: free it with the configuration pool.
@@ -519,19 +527,14 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, _old: *mut c_void)
     let conf = &mut *((*shm_zone).data as *mut SrvConf);
     let pool = (*shm_zone).shm.addr as *mut ngx_slab_pool_t;
     let log = (*shm_zone).shm.log;
-    match Zone::init(pool, conf.fingerprint(), &conf.initial) {
+    let plan = Plan::for_servers(&conf.initial, conf.method());
+    match Zone::init(pool, conf.fingerprint(), &conf.initial, &plan) {
         Ok((zone, outcome)) => {
-            conf.zone_kept = matches!(outcome, InitOutcome::Kept);
-            if conf.zone_kept {
-                let n = zone.lock().slots().len();
-                ngx::ngx_log_error!(
-                    NGX_LOG_NOTICE,
-                    log,
-                    "{}: keeping the running set of {n} servers across the reload",
-                    conf.log_prefix()
-                );
-            }
             conf.zone = Some(zone);
+            conf.outcome = Some(outcome);
+            if outcome == InitOutcome::Switch {
+                conf.switch_plan = Some(plan);
+            }
             NGX_OK as ngx_int_t
         }
         Err(e) => {
@@ -541,29 +544,32 @@ unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, _old: *mut c_void)
     }
 }
 
-/// Runs in the master once the configuration is in place (also for `nginx -t`, where it
-/// does nothing): the `strong_dependency=on` first read, and a check that workers can
-/// write each dump file. Never fails a reload: on a reload the running set is kept.
+/// Runs in the master once the configuration is committed (a reload can no longer be
+/// rejected; also for `nginx -t`, where it does nothing): makes a reload's source
+/// switches visible, does the `strong_dependency=on` first read at first start, and
+/// checks that workers can write each dump file. Fails only a first start whose
+/// `strong_dependency` read fails: a reload never takes the master down.
 unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     if ngx_test_config != 0 {
         return NGX_OK as ngx_int_t;
     }
     let log = (*cycle).log;
+    let first_start = (*(*cycle).old_cycle).conf_ctx.is_null();
     let ccf = *(*cycle).conf_ctx.add(ngx_core_module.index) as *mut ngx_core_conf_t;
     for &uscf in cycle_upstreams(cycle) {
         let Some(conf) = upstream_conf(uscf) else {
             continue;
         };
-        let Some(spec) = conf.upsync.clone() else {
+        let (Some(spec), Some(zone)) = (conf.upsync.clone(), conf.zone) else {
             continue;
         };
         if !ccf.is_null() && (*ccf).user != 0 && (*ccf).user != u32::MAX as ngx_uid_t {
             check_dump_dir(log, conf, (*ccf).user as u32, (*ccf).group as u32);
         }
-        let stale =
-            upsync_core::dump::remove_stale_temps(std::path::Path::new(&conf.dump_path()), |pid| {
-                libc::kill(pid as libc::pid_t, 0) == 0 || *libc::__errno_location() == libc::EPERM
-            });
+        let stale = upsync_core::dump::remove_stale_temps(
+            std::path::Path::new(&conf.dump_path()),
+            |pid| crate::process::pid_alive(pid as i64),
+        );
         if stale > 0 {
             ngx::ngx_log_error!(
                 NGX_LOG_NOTICE,
@@ -572,74 +578,165 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
                 conf.log_prefix()
             );
         }
-        if !spec.strong_dependency || conf.zone_kept {
-            continue;
-        }
-        let mut source = upsync_core::registry::source_for(&spec, conf.credential.as_ref());
-        let timeout = std::time::Duration::from_millis(spec.timeout_ms.clamp(1_000, 5_000));
-        let ssl = conf.ssl;
-        let wrap = |sock: std::net::TcpStream,
-                    t: &Target|
-         -> Result<Box<dyn crate::blocking::Stream>, String> {
-            match &spec.tls {
-                None => Ok(Box::new(sock)),
-                Some(tls) => {
-                    let name = conf.tls_name(t);
-                    // SAFETY: the context lives with the configuration.
-                    let s = crate::net::tls::BlockingTls::connect(ssl, sock, &name, tls.verify)?;
-                    Ok(Box::new(s))
-                }
-            }
-        };
-        match crate::blocking::fetch(
-            &conf.addrs,
-            &spec.endpoint,
-            source.as_mut(),
-            3,
-            timeout,
-            &wrap,
-        ) {
-            Ok(snap) if snap.servers.is_empty() => {
-                ngx::ngx_log_error!(NGX_LOG_WARN, log, "{}: strong_dependency=on: the registry lists no servers; starting with the configured ones", conf.log_prefix());
-            }
-            Ok(snap) => {
-                let Some(zone) = conf.zone else { continue };
-                if let Err(e) = zone.lock().publish(&snap.servers, None) {
-                    ngx::ngx_log_error!(NGX_LOG_EMERG, log, "{}: {e}", conf.log_prefix());
-                    return NGX_ERROR as ngx_int_t;
-                }
-                let path = conf.dump_path();
-                if let Err(e) = upsync_core::dump::write_atomic(
-                    std::path::Path::new(&path),
-                    upsync_core::dump::render(&snap.servers).as_bytes(),
-                ) {
-                    ngx::ngx_log_error!(
-                        NGX_LOG_ERR,
-                        log,
-                        "{}: cannot write the dump file \"{path}\": {e}",
-                        conf.log_prefix()
-                    );
-                }
+        match conf.outcome {
+            Some(InitOutcome::Kept) => {
+                let n = zone.lock().slots().len();
                 ngx::ngx_log_error!(
                     NGX_LOG_NOTICE,
                     log,
-                    "{}: strong_dependency=on: starting with {} servers from the registry",
-                    conf.log_prefix(),
-                    snap.servers.len()
-                );
-            }
-            Err(e) => {
-                ngx::ngx_log_error!(
-                    NGX_LOG_EMERG,
-                    log,
-                    "{}: strong_dependency=on and the registry cannot be read: {e}; nginx does not start",
+                    "{}: keeping the running set of {n} servers across the reload",
                     conf.log_prefix()
                 );
-                return NGX_ERROR as ngx_int_t;
+                replan(log, conf, zone);
             }
+            Some(InitOutcome::Switch) => {
+                let plan = conf.switch_plan.take().unwrap_or_default();
+                match zone.commit_switch(conf.fingerprint(), &conf.initial, &plan) {
+                    Ok(()) => {
+                        ngx::ngx_log_error!(
+                            NGX_LOG_NOTICE,
+                            log,
+                            "{}: the source changed: serving the {} configured servers until the registry answers{}",
+                            conf.log_prefix(),
+                            conf.initial.len(),
+                            if spec.strong_dependency { " (strong_dependency applies at first start only)" } else { "" }
+                        );
+                    }
+                    Err(e) => {
+                        ngx::ngx_log_error!(
+                            NGX_LOG_ERR,
+                            log,
+                            "{}: the source changed, but the configured servers cannot be applied: {e}; the previous servers serve until the registry answers",
+                            conf.log_prefix()
+                        );
+                    }
+                }
+            }
+            _ => {}
+        }
+        if first_start
+            && spec.strong_dependency
+            && strong_dependency_read(log, conf, &spec, zone).is_err()
+        {
+            return NGX_ERROR as ngx_int_t;
         }
     }
     NGX_OK as ngx_int_t
+}
+
+/// A reload kept the zone but changed `upsync_lb`: the running set gets a plan for the
+/// new method (old workers' picks fall back to round robin where the plan lacks
+/// something their method needs).
+fn replan(log: *mut ngx_log_t, conf: &SrvConf, zone: Zone) {
+    let method = conf.method();
+    let (specs, generation) = {
+        let l = zone.lock();
+        if l.plan().map(|p| p.method) == Some(method) {
+            return;
+        }
+        (l.specs(), l.generation())
+    };
+    let plan = Plan::for_servers(&specs, method);
+    let mut l = zone.lock();
+    if l.generation() != generation {
+        return; // a poller published meanwhile (with its own method's plan)
+    }
+    if let Err(e) = l.replace_plan(&plan) {
+        drop(l);
+        ngx::ngx_log_error!(
+            NGX_LOG_ERR,
+            log,
+            "{}: cannot build the plan for \"upsync_lb {}\": {e}",
+            conf.log_prefix(),
+            conf.lb.as_ref().map(|l| l.name()).unwrap_or("roundrobin")
+        );
+    }
+}
+
+/// `strong_dependency=on` at first start: the master reads the registry before any
+/// worker runs; nginx does not start when it cannot.
+unsafe fn strong_dependency_read(
+    log: *mut ngx_log_t,
+    conf: &SrvConf,
+    spec: &UpsyncSpec,
+    zone: Zone,
+) -> Result<(), ()> {
+    let mut source = upsync_core::registry::source_for(spec, conf.credential.as_ref());
+    let timeout = std::time::Duration::from_millis(spec.timeout_ms.clamp(1_000, 5_000));
+    let ssl = conf.ssl;
+    let wrap = |sock: std::net::TcpStream,
+                t: &Target|
+     -> Result<Box<dyn crate::blocking::Stream>, String> {
+        match &spec.tls {
+            None => Ok(Box::new(sock)),
+            Some(tls) => {
+                let name = conf.tls_name(t);
+                let s = crate::net::tls::BlockingTls::connect(ssl, sock, &name, tls.verify)?;
+                Ok(Box::new(s))
+            }
+        }
+    };
+    match crate::blocking::fetch(
+        &conf.addrs,
+        &spec.endpoint,
+        source.as_mut(),
+        3,
+        timeout,
+        &wrap,
+    ) {
+        Ok(snap) if snap.servers.is_empty() => {
+            ngx::ngx_log_error!(NGX_LOG_WARN, log, "{}: strong_dependency=on: the registry lists no servers; starting with the configured ones", conf.log_prefix());
+            Ok(())
+        }
+        Ok(snap) => {
+            let plan = Plan::for_servers(&snap.servers, conf.method());
+            let published = {
+                let mut l = zone.lock();
+                match l.alloc_plan_block(plan.flat_words()) {
+                    Some(mut block) => {
+                        block.fill(&plan);
+                        l.publish(&snap.servers, block, None).map(|_| ())
+                    }
+                    None => Err(ZoneError::Full {
+                        servers: snap.servers.len(),
+                    }),
+                }
+            };
+            if let Err(e) = published {
+                ngx::ngx_log_error!(NGX_LOG_EMERG, log, "{}: strong_dependency=on: {e}", conf.log_prefix());
+                return Err(());
+            }
+            let path = conf.dump_path();
+            if let Err(e) = upsync_core::dump::write_atomic(
+                std::path::Path::new(&path),
+                upsync_core::dump::render(&snap.servers).as_bytes(),
+            ) {
+                ngx::ngx_log_error!(
+                    NGX_LOG_ERR,
+                    log,
+                    "{}: cannot write the dump file \"{path}\": {e}",
+                    conf.log_prefix()
+                );
+            }
+            ngx::ngx_log_error!(
+                NGX_LOG_NOTICE,
+                log,
+                "{}: strong_dependency=on: starting with {} servers from the registry",
+                conf.log_prefix(),
+                snap.servers.len()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            ngx::ngx_log_error!(
+                NGX_LOG_EMERG,
+                log,
+                "{}: strong_dependency=on and the registry cannot be read: {e}; nginx does not start",
+                conf.log_prefix()
+            );
+            Err(())
+        }
+    }
 }
 
 /// Warns at startup when the worker user cannot replace the dump file (the dump is written
@@ -675,16 +772,25 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     {
         return NGX_OK as ngx_int_t;
     }
+    let now = crate::zone::mono_ms();
     for &uscf in cycle_upstreams(cycle) {
         if let Some(conf) = upstream_conf(uscf) {
-            if conf.upsync.is_some() && conf.zone.is_some() {
-                poller::start(cycle, conf);
+            if conf.upsync.is_some() {
+                if let Some(zone) = conf.zone.as_mut() {
+                    zone.attach_process(ngx_pid as i64, now);
+                    poller::start(cycle, conf);
+                }
             }
         }
     }
     NGX_OK as ngx_int_t
 }
 
-unsafe extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
+unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
     poller::stop_all();
+    for &uscf in cycle_upstreams(cycle) {
+        if let Some(zone) = upstream_conf(uscf).and_then(|c| c.zone.as_mut()) {
+            zone.detach_process();
+        }
+    }
 }

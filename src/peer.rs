@@ -9,27 +9,30 @@ use std::ptr;
 
 use ngx::ffi::*;
 
-use upsync_core::balancer::{pick, Method, Plan, PlanPeer};
-use crate::module::{upstream_conf, SrvConf};
+use crate::module::upstream_conf;
+use crate::zone::{mono_ms, Ticket, Zone, NAME_MAX};
+use upsync_core::balancer::{pick, Method};
 use upsync_core::servers::ServerSpec;
-use crate::zone::{mono_ms, SetPeers, Slot, Zone, NAME_MAX};
 
 /// Per-session state, allocated from the session's pool.
-#[repr(C)]
 struct PeerData {
     zone: Zone,
-    conf: *mut SrvConf,
+    method: Method,
+    pool: *mut ngx_pool_t,
     upstream_name: *mut ngx_str_t,
     /// The hash key (hash methods) or the client address bytes (ip_hash).
     key: ngx_str_t,
     addr: [u8; 16],
     addr_len: u8,
-    /// The slot this session holds a reference on (null when none).
-    current: *mut Slot,
+    /// The slot this session holds, while it holds one.
+    ticket: Option<Ticket>,
     /// Generation of the set `tried` refers to.
     generation: u64,
     tried: *mut u64,
     tried_words: usize,
+    /// Attempts made so far: the first one's name lives in `name_buf`, later ones in the
+    /// session pool, so `$upstream_addr` keeps every attempt's address.
+    attempts: u32,
     sockaddr: libc::sockaddr_storage,
     name: ngx_str_t,
     name_buf: [u8; NAME_MAX],
@@ -38,7 +41,8 @@ struct PeerData {
 /// A per-worker xorshift generator for `random` (not for anything secret).
 fn random() -> u64 {
     static mut STATE: u64 = 0;
-    // SAFETY: workers are single-threaded; only this function touches STATE.
+    // SAFETY: workers are single-threaded; only this function touches STATE, and
+    // ngx_cached_time is always valid in a running nginx process.
     unsafe {
         let st = &mut *std::ptr::addr_of_mut!(STATE);
         if *st == 0 {
@@ -134,17 +138,35 @@ unsafe extern "C" fn init_peer(
     let Some(zone) = conf.zone else {
         return NGX_ERROR as ngx_int_t;
     };
-    let pool = (*(*s).connection).pool;
-    let pd = ngx_pcalloc(pool, size_of::<PeerData>()) as *mut PeerData;
+    let c = (*s).connection;
+    let pool = (*c).pool;
+    let pd = ngx_palloc(pool, size_of::<PeerData>()) as *mut PeerData;
     if pd.is_null() {
         return NGX_ERROR as ngx_int_t;
     }
-    (*pd).zone = zone;
-    (*pd).conf = conf;
-    (*pd).upstream_name = &mut (*us).host;
-    let c = (*s).connection;
-    match conf.lb.as_ref().map(|l| l.method) {
-        Some(Method::HashModula | Method::HashKetama) => {
+    let method = conf.lb.as_ref().map(|l| l.method).unwrap_or_default();
+    ptr::write(
+        pd,
+        PeerData {
+            zone,
+            method,
+            pool,
+            upstream_name: &mut (*us).host,
+            key: ngx_str_t::empty(),
+            addr: [0; 16],
+            addr_len: 0,
+            ticket: None,
+            generation: 0,
+            tried: ptr::null_mut(),
+            tried_words: 0,
+            attempts: 0,
+            sockaddr: std::mem::zeroed(),
+            name: ngx_str_t::empty(),
+            name_buf: [0; NAME_MAX],
+        },
+    );
+    match method {
+        Method::HashModula | Method::HashKetama => {
             if conf.lb_key.is_null() {
                 (*pd).key = (*c).addr_text;
             } else if ngx_stream_complex_value(s, conf.lb_key, &mut (*pd).key)
@@ -153,7 +175,7 @@ unsafe extern "C" fn init_peer(
                 return NGX_ERROR as ngx_int_t;
             }
         }
-        Some(Method::IpHash) => {
+        Method::IpHash => {
             if let Some(a) = socket_addr((*c).sockaddr, (*c).socklen) {
                 let bytes: Vec<u8> = match a.ip() {
                     std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
@@ -202,17 +224,42 @@ unsafe fn alloc_tried(pool: *mut ngx_pool_t, pd: *mut PeerData, n: usize) -> boo
     true
 }
 
+/// The name nginx keeps for this attempt (`$upstream_addr`, log lines): the session's
+/// own buffer for the first attempt, a copy in the session pool for each retry, so
+/// every attempt's address stays valid for the life of the session.
+unsafe fn attempt_name(pd: &mut PeerData, name: &[u8]) -> *mut ngx_str_t {
+    pd.attempts += 1;
+    if pd.attempts > 1 {
+        let s = ngx_palloc(pd.pool, size_of::<ngx_str_t>()) as *mut ngx_str_t;
+        let data = ngx_pnalloc(pd.pool, name.len()) as *mut u8;
+        if !s.is_null() && !data.is_null() {
+            ptr::copy_nonoverlapping(name.as_ptr(), data, name.len());
+            *s = ngx_str_t {
+                len: name.len(),
+                data,
+            };
+            return s;
+        }
+        // out of memory: fall back to the session buffer (the last name wins)
+    }
+    pd.name_buf[..name.len()].copy_from_slice(name);
+    pd.name = ngx_str_t {
+        len: name.len(),
+        data: pd.name_buf.as_mut_ptr(),
+    };
+    &mut pd.name
+}
+
 unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
     let pd = &mut *(data as *mut PeerData);
     (*pc).connection = ptr::null_mut();
     let now = now_sec();
     let mut locked = pd.zone.lock();
     let gen = locked.generation();
-    let slots = locked.slots();
     if gen != pd.generation {
         // The set changed between two tries of this session: start the tried list over.
         pd.generation = gen;
-        if slots.len().div_ceil(64) > pd.tried_words {
+        if locked.slots().len().div_ceil(64) > pd.tried_words {
             // The set grew past the tried bitmap: track nothing for the rest of this
             // session (retries may revisit a server; sets rarely grow mid-session).
             pd.tried_words = 0;
@@ -223,75 +270,50 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     let tried_words = pd.tried_words;
     let tried = pd.tried;
     let is_tried = |i: usize| i / 64 < tried_words && *tried.add(i / 64) & (1u64 << (i % 64)) != 0;
-    let slots_copy: &[*mut Slot] = std::slice::from_raw_parts(slots.as_ptr(), slots.len());
-    let conf = &mut *pd.conf;
-    // only the method is needed per pick (no clone of the configured key)
-    let method = conf.lb.as_ref().map(|l| l.method).unwrap_or_default();
-    // This worker's plan follows the set's generation; rebuilt under the lock, once per
-    // change and worker.
-    if conf.plan.as_ref().map(|p| p.generation) != Some(gen) {
-        let names: Vec<String> = slots_copy
-            .iter()
-            .map(|&s| String::from_utf8_lossy((*s).name()).into_owned())
-            .collect();
-        let pp: Vec<PlanPeer> = slots_copy
-            .iter()
-            .zip(&names)
-            .map(|(&s, n)| PlanPeer {
-                name: n,
-                weight: (*s).spec_weight,
-                down: (*s).spec_down,
-                backup: (*s).spec_backup,
-            })
-            .collect();
-        conf.plan = Some(Plan::build(gen, &pp, method));
-    }
-    let plan = conf.plan.as_ref().expect("plan built above");
-    let key: &[u8] = match method {
+    let key: &[u8] = match pd.method {
         Method::IpHash => &pd.addr[..pd.addr_len as usize],
         _ if pd.key.len > 0 => std::slice::from_raw_parts(pd.key.data, pd.key.len),
         _ => &[],
     };
-    let mut peers = SetPeers { slots: slots_copy };
-    let mut cursors = locked.hdr.cursors;
-    let pick = pick(
-        &mut peers,
-        plan,
-        method,
-        key,
-        &mut cursors,
-        now,
-        mono_ms(),
-        &is_tried,
-        &mut random,
-    );
-    locked.hdr.cursors = cursors;
-    let Some(i) = pick else {
+    let chosen = {
+        let (mut peers, plan, cursors) = locked.pick_parts();
+        match plan {
+            Some(plan) => pick(
+                &mut peers,
+                &plan,
+                pd.method,
+                key,
+                cursors,
+                now,
+                mono_ms(),
+                &is_tried,
+                &mut random,
+            ),
+            None => None,
+        }
+    };
+    let Some(i) = chosen else {
         drop(locked);
         (*pc).name = pd.upstream_name;
         return NGX_BUSY as ngx_int_t;
     };
-    let slot = slots_copy[i];
-    (*slot).state.picked(now);
-    locked.acquire(slot);
+    let slot = locked.slots()[i];
+    let ticket = locked.acquire(i, now);
     if i / 64 < pd.tried_words {
         *pd.tried.add(i / 64) |= 1u64 << (i % 64);
     }
     // Copy the address into session memory: the slot may be freed before the session's
     // log line is written.
     pd.sockaddr = (*slot).sockaddr;
-    let name = (*slot).name();
-    pd.name_buf[..name.len()].copy_from_slice(name);
+    let mut name = [0u8; NAME_MAX];
+    let name_len = (*slot).name().len();
+    name[..name_len].copy_from_slice((*slot).name());
     let socklen = (*slot).socklen;
     drop(locked);
-    pd.current = slot;
-    pd.name = ngx_str_t {
-        len: name.len(),
-        data: pd.name_buf.as_mut_ptr(),
-    };
+    pd.ticket = Some(ticket);
     (*pc).sockaddr = &mut pd.sockaddr as *mut _ as *mut sockaddr;
     (*pc).socklen = socklen;
-    (*pc).name = &mut pd.name;
+    (*pc).name = attempt_name(pd, &name[..name_len]);
     NGX_OK as ngx_int_t
 }
 
@@ -301,12 +323,9 @@ unsafe extern "C" fn free_peer(
     state: ngx_uint_t,
 ) {
     let pd = &mut *(data as *mut PeerData);
-    if !pd.current.is_null() {
+    if let Some(ticket) = pd.ticket.take() {
         let failed = state & NGX_PEER_FAILED as ngx_uint_t != 0;
-        let mut locked = pd.zone.lock();
-        locked.release(pd.current, failed, now_sec());
-        drop(locked);
-        pd.current = ptr::null_mut();
+        pd.zone.lock().release(ticket, failed, now_sec());
     }
     if (*pc).tries > 0 {
         (*pc).tries -= 1;
@@ -320,17 +339,12 @@ unsafe extern "C" fn notify_peer(
 ) {
     let pd = &mut *(data as *mut PeerData);
     if kind == NGX_STREAM_UPSTREAM_NOTIFY_CONNECT as ngx_uint_t
-        && !pd.current.is_null()
         && !(*pc).connection.is_null()
         && (*(*pc).connection).type_ == libc::SOCK_STREAM
     {
-        let _locked = pd.zone.lock();
-        let st = &mut (*pd.current).state;
-        let was_failed = st.max_fails > 0 && st.fails >= st.max_fails;
-        st.connected();
-        if was_failed && st.fails == 0 {
-            // recovered: ramp up again (slow_start)
-            st.ramp_start_ms = mono_ms();
+        if let Some(ticket) = &pd.ticket {
+            let mut locked = pd.zone.lock();
+            locked.connected(ticket, mono_ms());
         }
     }
 }

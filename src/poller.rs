@@ -21,7 +21,9 @@ use upsync_core::http::{build_request, ResponseParser};
 use crate::net::tls;
 use upsync_core::registry::{redact, retry_delay_ms, source_for, Snapshot, Source};
 use upsync_core::servers::Diff;
+use crate::process::{exiting, observe, pid_alive};
 use crate::zone::{mono_ms, sockaddr_of, Zone};
+use upsync_core::balancer::{Method, Plan};
 
 /// Largest registry response accepted (a 10,000-server KV listing is about 2 MB).
 const BODY_LIMIT: usize = 8 * 1024 * 1024;
@@ -76,6 +78,10 @@ impl Side {
 pub struct Poller {
     conf: *const SrvConf,
     zone: Zone,
+    /// The source this poller reads (`SrvConf::fingerprint`): it publishes only while
+    /// the zone serves the same one.
+    fingerprint: u64,
+    method: Method,
     source: Box<dyn Source>,
     interval_ms: u64,
     tick_ms: u64,
@@ -120,16 +126,6 @@ fn wall_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn exiting() -> bool {
-    // SAFETY: process-global flags set by nginx's signal handling on this thread.
-    unsafe { ngx_exiting != 0 || ngx_quit != 0 || ngx_terminate != 0 }
-}
-
-fn pid_alive(pid: i64) -> bool {
-    // SAFETY: kill with signal 0 only checks for existence.
-    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 || *libc::__errno_location() == libc::EPERM }
-}
-
 unsafe fn cycle_log() -> *mut ngx_log_t {
     (*ngx_cycle).log
 }
@@ -146,6 +142,8 @@ pub unsafe fn start(_cycle: *mut ngx_cycle_t, conf: &SrvConf) {
     let p: *mut Poller = Box::into_raw(Box::new(Poller {
         conf,
         zone,
+        fingerprint: conf.fingerprint(),
+        method: conf.method(),
         source: source_for(spec, conf.credential.as_ref()),
         interval_ms: interval,
         tick_ms,
@@ -308,10 +306,14 @@ impl Poller {
         }
         let now = mono_ms();
         let me = ngx_pid as i64;
-        let owner_now = {
-            let l = self.zone.lock();
-            let h = &mut *l.hdr;
-            if h.poller_pid == me {
+        let (owner_now, same_source, reaped) = {
+            let mut l = self.zone.lock();
+            let reaped = l.reap_dead(now, &mut observe);
+            let same_source = l.fingerprint() == self.fingerprint;
+            let h = &mut *l.hdr_mut();
+            let owner_now = if !same_source {
+                false // a reload gave the zone to another source: never poll this one
+            } else if h.poller_pid == me {
                 h.lease_until_ms = now + self.lease_ms;
                 true
             } else if h.poller_pid == 0 || h.lease_until_ms < now || !pid_alive(h.poller_pid) {
@@ -320,8 +322,18 @@ impl Poller {
                 true
             } else {
                 false
-            }
+            };
+            (owner_now, same_source, reaped)
         };
+        if reaped.0 > 0 {
+            self.log(
+                NGX_LOG_NOTICE,
+                &format!(
+                    "released {} session(s) held by {} exited worker process(es)",
+                    reaped.1, reaped.0
+                ),
+            );
+        }
         if owner_now && !self.owner {
             self.owner = true;
             self.log(
@@ -332,10 +344,26 @@ impl Poller {
             self.schedule(0);
         } else if !owner_now && self.owner {
             self.owner = false;
-            self.log(NGX_LOG_WARN, "lost the polling lease to another worker");
+            if same_source {
+                self.log(NGX_LOG_WARN, "lost the polling lease to another worker");
+            } else {
+                self.log(
+                    NGX_LOG_INFO,
+                    "a reload changed this upstream's source: this worker stops polling the old one",
+                );
+            }
             self.abort_exchange();
         }
         ngx_add_timer(&mut self.tick, self.tick_ms as ngx_msec_t);
+    }
+
+    /// Whether this worker may write the zone's set, status and dump now: it holds the
+    /// lease, the zone still serves its source, and it is not exiting. Checked under the
+    /// same lock as the write it allows.
+    fn may_publish(&self, l: &crate::zone::Locked<'_>) -> bool {
+        // SAFETY: reads a process-global written only on this thread.
+        let me = unsafe { ngx_pid } as i64;
+        l.lease_holder() == me && l.fingerprint() == self.fingerprint && !exiting()
     }
 
     /// Drops the exchange in flight, if any, so a later `start_request` begins afresh.
@@ -358,10 +386,11 @@ impl Poller {
         }
         if self.owner {
             self.owner = false;
-            let l = self.zone.lock();
-            if l.hdr.poller_pid == ngx_pid as i64 {
-                l.hdr.poller_pid = 0;
-                l.hdr.lease_until_ms = 0;
+            let mut l = self.zone.lock();
+            let h = l.hdr_mut();
+            if h.poller_pid == ngx_pid as i64 {
+                h.poller_pid = 0;
+                h.lease_until_ms = 0;
             }
         }
     }
@@ -805,8 +834,10 @@ impl Poller {
         }
         {
             let mut l = self.zone.lock();
-            l.hdr.status.consecutive_failures = self.failures as u64;
-            l.set_error(&msg);
+            if self.may_publish(&l) {
+                l.status().consecutive_failures = self.failures as u64;
+                l.set_error(&msg);
+            }
         }
         self.schedule(delay);
     }
@@ -841,14 +872,18 @@ impl Poller {
         let position = self.source.position();
         let in_use = self.target().addr.to_string();
         let mut l = self.zone.lock();
+        if !self.may_publish(&l) {
+            return; // lost the lease, or exiting, or the zone serves another source now
+        }
         l.set_in_use(&in_use);
-        l.hdr.status.position = position;
-        l.hdr.status.last_sync_ms = wall_ms();
-        l.hdr.status.consecutive_failures = 0;
+        let st = l.status();
+        st.position = position;
+        st.last_sync_ms = wall_ms();
+        st.consecutive_failures = 0;
         l.set_error("");
         let current = l.specs();
+        drop(l);
         if snap.servers.is_empty() {
-            drop(l);
             if !current.is_empty() && !self.empty_warned {
                 self.empty_warned = true;
                 self.log(
@@ -863,20 +898,44 @@ impl Poller {
         if diff.is_empty() {
             return;
         }
-        if let Err(e) = l.publish(&snap.servers, Some(mono_ms())) {
-            drop(l);
-            self.log(
+        // The plan is built here, once per change and outside the lock: connections in
+        // every worker keep picking from the current set meanwhile.
+        let plan = Plan::for_servers(&snap.servers, self.method);
+        let block = self.zone.lock().alloc_plan_block(plan.flat_words());
+        let Some(mut block) = block else {
+            return self.log(
                 NGX_LOG_ERR,
                 &format!(
-                    "cannot apply {} servers: {e}; keeping the current ones",
-                    snap.servers.len()
+                    "cannot apply {} servers: {}; keeping the current ones",
+                    snap.servers.len(),
+                    crate::zone::ZoneError::Full {
+                        servers: snap.servers.len()
+                    }
                 ),
             );
+        };
+        block.fill(&plan);
+        let mut l = self.zone.lock();
+        if !self.may_publish(&l) {
+            l.free_plan_block(block);
             return;
         }
-        let generation = l.generation();
-        l.hdr.status.updates += 1;
-        l.hdr.status.last_change_ms = wall_ms();
+        let generation = match l.publish(&snap.servers, block, Some(mono_ms())) {
+            Ok(g) => g,
+            Err(e) => {
+                drop(l);
+                return self.log(
+                    NGX_LOG_ERR,
+                    &format!(
+                        "cannot apply {} servers: {e}; keeping the current ones",
+                        snap.servers.len()
+                    ),
+                );
+            }
+        };
+        let st = l.status();
+        st.updates += 1;
+        st.last_change_ms = wall_ms();
         drop(l);
         let (used, total) = self.zone.usage();
         self.log(
@@ -889,15 +948,30 @@ impl Poller {
                 diff.changed
             ),
         );
+        self.write_dump(&snap.servers, generation);
+    }
+
+    /// Writes the dump of the set published as `generation`: the file is prepared
+    /// outside the lock, and renamed into place under it only if that set is still the
+    /// current one and this worker still holds the lease, so a dump never goes back to
+    /// an older set.
+    fn write_dump(&self, servers: &[upsync_core::servers::ServerSpec], generation: u64) {
         let path = self.conf().dump_path();
-        if let Err(e) = dump::write_atomic(
-            std::path::Path::new(&path),
-            dump::render(&snap.servers).as_bytes(),
-        ) {
-            self.log(
+        let path = std::path::Path::new(&path);
+        let result = dump::TempDump::write(path, dump::render(servers).as_bytes()).and_then(|tmp| {
+            let l = self.zone.lock();
+            if self.may_publish(&l) && l.generation() == generation {
+                tmp.commit()
+            } else {
+                Ok(()) // superseded: the temp file is removed on drop
+            }
+        });
+        match result {
+            Ok(()) => dump::sync_dir(path),
+            Err(e) => self.log(
                 NGX_LOG_ERR,
-                &format!("cannot write the dump file \"{path}\": {e}"),
-            );
+                &format!("cannot write the dump file \"{}\": {e}", path.display()),
+            ),
         }
     }
 

@@ -105,7 +105,7 @@ unsafe fn synced_view(name: String, conf: &SrvConf, now: i64) -> UpstreamView {
             }
         })
         .collect();
-    let st = &l.hdr.status;
+    let st = &l.hdr().status;
     let spec = conf.upsync.as_ref().expect("synced upstream");
     let source = SourceView {
         kind: spec.kind.name().into(),
@@ -124,7 +124,7 @@ unsafe fn synced_view(name: String, conf: &SrvConf, now: i64) -> UpstreamView {
         consecutive_failures: st.consecutive_failures,
         generation: l.generation(),
         updates: st.updates,
-        poller_pid: l.hdr.poller_pid,
+        poller_pid: l.hdr().poller_pid,
     };
     UpstreamView {
         name,
@@ -134,12 +134,19 @@ unsafe fn synced_view(name: String, conf: &SrvConf, now: i64) -> UpstreamView {
 }
 
 /// Servers of an upstream nginx balances itself: its round-robin peers, backups last.
+/// With `zone`, other workers may change the list (`server ... resolve` relinks peers
+/// under the write lock), so it is read under the peers' read lock, as nginx does.
 unsafe fn static_servers(uscf: *mut ngx_stream_upstream_srv_conf_t, now: i64) -> Vec<ServerView> {
+    let peers = (*uscf).peer.data as *mut ngx_stream_upstream_rr_peers_t;
+    if peers.is_null() {
+        return Vec::new();
+    }
+    let _guard = PeersReadLock::new(peers);
     let mut out = Vec::new();
-    let mut peers = (*uscf).peer.data as *mut ngx_stream_upstream_rr_peers_t;
+    let mut list = peers;
     let mut backup = false;
-    while !peers.is_null() {
-        let mut p = (*peers).peer;
+    while !list.is_null() {
+        let mut p = (*list).peer;
         while !p.is_null() {
             let name =
                 String::from_utf8_lossy(std::slice::from_raw_parts((*p).name.data, (*p).name.len))
@@ -175,10 +182,52 @@ unsafe fn static_servers(uscf: *mut ngx_stream_upstream_srv_conf_t, now: i64) ->
             });
             p = pr.next;
         }
-        peers = (*peers).next;
+        list = (*list).next;
         backup = true;
     }
     out
+}
+
+/// nginx's `ngx_stream_upstream_rr_peers_rlock`/`_unlock` on a peer list (a no-op for
+/// peers outside a shared zone). The backup list is covered by the primary list's lock.
+struct PeersReadLock {
+    #[cfg(ngx_feature = "stream_upstream_zone")]
+    peers: *mut ngx_stream_upstream_rr_peers_t,
+}
+
+impl PeersReadLock {
+    /// # Safety
+    /// `peers` is the live primary peer list of an upstream of the running cycle.
+    unsafe fn new(peers: *mut ngx_stream_upstream_rr_peers_t) -> PeersReadLock {
+        #[cfg(ngx_feature = "stream_upstream_zone")]
+        {
+            // SAFETY: per the contract; `shpool` is set for lists in a shared zone,
+            // whose `rwlock` every worker takes before changing the list.
+            unsafe {
+                if !(*peers).shpool.is_null() {
+                    ngx_rwlock_rlock(&mut (*peers).rwlock);
+                }
+            }
+            PeersReadLock { peers }
+        }
+        #[cfg(not(ngx_feature = "stream_upstream_zone"))]
+        {
+            let _ = peers;
+            PeersReadLock {}
+        }
+    }
+}
+
+impl Drop for PeersReadLock {
+    fn drop(&mut self) {
+        #[cfg(ngx_feature = "stream_upstream_zone")]
+        // SAFETY: the lock was taken in `new` on this live list.
+        unsafe {
+            if !(*self.peers).shpool.is_null() {
+                ngx_rwlock_unlock(&mut (*self.peers).rwlock);
+            }
+        }
+    }
 }
 
 pub unsafe extern "C" fn handler(s: *mut ngx_stream_session_t) {

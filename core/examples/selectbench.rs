@@ -33,7 +33,8 @@ fn run(n: usize, method: Method, picks: u64) -> f64 {
             backup: false,
         })
         .collect();
-    let plan = Plan::build(1, &pp, method);
+    let plan = Plan::build(&pp, method);
+    let plan = plan.view();
     let keys: Vec<String> = (0..1024)
         .map(|k| format!("10.{}.{}.{}", k % 7, k / 7 % 256, k % 256))
         .collect();

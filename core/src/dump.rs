@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::servers::{parse_addr, ServerSpec};
 
@@ -59,52 +59,105 @@ pub fn parse(text: &str) -> Result<Vec<ServerSpec>, String> {
     Ok(out)
 }
 
-/// Writes `contents` to `path` atomically: a temp file beside it, fsync, rename over the
-/// target, then fsync the directory so the rename itself survives a power cut.
-pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
-    let dir = match path.parent() {
+/// The directory a dump path lives in (`.` for a bare file name).
+fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "dump path has no file name"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp.{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let result = (|| {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
+    }
+}
+
+/// A dump written to a temp file beside its target and flushed to disk, not yet in
+/// place: `commit` renames it over the target; dropping it removes the temp file. The
+/// split lets the writer check, right before the rename, that the set it wrote is still
+/// the one to keep.
+#[derive(Debug)]
+pub struct TempDump {
+    tmp: PathBuf,
+    path: PathBuf,
+    committed: bool,
+}
+
+impl TempDump {
+    /// Writes `contents` to `.NAME.tmp.PID` in the dump's directory. The temp file is
+    /// created exclusively and never through a symlink (`O_CREAT|O_EXCL|O_NOFOLLOW`),
+    /// with the mode of the existing dump (0644 for a new one) set on the open file.
+    pub fn write(path: &Path, contents: &[u8]) -> io::Result<TempDump> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let name = path.file_name().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "dump path has no file name")
+        })?;
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".tmp.{}", std::process::id()));
+        let tmp = dir_of(path).join(tmp_name);
+        let mode = fs::metadata(path)
+            .map(|m| m.permissions().mode() & 0o7777)
+            .unwrap_or(0o644);
+        let open = || {
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)
+        };
+        let mut f = match open() {
+            // a temp file of a dead process that had our pid (or anything planted there):
+            // unlink it (unlink never follows a symlink) and create ours afresh
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                fs::remove_file(&tmp)?;
+                open()?
+            }
+            r => r?,
+        };
+        let guard = TempDump {
+            tmp,
+            path: path.to_path_buf(),
+            committed: false,
+        };
+        // the umask may have narrowed the creation mode: set it on the open file
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(contents)?;
         f.sync_all()?;
-        drop(f);
-        // Keep the permissions an operator gave the existing file.
-        if let Ok(meta) = fs::metadata(path) {
-            let _ = fs::set_permissions(&tmp, meta.permissions());
-        }
-        fs::rename(&tmp, path)?;
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        Ok(guard)
     }
-    result
+
+    /// Renames the temp file over the target (atomic). `sync_dir` then makes the rename
+    /// itself survive a power cut.
+    pub fn commit(mut self) -> io::Result<()> {
+        fs::rename(&self.tmp, &self.path)?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+/// Syncs the directory of `path`, so a rename into it is on disk.
+pub fn sync_dir(path: &Path) {
+    if let Ok(d) = fs::File::open(dir_of(path)) {
+        let _ = d.sync_all();
+    }
+}
+
+impl Drop for TempDump {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Writes `contents` to `path` atomically: `TempDump::write`, `commit`, `sync_dir`.
+pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
+    TempDump::write(path, contents)?.commit()?;
+    sync_dir(path);
+    Ok(())
 }
 
 /// Removes temp files a killed writer left beside `path` (`.NAME.tmp.PID` whose PID is
 /// gone). Returns how many were removed.
 pub fn remove_stale_temps(path: &Path, pid_alive: impl Fn(u32) -> bool) -> usize {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir = dir_of(path);
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
         return 0;
     };

@@ -12,9 +12,10 @@ pub const DEFAULT_WEIGHT: u32 = 1;
 pub const DEFAULT_MAX_FAILS: u32 = 2;
 pub const DEFAULT_FAIL_TIMEOUT: u32 = 10;
 
-/// Upper bounds that keep arithmetic on weights (sums over 10,000 servers, ketama points)
-/// far from overflow while allowing anything an operator would write.
-pub const MAX_WEIGHT: u32 = 1_000_000;
+/// Upper bounds for registry values: anything an operator would write, and far from
+/// overflow in the balancer's arithmetic (weight sums over 100,000 servers). Larger
+/// weights are invalid entries (a 10,000:1 ratio is more than any set needs).
+pub const MAX_WEIGHT: u32 = 10_000;
 pub const MAX_COUNT: u32 = 1_000_000;
 pub const MAX_FAIL_TIMEOUT: u32 = 365 * 86_400;
 
@@ -150,6 +151,9 @@ fn attr_err(key: &'static str, v: &serde_json::Value, expected: &'static str) ->
     }
 }
 
+/// What `weight` accepts (kept in step with `MAX_WEIGHT`).
+const WEIGHT_RANGE: &str = "an integer from 1 to 10000";
+
 /// An integer attribute: a JSON number or a string of digits, within `min..=max`.
 fn int_attr(
     key: &'static str,
@@ -157,7 +161,9 @@ fn int_attr(
     min: u32,
     max: u32,
 ) -> Result<u32, SpecError> {
-    let expected = if min > 0 {
+    let expected = if key == "weight" {
+        WEIGHT_RANGE
+    } else if min > 0 {
         "a positive integer"
     } else {
         "a non-negative integer"

@@ -1,0 +1,190 @@
+//! Load balancing: per-server state (`PeerState`), the method, and `pick`, independent of
+//! where the peers live (plain slices in tests, the shared zone in nginx). The per-set
+//! structures are in `plan` (built once per change), the methods in `picks`.
+
+mod picks;
+mod plan;
+#[cfg(test)]
+mod tests;
+
+pub use picks::{
+    pick_hash_modula, pick_ip_hash, pick_ketama, pick_least_conn, pick_random, pick_round_robin,
+    smooth_wrr,
+};
+pub use plan::{Plan, PlanPeer, PlanView, MAX_RING_POINTS, MAX_SCHEDULE};
+
+/// The per-server state the algorithms read and update.
+#[repr(C)]
+#[derive(Debug, Clone, Default)]
+pub struct PeerState {
+    pub weight: i64,
+    pub effective_weight: i64,
+    pub current_weight: i64,
+    pub conns: u32,
+    pub max_conns: u32,
+    pub fails: u32,
+    pub max_fails: u32,
+    /// Seconds.
+    pub fail_timeout: i64,
+    /// Last failure, seconds since the epoch.
+    pub accessed: i64,
+    /// Start of the current failure window, seconds since the epoch.
+    pub checked: i64,
+    pub total: u64,
+    pub down: bool,
+    pub backup: bool,
+    /// slow_start window (ms; 0: none) and when the current ramp began (ms).
+    pub slow_start_ms: u64,
+    pub ramp_start_ms: u64,
+}
+
+impl PeerState {
+    /// While ramping after `slow_start`: the fraction of its share the peer gets now.
+    pub fn ramp(&self, now_ms: u64) -> Option<f64> {
+        let elapsed = now_ms.saturating_sub(self.ramp_start_ms);
+        if self.slow_start_ms == 0 || self.ramp_start_ms == 0 || elapsed >= self.slow_start_ms {
+            return None;
+        }
+        Some(elapsed as f64 / self.slow_start_ms as f64)
+    }
+
+    /// Whether the peer may take a new connection at time `now` (seconds).
+    pub fn available(&self, now: i64) -> bool {
+        if self.down {
+            return false;
+        }
+        if self.max_fails > 0
+            && self.fails >= self.max_fails
+            && now - self.checked <= self.fail_timeout
+        {
+            return false;
+        }
+        if self.max_conns > 0 && self.conns >= self.max_conns {
+            return false;
+        }
+        true
+    }
+
+    /// The peer was chosen: open a new failure window if the last one expired (nginx).
+    pub fn picked(&mut self, now: i64) {
+        if now - self.checked > self.fail_timeout {
+            self.checked = now;
+        }
+    }
+
+    /// Records the end of a connection attempt (nginx's `free` rules).
+    pub fn release(&mut self, failed: bool, now: i64) {
+        if failed {
+            self.fails += 1;
+            self.accessed = now;
+            self.checked = now;
+            if self.max_fails > 0 {
+                self.effective_weight -= self.weight / self.max_fails as i64;
+            }
+            if self.effective_weight < 0 {
+                self.effective_weight = 0;
+            }
+        } else if self.accessed < self.checked {
+            self.fails = 0;
+        }
+        self.conns = self.conns.saturating_sub(1);
+    }
+
+    /// A connection to the peer succeeded: a server that was failing is live again.
+    pub fn connected(&mut self) {
+        if self.accessed < self.checked {
+            self.fails = 0;
+        }
+    }
+}
+
+/// Any indexable list of peers.
+pub trait Peers {
+    fn len(&self) -> usize;
+    fn peer(&mut self, i: usize) -> &mut PeerState;
+}
+
+impl Peers for [PeerState] {
+    fn len(&self) -> usize {
+        <[PeerState]>::len(self)
+    }
+    fn peer(&mut self, i: usize) -> &mut PeerState {
+        &mut self[i]
+    }
+}
+
+/// How an upstream picks its server (`upsync_lb`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Method {
+    #[default]
+    RoundRobin,
+    LeastConn,
+    IpHash,
+    HashModula,
+    HashKetama,
+    /// `random`, or `random two` (the less loaded of two random picks).
+    Random {
+        two: bool,
+    },
+}
+
+/// Picks a server with `method`; hash and random methods fall back to round robin (as
+/// nginx does) when they find nothing, and backups serve when no primary can. A server
+/// in its `slow_start` ramp is passed over with probability 1 - ramp (a few times at
+/// most, so a lone ramping server still serves).
+#[allow(clippy::too_many_arguments)]
+pub fn pick<P: Peers + ?Sized>(
+    peers: &mut P,
+    plan: &PlanView<'_>,
+    method: Method,
+    key: &[u8],
+    cursors: &mut [u64; 2],
+    now: i64,
+    now_ms: u64,
+    tried: &dyn Fn(usize) -> bool,
+    rand: &mut dyn FnMut() -> u64,
+) -> Option<usize> {
+    let mut skipped: [usize; 3] = [usize::MAX; 3];
+    let mut last = None;
+    for attempt in 0..=skipped.len() {
+        let skip = skipped;
+        let excluded = |i: usize| tried(i) || skip.contains(&i);
+        let chosen = pick_once(peers, plan, method, key, cursors, now, &excluded, rand);
+        let Some(i) = chosen else { return last };
+        last = Some(i);
+        match peers.peer(i).ramp(now_ms) {
+            Some(frac)
+                if attempt < skipped.len() && (rand() % 10_000) as f64 >= frac * 10_000.0 =>
+            {
+                skipped[attempt] = i;
+            }
+            _ => return Some(i),
+        }
+    }
+    last
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pick_once<P: Peers + ?Sized>(
+    peers: &mut P,
+    plan: &PlanView<'_>,
+    method: Method,
+    key: &[u8],
+    cursors: &mut [u64; 2],
+    now: i64,
+    tried: &dyn Fn(usize) -> bool,
+    rand: &mut dyn FnMut() -> u64,
+) -> Option<usize> {
+    let chosen = match method {
+        Method::RoundRobin => None,
+        Method::LeastConn => return pick_least_conn(peers, now, tried),
+        Method::IpHash => pick_ip_hash(peers, plan, key, now, tried),
+        Method::HashModula => pick_hash_modula(peers, plan, key, now, tried),
+        Method::HashKetama => pick_ketama(peers, plan, key, now, tried),
+        Method::Random { two } => pick_random(peers, plan, two, now, tried, rand),
+    };
+    chosen
+        .or_else(|| pick_round_robin(peers, plan, false, &mut cursors[0], now, tried))
+        .or_else(|| pick_round_robin(peers, plan, true, &mut cursors[1], now, tried))
+}
+

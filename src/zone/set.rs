@@ -1,0 +1,366 @@
+//! The server set in the zone: slots (one per server, shared by every worker) and the
+//! list that makes them the current set, replaced as a whole by `Locked::publish`.
+//!
+//! A `Slot` lives while it is in the current set or any session still uses it: `refs`
+//! counts one for set membership plus one per open session. Whoever drops `refs` to zero
+//! frees it, so a removed server keeps its sessions and is reclaimed when the last one
+//! closes (or its process dies, see `ledger`), with no fixed delay.
+
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::ptr;
+
+use nginx_sys::{ngx_slab_alloc_locked, ngx_slab_free_locked, ngx_slab_pool_t};
+use upsync_core::balancer::PeerState;
+use upsync_core::servers::ServerSpec;
+
+use super::{Locked, PlanBlock, PlanRef, ZoneError};
+
+/// Longest address text: `[ffff:...:ffff%scope]:65535` fits easily.
+pub const NAME_MAX: usize = 64;
+
+#[repr(C)]
+pub struct Slot {
+    refs: u32,
+    in_set: bool,
+    pub state: PeerState,
+    pub addr: SocketAddr,
+    pub spec_weight: u32,
+    pub spec_max_fails: u32,
+    pub spec_fail_timeout: u32,
+    pub spec_max_conns: u32,
+    pub spec_down: bool,
+    pub spec_backup: bool,
+    pub spec_slow_start: u32,
+    pub socklen: u32,
+    pub sockaddr: libc::sockaddr_storage,
+    pub name_len: u8,
+    pub name: [u8; NAME_MAX],
+}
+
+impl Slot {
+    pub fn name(&self) -> &[u8] {
+        &self.name[..self.name_len as usize]
+    }
+
+    pub fn spec(&self) -> ServerSpec {
+        ServerSpec {
+            addr: self.addr,
+            weight: self.spec_weight,
+            max_fails: self.spec_max_fails,
+            fail_timeout: self.spec_fail_timeout,
+            max_conns: self.spec_max_conns,
+            down: self.spec_down,
+            backup: self.spec_backup,
+            slow_start: self.spec_slow_start,
+        }
+    }
+
+    fn set_spec(&mut self, s: &ServerSpec, now_ms: Option<u64>) {
+        let weight_changed = self.spec_weight != s.weight;
+        // a server coming back from `down` ramps up again (slow_start)
+        if let Some(now) = now_ms {
+            if self.spec_down && !s.down {
+                self.state.ramp_start_ms = now;
+            }
+        }
+        self.spec_slow_start = s.slow_start;
+        self.state.slow_start_ms = s.slow_start as u64 * 1000;
+        self.spec_weight = s.weight;
+        self.spec_max_fails = s.max_fails;
+        self.spec_fail_timeout = s.fail_timeout;
+        self.spec_max_conns = s.max_conns;
+        self.spec_down = s.down;
+        self.spec_backup = s.backup;
+        let st = &mut self.state;
+        st.weight = s.weight as i64;
+        if weight_changed {
+            st.effective_weight = st.weight;
+            st.current_weight = 0;
+        }
+        st.max_fails = s.max_fails;
+        st.fail_timeout = s.fail_timeout as i64;
+        st.max_conns = s.max_conns;
+        st.down = s.down;
+        st.backup = s.backup;
+    }
+
+    /// A session takes a reference (see `Locked::acquire`).
+    pub(super) fn refs_add(&mut self) {
+        self.refs += 1;
+    }
+
+    /// A dead process's session is gone: its connection count (the reference is
+    /// dropped by the caller).
+    pub(super) fn session_ended(&mut self) {
+        self.state.conns = self.state.conns.saturating_sub(1);
+    }
+}
+
+#[repr(C)]
+pub struct SharedSet {
+    pub generation: u64,
+    pub len: usize,
+    // followed by `len` slot pointers
+}
+
+impl SharedSet {
+    /// # Safety
+    /// `self` must be followed by `len` slot pointers (as `alloc` lays it out).
+    pub unsafe fn slots(&self) -> &[*mut Slot] {
+        // SAFETY: per the contract the pointers follow the header in one allocation.
+        unsafe {
+            let first = (self as *const SharedSet).add(1) as *const *mut Slot;
+            std::slice::from_raw_parts(first, self.len)
+        }
+    }
+
+    /// Allocates a list of `len` (null) slot pointers. Lock held by the caller.
+    unsafe fn alloc(pool: *mut ngx_slab_pool_t, len: usize) -> *mut SharedSet {
+        // SAFETY: the caller holds the pool's mutex; the list is initialized before use.
+        unsafe {
+            let set = ngx_slab_alloc_locked(
+                pool,
+                size_of::<SharedSet>() + len * size_of::<*mut Slot>(),
+            ) as *mut SharedSet;
+            if !set.is_null() {
+                ptr::write(set, SharedSet { generation: 0, len });
+                ptr::write_bytes(set.add(1) as *mut *mut Slot, 0, len);
+            }
+            set
+        }
+    }
+
+    fn slots_mut(&mut self) -> &mut [*mut Slot] {
+        // SAFETY: every SharedSet is made by `alloc`, followed by `len` pointers.
+        unsafe {
+            let first = (self as *mut SharedSet).add(1) as *mut *mut Slot;
+            std::slice::from_raw_parts_mut(first, self.len)
+        }
+    }
+}
+
+/// A list of `n` fresh (zeroed) slots that belong to no set: memory set aside.
+///
+/// # Safety
+/// The caller holds `pool`'s mutex.
+pub(super) unsafe fn alloc_unshared(pool: *mut ngx_slab_pool_t, n: usize) -> Option<*mut SharedSet> {
+    // SAFETY: the caller holds the mutex; on failure everything allocated is freed.
+    unsafe {
+        let set = SharedSet::alloc(pool, n);
+        if set.is_null() {
+            return None;
+        }
+        for i in 0..n {
+            let s = ngx_slab_alloc_locked(pool, size_of::<Slot>()) as *mut Slot;
+            if s.is_null() {
+                (*set).len = i;
+                free_unshared(pool, set);
+                return None;
+            }
+            (*set).slots_mut()[i] = s;
+        }
+        Some(set)
+    }
+}
+
+/// Frees a list from `alloc_unshared` and its slots.
+///
+/// # Safety
+/// The caller holds `pool`'s mutex; nothing else references the list or its slots.
+pub(super) unsafe fn free_unshared(pool: *mut ngx_slab_pool_t, set: *mut SharedSet) {
+    if set.is_null() {
+        return;
+    }
+    // SAFETY: per the contract the list and its slots are ours alone.
+    unsafe {
+        for &s in (*set).slots() {
+            if !s.is_null() {
+                ngx_slab_free_locked(pool, s as *mut _);
+            }
+        }
+        ngx_slab_free_locked(pool, set as *mut _);
+    }
+}
+
+impl Locked<'_> {
+    /// Replaces the set with `specs` (normalized: sorted by address, one per address)
+    /// and the plan with `plan` (built for `specs`). Servers that stay keep their slot,
+    /// and so their counters and open sessions. On allocation failure nothing changes
+    /// and the block is given back. `now_ms` (monotonic) starts the slow_start ramp of
+    /// servers that are new or come back from `down`; None for the configured set.
+    /// Returns the new generation.
+    pub fn publish(
+        &mut self,
+        specs: &[ServerSpec],
+        plan: PlanBlock,
+        now_ms: Option<u64>,
+    ) -> Result<u64, ZoneError> {
+        let old: Vec<*mut Slot> = self.slots().to_vec();
+        let pool = self.pool;
+        // SAFETY: the lock is held for the whole body; every pointer below is a slot or
+        // list of this pool (the old set's, or allocated here).
+        unsafe {
+            let set = SharedSet::alloc(pool, specs.len());
+            let mut created: Vec<*mut Slot> = Vec::new();
+            let fail = |created: &[*mut Slot], set: *mut SharedSet, plan: PlanBlock| {
+                for &c in created {
+                    ngx_slab_free_locked(pool, c as *mut _);
+                }
+                if !set.is_null() {
+                    ngx_slab_free_locked(pool, set as *mut _);
+                }
+                ngx_slab_free_locked(pool, plan.ptr as *mut _);
+                Err(ZoneError::Full {
+                    servers: specs.len(),
+                })
+            };
+            if set.is_null() {
+                return fail(&created, set, plan);
+            }
+            let mut oi = 0;
+            for (k, spec) in specs.iter().enumerate() {
+                while oi < old.len() && (*old[oi]).addr < spec.addr {
+                    oi += 1;
+                }
+                let slot = if oi < old.len() && (*old[oi]).addr == spec.addr {
+                    old[oi]
+                } else {
+                    let s = ngx_slab_alloc_locked(pool, size_of::<Slot>()) as *mut Slot;
+                    if s.is_null() {
+                        return fail(&created, set, plan);
+                    }
+                    init_slot(s, spec);
+                    (*s).state.ramp_start_ms = now_ms.unwrap_or(0);
+                    created.push(s);
+                    s
+                };
+                (*set).slots_mut()[k] = slot;
+            }
+            // Commit. Old slots are marked out of the set; the new set marks its members
+            // back in (a fresh slot gets its membership reference); whatever stays out
+            // loses its membership reference. Linear in the set sizes.
+            for &s in &old {
+                (*s).in_set = false;
+            }
+            for (&s, spec) in (*set).slots().iter().zip(specs) {
+                if (*s).refs == 0 {
+                    (*s).refs = 1;
+                }
+                (*s).in_set = true;
+                (*s).set_spec(spec, now_ms);
+            }
+            for &s in &old {
+                if !(*s).in_set {
+                    self.unref(s);
+                }
+            }
+            self.hdr.next_generation += 1;
+            (*set).generation = self.hdr.next_generation;
+            if !self.hdr.set.is_null() {
+                ngx_slab_free_locked(pool, self.hdr.set as *mut _);
+            }
+            self.hdr.set = set;
+            let old_plan = std::mem::replace(
+                &mut self.hdr.plan,
+                PlanRef {
+                    ptr: plan.ptr,
+                    words: plan.words,
+                },
+            );
+            if !old_plan.ptr.is_null() {
+                ngx_slab_free_locked(pool, old_plan.ptr as *mut _);
+            }
+            Ok((*set).generation)
+        }
+    }
+
+    /// Gives the current set a new plan (built for its servers, in set order).
+    pub fn replace_plan(&mut self, plan: &upsync_core::balancer::Plan) -> Result<(), ZoneError> {
+        let block = self.alloc_plan(plan)?;
+        let old = std::mem::replace(
+            &mut self.hdr.plan,
+            PlanRef {
+                ptr: block.ptr,
+                words: block.words,
+            },
+        );
+        if !old.ptr.is_null() {
+            // SAFETY: the previous plan block is this pool's, no longer referenced; the
+            // lock is held.
+            unsafe { ngx_slab_free_locked(self.pool, old.ptr as *mut _) };
+        }
+        Ok(())
+    }
+
+    /// Drops one reference on `slot`, freeing it when it was the last.
+    ///
+    /// # Safety
+    /// `slot` is a live slot of this zone on which the caller owns a reference.
+    pub(super) unsafe fn unref(&mut self, slot: *mut Slot) {
+        // SAFETY: per the contract; the lock is held (`&mut self`).
+        unsafe {
+            (*slot).refs -= 1;
+            if (*slot).refs == 0 {
+                ngx_slab_free_locked(self.pool, slot as *mut _);
+            }
+        }
+    }
+}
+
+/// # Safety
+/// `s` is a fresh allocation of `size_of::<Slot>()` bytes.
+unsafe fn init_slot(s: *mut Slot, spec: &ServerSpec) {
+    // SAFETY: per the contract; all-zero is a valid Slot before the fields are set.
+    let slot = unsafe {
+        ptr::write_bytes(s as *mut u8, 0, size_of::<Slot>());
+        &mut *s
+    };
+    let (storage, len) = sockaddr_of(&spec.addr);
+    slot.addr = spec.addr;
+    slot.sockaddr = storage;
+    slot.socklen = len;
+    let name = spec.addr.to_string();
+    let n = name.len().min(NAME_MAX);
+    slot.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+    slot.name_len = n as u8;
+    slot.state.effective_weight = spec.weight as i64;
+    slot.spec_weight = spec.weight;
+    slot.set_spec(spec, None);
+}
+
+/// Converts a socket address to the C form nginx connects with.
+pub fn sockaddr_of(addr: &SocketAddr) -> (libc::sockaddr_storage, u32) {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { MaybeUninit::zeroed().assume_init() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is large enough and suitably aligned for any sockaddr.
+            unsafe { ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: as above.
+            unsafe { ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as u32)
+}
