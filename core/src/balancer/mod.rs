@@ -11,7 +11,7 @@ pub use picks::{
     pick_hash_modula, pick_ip_hash, pick_ketama, pick_least_conn, pick_random, pick_round_robin,
     smooth_wrr,
 };
-pub use plan::{Plan, PlanPeer, PlanView, MAX_RING_POINTS, MAX_SCHEDULE};
+pub use plan::{Plan, PlanPeer, PlanView, MAX_RING_POINTS, MAX_SCHEDULE, MIN_RING_CAP};
 
 /// The per-server state the algorithms read and update.
 #[repr(C)]

@@ -32,10 +32,16 @@ pub const MAX_SCHEDULE: u64 = 1 << 16;
 /// nginx's ketama ring has 160 points per unit of weight.
 const POINTS_PER_WEIGHT: u64 = 160;
 
-/// Most points a ketama ring gets (8 MB), whatever the weights: beyond it every server's
-/// share of points is scaled down (at least one point each). Below it (a total weight up
-/// to 6,553) the ring is exactly nginx's.
+/// Most points a ketama ring gets, whatever the weights: 32 per server, at least 2^18
+/// (2 MB: nginx's ring exactly up to a total weight of 1,638) and at most 2^20 (8 MB,
+/// reached at 32,768 servers). Beyond it every server's share of points is scaled down
+/// (at least one point each).
+pub const MIN_RING_CAP: u64 = 1 << 18;
 pub const MAX_RING_POINTS: u64 = 1 << 20;
+
+fn ring_cap(servers: usize) -> u64 {
+    (servers as u64 * 32).clamp(MIN_RING_CAP, MAX_RING_POINTS)
+}
 
 /// An owned plan (built by `Plan::build`).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -134,13 +140,14 @@ fn ketama_points(name: &str, count: u64, idx: u32, out: &mut Vec<u64>) {
 }
 
 /// Points per server of the ring: 160 per unit of weight, scaled down (at least one
-/// each) so the ring never exceeds `MAX_RING_POINTS` whatever the weights.
+/// each) so the ring never exceeds `ring_cap` whatever the weights.
 fn ring_counts(weights: &[u64]) -> Vec<u64> {
     let total: u64 = weights.iter().map(|&w| w * POINTS_PER_WEIGHT).sum();
-    if total <= MAX_RING_POINTS {
+    let cap = ring_cap(weights.len());
+    if total <= cap {
         return weights.iter().map(|&w| w * POINTS_PER_WEIGHT).collect();
     }
-    let scale = MAX_RING_POINTS as f64 / total as f64;
+    let scale = cap as f64 / total as f64;
     weights
         .iter()
         .map(|&w| ((w * POINTS_PER_WEIGHT) as f64 * scale).floor().max(1.0) as u64)
@@ -446,7 +453,7 @@ mod tests {
         // one server at the old maximum weight: nginx would build 160 million points
         let n = names(3);
         let plan = build(&peers(&n, &[1_000_000, 1, 1]), Method::HashKetama);
-        assert!(plan.ring.len() as u64 <= MAX_RING_POINTS + 3, "{}", plan.ring.len());
+        assert!(plan.ring.len() as u64 <= MIN_RING_CAP + 3, "{}", plan.ring.len());
         for i in 0..3u64 {
             assert!(plan.ring.iter().any(|p| p & 0xffff_ffff == i), "server {i} on the ring");
         }
@@ -454,8 +461,8 @@ mod tests {
         let n = names(10_000);
         let ws = vec![10_000u32; 10_000];
         let plan = build(&peers(&n, &ws), Method::HashKetama);
-        assert!(plan.ring.len() as u64 <= MAX_RING_POINTS + 10_000);
-        assert!(plan.ring.len() >= 9_000);
+        assert!(plan.ring.len() as u64 <= 320_000 + 10_000);
+        assert!(plan.ring.len() >= 300_000);
         // small totals are exactly nginx's: 160 points per unit of weight
         let n = names(2);
         let plan = build(&peers(&n, &[1, 2]), Method::HashKetama);
