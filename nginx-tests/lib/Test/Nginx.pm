@@ -583,7 +583,25 @@ sub worker_pids {
 			push @w, $pid;	# no process title support: count it
 		}
 	}
+	$self->{_seen_workers}{$_} //= _start_time($_) for @w;
 	return @w;
+}
+
+sub _start_time { (_stat_fields($_[0]))[19] // -1 }
+
+# Workers seen earlier that still run without their master (it exited while
+# they were alive): they are ours to stop.  The start time tells a reused pid.
+sub _orphan_workers {
+	my ($self) = @_;
+	my $m = $self->master_pid;
+	my $seen = $self->{_seen_workers} // {};
+	return grep {
+		my $pid = $_;
+		my (undef, $ppid) = _stat_fields($pid);
+		!_gone($pid) && defined $ppid && (!$m || $ppid != $m)
+			&& _start_time($pid) eq $seen->{$pid}
+			&& (_cmdline($pid) // '') =~ /^nginx: worker process/;
+	} sort { $a <=> $b } keys %$seen;
 }
 
 # a few facts from the written config (comments stripped)
@@ -749,8 +767,12 @@ sub test_config {
 
 *nginx_t = \&test_config;
 
+# reload(conf => TEXT, timeout => 5, quiet => 0): HUP the master (after
+# writing TEXT, expanded, as the config) and wait for new workers; undef on
+# failure (an [emerg], the master gone, or no new workers in time).
 sub reload {
 	my ($self, %o) = @_;
+	$self->write_file_expand($self->{conf}, $o{conf}) if defined $o{conf};
 	my $m = $self->master_pid;
 	unless ($m) {
 		$self->_fail_diag('reload: nginx is not running');
@@ -784,12 +806,57 @@ sub reload {
 	return $self;
 }
 
+# reload_rejected(conf => TEXT, timeout => 10, watch => CODE): HUP the
+# master (after writing TEXT, expanded, as the config) expecting nginx to
+# refuse the new configuration.  Waits for an [emerg], then until the master
+# is done with the attempt (a SIGUSR1 sent after the [emerg] is handled only
+# then: its "reopening logs" line marks the end), calling CODE (if given)
+# again and again meanwhile.  True when the master is alive and runs the
+# same workers as before; undef otherwise.
+sub reload_rejected {
+	my ($self, %o) = @_;
+	my $m = $self->master_pid;
+	unless ($m) {
+		$self->_fail_diag('reload_rejected: nginx is not running');
+		return undef;
+	}
+	my $timeout = $o{timeout} // 10;
+	my $before = join ',', $self->worker_pids;
+	$self->write_file_expand($self->{conf}, $o{conf}) if defined $o{conf};
+	my $off = $self->log_offset;
+
+	my $watch = $o{watch} // sub {};
+
+	kill 'HUP', $m;
+	my $emerg = wait_for(sub { $watch->();
+		$self->grep_log(qr/\[emerg\]/, from => $off) || !$self->master_pid },
+		timeout => $timeout, interval => 0.01);
+	my $done = $emerg && $self->master_pid && do {
+		kill 'USR1', $m;
+		wait_for(sub { $watch->(); $self->grep_log(
+			qr/\[notice\] $m#\d+: reopening logs/, from => $off)
+			|| !$self->master_pid }, timeout => $timeout, interval => 0.01);
+	};
+	my $ok = $done && ($self->master_pid // 0) == $m
+		&& join(',', $self->worker_pids) eq $before;
+	unless ($ok) {
+		$self->_fail_diag('reload_rejected: '
+			. (!$emerg ? 'no [emerg] after the reload'
+			: !$self->master_pid ? 'the master exited'
+			: !$done ? 'the master did not finish the reload'
+			: 'the workers changed'));
+		return undef;
+	}
+	return $self;
+}
+
 sub stop_nginx {
 	my ($self) = @_;
 	my $m = $self->master_pid;
 	my $child = $self->{_child};
 	my @pids = grep { defined } ($m, $child);
 	my @workers = $m ? $self->worker_pids(all => 1) : ();
+	my @orphans = $self->_orphan_workers;
 
 	if (@pids) {
 		my $sig = $self->{graceful} ? 'QUIT' : 'TERM';
@@ -806,7 +873,16 @@ sub stop_nginx {
 		}
 	}
 
+	if (@orphans) {
+		kill 'TERM', @orphans;
+		unless (_wait_gone([@orphans], 5)) {
+			kill 'KILL', @orphans;
+			_wait_gone([@orphans], 2);
+		}
+	}
+
 	delete $self->{_child};
+	delete $self->{_seen_workers};
 	$self->{_started} = 0;
 	return $self;
 }
