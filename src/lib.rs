@@ -6,12 +6,20 @@
 //! shared memory) -> server set in the upstream's shared zone (with a generation number)
 //! -> every worker's balancer -> the session's connection.
 
+// nginx's C types differ by platform (time_t, ngx_uint_t, socklen_t): casts that are
+// no-ops on x86_64 are needed elsewhere.
+#![allow(clippy::unnecessary_cast)]
+
 #[cfg(not(test))]
-mod blocking;
+mod bootstrap;
+#[cfg(not(test))]
+mod directives;
+#[cfg(not(test))]
+mod driver;
 #[cfg(not(test))]
 pub mod module;
 #[cfg(not(test))]
-pub mod net;
+mod ngx_util;
 #[cfg(not(test))]
 mod peer;
 #[cfg(not(test))]
@@ -20,6 +28,8 @@ mod poller;
 mod process;
 #[cfg(not(test))]
 mod show_handler;
+#[cfg(not(test))]
+mod srv_conf;
 #[cfg(not(test))]
 pub mod zone;
 

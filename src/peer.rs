@@ -9,7 +9,9 @@ use std::ptr;
 
 use ngx::ffi::*;
 
-use crate::module::upstream_conf;
+use crate::ngx_util::now_sec;
+
+use crate::srv_conf::upstream_conf;
 use crate::zone::{mono_ms, Ticket, Zone, NAME_MAX};
 use upsync_core::balancer::{pick, Method};
 use upsync_core::servers::ServerSpec;
@@ -53,11 +55,6 @@ fn random() -> u64 {
         *st ^= *st << 17;
         *st
     }
-}
-
-fn now_sec() -> i64 {
-    // SAFETY: ngx_cached_time is always valid in a running nginx process.
-    unsafe { (*ngx_cached_time).sec as i64 }
 }
 
 /// `init_upstream`: keeps nginx's round-robin data for the configured servers (so the

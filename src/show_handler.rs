@@ -9,8 +9,10 @@ use std::ffi::c_void;
 
 use ngx::ffi::*;
 
-use crate::module::{cycle_upstreams, upstream_conf, SrvConf};
-use crate::net::conn::{send_pending, Sent};
+use crate::ngx_util::now_sec;
+
+use crate::driver::io::{send_pending, Sent};
+use crate::srv_conf::{cycle_upstreams, upstream_conf, SrvConf};
 use upsync_core::servers::server_line;
 use upsync_core::show::{parse_request, render, ServerView, ShowRequest, SourceView, UpstreamView};
 
@@ -30,11 +32,6 @@ struct ShowCtx {
 
 unsafe extern "C" fn drop_ctx(data: *mut c_void) {
     drop(Box::from_raw(data as *mut ShowCtx));
-}
-
-fn now_sec() -> i64 {
-    // SAFETY: ngx_cached_time is always valid in a running nginx process.
-    unsafe { (*ngx_cached_time).sec as i64 }
 }
 
 fn failed_until(
@@ -105,7 +102,7 @@ unsafe fn synced_view(name: String, conf: &SrvConf, now: i64) -> UpstreamView {
             }
         })
         .collect();
-    let st = &l.hdr().status;
+    let st = l.status_ref();
     let spec = conf.upsync.as_ref().expect("synced upstream");
     let source = SourceView {
         kind: spec.kind.name().into(),
@@ -124,7 +121,7 @@ unsafe fn synced_view(name: String, conf: &SrvConf, now: i64) -> UpstreamView {
         consecutive_failures: st.consecutive_failures,
         generation: l.generation(),
         updates: st.updates,
-        poller_pid: l.hdr().poller_pid,
+        poller_pid: l.lease().holder,
     };
     UpstreamView {
         name,
@@ -251,7 +248,7 @@ pub unsafe extern "C" fn handler(s: *mut ngx_stream_session_t) {
     }
     (*cln).handler = Some(drop_ctx);
     (*cln).data = ctx as *mut c_void;
-    *(*s).ctx.add(crate::module::ctx_index()) = ctx as *mut c_void;
+    *(*s).ctx.add(crate::srv_conf::ctx_index()) = ctx as *mut c_void;
     (*(*c).read).handler = Some(on_read);
     (*(*c).write).handler = Some(on_write);
     ngx_add_timer((*c).read, REQUEST_WAIT_MS);
@@ -259,7 +256,7 @@ pub unsafe extern "C" fn handler(s: *mut ngx_stream_session_t) {
 }
 
 unsafe fn get_ctx(s: *mut ngx_stream_session_t) -> &'static mut ShowCtx {
-    &mut *(*(*s).ctx.add(crate::module::ctx_index()) as *mut ShowCtx)
+    &mut *(*(*s).ctx.add(crate::srv_conf::ctx_index()) as *mut ShowCtx)
 }
 
 /// Reads what the client sent (keeping up to REQUEST_MAX bytes of it while the request

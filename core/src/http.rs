@@ -3,8 +3,6 @@
 //! Content-Length, chunked and close-delimited bodies, with hard limits on head and body
 //! size so a hostile registry cannot make a worker allocate without bound.
 
-use std::fmt;
-
 pub const MAX_HEAD: usize = 64 * 1024;
 pub const MAX_HEADERS: usize = 100;
 
@@ -27,34 +25,22 @@ impl Head {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why a response could not be read. The last good server set stays in place.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HttpError {
+    #[error("response header larger than {MAX_HEAD} bytes or more than {MAX_HEADERS} headers")]
     HeadTooLarge,
+    #[error("response body larger than the {0} byte limit")]
     BodyTooLarge(usize),
+    #[error("invalid response header: {0}")]
     BadHead(String),
+    #[error("invalid Content-Length")]
     BadContentLength,
+    #[error("invalid chunked encoding")]
     BadChunk,
     /// The connection closed before the response was complete.
+    #[error("connection closed before the response was complete (truncated)")]
     Truncated,
-}
-
-impl fmt::Display for HttpError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            HttpError::HeadTooLarge => write!(
-                f,
-                "response header larger than {MAX_HEAD} bytes or more than {MAX_HEADERS} headers"
-            ),
-            HttpError::BodyTooLarge(n) => write!(f, "response body larger than the {n} byte limit"),
-            HttpError::BadHead(e) => write!(f, "invalid response header: {e}"),
-            HttpError::BadContentLength => write!(f, "invalid Content-Length"),
-            HttpError::BadChunk => write!(f, "invalid chunked encoding"),
-            HttpError::Truncated => write!(
-                f,
-                "connection closed before the response was complete (truncated)"
-            ),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -271,7 +271,7 @@ pub fn apply_tags<'a>(
 /// Puts a freshly parsed server list into canonical form: sorted by address, one entry per
 /// address (the first one wins). Returns the addresses that were dropped as duplicates.
 pub fn normalize(servers: &mut Vec<ServerSpec>) -> Vec<SocketAddr> {
-    servers.sort_by(|a, b| a.addr.cmp(&b.addr));
+    servers.sort_by_key(|s| s.addr);
     let mut dups = Vec::new();
     servers.dedup_by(|b, a| {
         if a.addr == b.addr {
@@ -385,9 +385,12 @@ mod tests {
         );
     }
 
+    /// weight, max_fails, fail_timeout, down, backup
+    type Attrs = (u32, u32, u32, bool, bool);
+
     #[test]
     fn json_attributes() {
-        let cases: &[(&str, Result<(u32, u32, u32, bool, bool), ()>)] = &[
+        let cases: &[(&str, Result<Attrs, ()>)] = &[
             ("", Ok((1, 2, 10, false, false))),
             ("{}", Ok((1, 2, 10, false, false))),
             ("null", Ok((1, 2, 10, false, false))),

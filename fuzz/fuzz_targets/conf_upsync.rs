@@ -7,7 +7,8 @@
 use libfuzzer_sys::fuzz_target;
 use upsync_fuzz::check;
 use upsync_core::conf::{parse_credential, parse_upsync};
-use upsync_core::registry::{consul::wait_and_deadline, retry_delay_ms, source_for};
+use upsync_core::policy::retry_delay_ms;
+use upsync_core::registry::{consul::wait_and_deadline, source_for};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

@@ -159,7 +159,8 @@ impl Locked<'_> {
     /// Whether `t`'s reference is still held (its ledger was not reclaimed).
     fn holds(&self, t: &Ticket) -> bool {
         // SAFETY: `self.ledger` is null or this process's live ledger.
-        t.index == UNTRACKED || (!self.ledger.is_null() && unsafe { (*self.ledger).serial } == t.serial)
+        t.index == UNTRACKED
+            || (!self.ledger.is_null() && unsafe { (*self.ledger).serial } == t.serial)
     }
 
     /// Records `slot` in this process's ledger; None when there is none or it cannot
@@ -181,8 +182,8 @@ impl Locked<'_> {
             }
             if g.len == g.cap {
                 let cap = (g.cap * 2).max(MIN_CAP);
-                let bigger =
-                    ngx_slab_alloc_locked(self.pool, cap as usize * size_of::<usize>()) as *mut usize;
+                let bigger = ngx_slab_alloc_locked(self.pool, cap as usize * size_of::<usize>())
+                    as *mut usize;
                 if bigger.is_null() {
                     return None;
                 }
@@ -214,7 +215,11 @@ impl Locked<'_> {
     /// Looks for ledgers of dead processes (at most once a second per zone) and gives
     /// back what their sessions held. `alive(pid)` says whether a process lives and
     /// when that was observed (monotonic ms). Returns (processes, sessions) reclaimed.
-    pub fn reap_dead(&mut self, now_ms: u64, alive: &mut dyn FnMut(i64) -> (bool, u64)) -> (u32, u64) {
+    pub fn reap_dead(
+        &mut self,
+        now_ms: u64,
+        alive: &mut dyn FnMut(i64) -> (bool, u64),
+    ) -> (u32, u64) {
         if now_ms.saturating_sub(self.hdr.ledgers_checked_ms) < REAP_EVERY_MS {
             return (0, 0);
         }

@@ -30,6 +30,7 @@ use nginx_sys::{
     ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc_locked, ngx_slab_free_locked, ngx_slab_pool_t,
 };
 use upsync_core::balancer::{Plan, PlanView};
+use upsync_core::policy::Lease;
 use upsync_core::servers::ServerSpec;
 
 pub use ledger::Ticket;
@@ -99,8 +100,12 @@ pub struct ZoneHeader {
     next_generation: u64,
     /// Worker pid that polls the registry (0: nobody), and until when (CLOCK_MONOTONIC
     /// ms; the same clock in every process).
-    pub poller_pid: i64,
-    pub lease_until_ms: u64,
+    poller_pid: i64,
+    lease_until_ms: u64,
+    /// Counts the times the lease was taken: a poller polls under the epoch it took,
+    /// and stops publishing as soon as the lease was taken again (even by itself, after
+    /// it lost it while stalled).
+    lease_epoch: u64,
     /// Round-robin positions in the primary and backup schedules, shared by all workers
     /// so the weighted order holds for the whole instance.
     pub cursors: [u64; 2],
@@ -173,8 +178,8 @@ impl Zone {
             existing
         } else {
             // SAFETY: mutex held; the allocation is zeroed before use.
-            let h = unsafe { ngx_slab_alloc_locked(pool, size_of::<ZoneHeader>()) }
-                as *mut ZoneHeader;
+            let h =
+                unsafe { ngx_slab_alloc_locked(pool, size_of::<ZoneHeader>()) } as *mut ZoneHeader;
             if h.is_null() {
                 // SAFETY: mutex held since the top of this function.
                 unsafe { ngx_shmtx_unlock(&mut (*pool).mutex) };
@@ -339,17 +344,43 @@ impl Locked<'_> {
         }
     }
 
-    pub fn hdr(&self) -> &ZoneHeader {
-        self.hdr
+    /// The polling lease.
+    pub fn lease(&self) -> Lease {
+        Lease {
+            holder: self.hdr.poller_pid,
+            until_ms: self.hdr.lease_until_ms,
+        }
     }
 
-    pub fn hdr_mut(&mut self) -> &mut ZoneHeader {
-        self.hdr
+    /// The epoch of the lease as it is held now.
+    pub fn lease_epoch(&self) -> u64 {
+        self.hdr.lease_epoch
     }
 
-    /// The worker holding the polling lease (0: none).
-    pub fn lease_holder(&self) -> i64 {
-        self.hdr.poller_pid
+    /// Takes the lease for `pid` until `until_ms`; returns its new epoch.
+    pub fn take_lease(&mut self, pid: i64, until_ms: u64) -> u64 {
+        self.hdr.poller_pid = pid;
+        self.hdr.lease_until_ms = until_ms;
+        self.hdr.lease_epoch += 1;
+        self.hdr.lease_epoch
+    }
+
+    /// Extends the lease its holder keeps.
+    pub fn renew_lease(&mut self, until_ms: u64) {
+        self.hdr.lease_until_ms = until_ms;
+    }
+
+    /// Gives the lease back, if `pid` holds it.
+    pub fn release_lease(&mut self, pid: i64) {
+        if self.hdr.poller_pid == pid {
+            self.hdr.poller_pid = 0;
+            self.hdr.lease_until_ms = 0;
+        }
+    }
+
+    /// The sync status, for reading (`status` gives it to write).
+    pub fn status_ref(&self) -> &SyncStatus {
+        &self.hdr.status
     }
 
     /// The fingerprint of the source the zone serves.
@@ -360,9 +391,11 @@ impl Locked<'_> {
     /// Allocates a plan block and writes `plan` into it. Under the lock, for the master
     /// (`init`, `commit_switch`); pollers fill theirs outside the lock (`PlanBlock`).
     fn alloc_plan(&mut self, plan: &Plan) -> Result<PlanBlock, ZoneError> {
-        let mut block = self.alloc_plan_block(plan.flat_words()).ok_or(ZoneError::Full {
-            servers: plan.primaries.len(),
-        })?;
+        let mut block = self
+            .alloc_plan_block(plan.flat_words())
+            .ok_or(ZoneError::Full {
+                servers: plan.primaries.len(),
+            })?;
         block.fill(plan);
         Ok(block)
     }

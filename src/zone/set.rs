@@ -119,10 +119,9 @@ impl SharedSet {
     unsafe fn alloc(pool: *mut ngx_slab_pool_t, len: usize) -> *mut SharedSet {
         // SAFETY: the caller holds the pool's mutex; the list is initialized before use.
         unsafe {
-            let set = ngx_slab_alloc_locked(
-                pool,
-                size_of::<SharedSet>() + len * size_of::<*mut Slot>(),
-            ) as *mut SharedSet;
+            let set =
+                ngx_slab_alloc_locked(pool, size_of::<SharedSet>() + len * size_of::<*mut Slot>())
+                    as *mut SharedSet;
             if !set.is_null() {
                 ptr::write(set, SharedSet { generation: 0, len });
                 ptr::write_bytes(set.add(1) as *mut *mut Slot, 0, len);
@@ -144,7 +143,10 @@ impl SharedSet {
 ///
 /// # Safety
 /// The caller holds `pool`'s mutex.
-pub(super) unsafe fn alloc_unshared(pool: *mut ngx_slab_pool_t, n: usize) -> Option<*mut SharedSet> {
+pub(super) unsafe fn alloc_unshared(
+    pool: *mut ngx_slab_pool_t,
+    n: usize,
+) -> Option<*mut SharedSet> {
     // SAFETY: the caller holds the mutex; on failure everything allocated is freed.
     unsafe {
         let set = SharedSet::alloc(pool, n);

@@ -102,6 +102,9 @@ impl PeerState {
 pub trait Peers {
     fn len(&self) -> usize;
     fn peer(&mut self, i: usize) -> &mut PeerState;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Peers for [PeerState] {
@@ -187,4 +190,3 @@ fn pick_once<P: Peers + ?Sized>(
         .or_else(|| pick_round_robin(peers, plan, false, &mut cursors[0], now, tried))
         .or_else(|| pick_round_robin(peers, plan, true, &mut cursors[1], now, tried))
 }
-

@@ -230,4 +230,3 @@ pub fn pick_random<P: Peers + ?Sized>(
         Some(first)
     }
 }
-

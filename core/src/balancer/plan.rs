@@ -185,14 +185,20 @@ impl Plan {
             let mut start = 0u64;
             for (k, &end) in plan.prefix.iter().enumerate() {
                 plan.weight_table
-                    .extend(std::iter::repeat_n(plan.primaries[k], (end - start) as usize));
+                    .extend(std::iter::repeat(plan.primaries[k]).take((end - start) as usize));
                 start = end;
             }
         }
         if method == Method::HashKetama {
-            let members: Vec<(usize, &PlanPeer)> =
-                peers.iter().enumerate().filter(|(_, p)| !p.backup).collect();
-            let weights: Vec<u64> = members.iter().map(|(_, p)| p.weight.max(1) as u64).collect();
+            let members: Vec<(usize, &PlanPeer)> = peers
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| !p.backup)
+                .collect();
+            let weights: Vec<u64> = members
+                .iter()
+                .map(|(_, p)| p.weight.max(1) as u64)
+                .collect();
             for ((i, p), count) in members.iter().zip(ring_counts(&weights)) {
                 ketama_points(p.name, count, *i as u32, &mut plan.ring);
             }
@@ -443,7 +449,10 @@ mod tests {
             assert_eq!(v.weight_table, o.weight_table);
             assert_eq!(v.ring_index, o.ring_index);
             // a cut or foreign block is refused, never read out of bounds
-            assert!(PlanView::from_flat(&flat[..flat.len() - 1]).is_none() || flat.len() == HEADER_WORDS);
+            assert!(
+                PlanView::from_flat(&flat[..flat.len() - 1]).is_none()
+                    || flat.len() == HEADER_WORDS
+            );
             assert!(PlanView::from_flat(&[0u64; 3]).is_none());
         }
     }
@@ -453,9 +462,16 @@ mod tests {
         // one server at the old maximum weight: nginx would build 160 million points
         let n = names(3);
         let plan = build(&peers(&n, &[1_000_000, 1, 1]), Method::HashKetama);
-        assert!(plan.ring.len() as u64 <= MIN_RING_CAP + 3, "{}", plan.ring.len());
+        assert!(
+            plan.ring.len() as u64 <= MIN_RING_CAP + 3,
+            "{}",
+            plan.ring.len()
+        );
         for i in 0..3u64 {
-            assert!(plan.ring.iter().any(|p| p & 0xffff_ffff == i), "server {i} on the ring");
+            assert!(
+                plan.ring.iter().any(|p| p & 0xffff_ffff == i),
+                "server {i} on the ring"
+            );
         }
         // 10,000 servers: at least one point each, and bounded
         let n = names(10_000);

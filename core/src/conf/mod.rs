@@ -754,7 +754,8 @@ mod tests {
     #[test]
     fn rejects_with_specific_errors() {
         use ConfError::*;
-        let cases: &[(&[&str], fn(&ConfError) -> bool)] = &[
+        type Case<'a> = (&'a [&'a str], fn(&ConfError) -> bool);
+        let cases: &[Case] = &[
             (&["127.0.0.1:8500"], |e| matches!(e, Address(_))),
             (&["127.0.0.1:8500/", "upsync_type=consul"], |e| {
                 matches!(e, Address(_))

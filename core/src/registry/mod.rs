@@ -5,8 +5,6 @@ pub mod consul;
 pub mod etcd_v2;
 pub mod etcd_v3;
 
-use std::fmt;
-
 use crate::conf::{Credential, SourceKind, UpsyncSpec};
 use crate::http::Head;
 use crate::servers::{normalize, ServerSpec, SpecError};
@@ -63,48 +61,39 @@ impl Snapshot {
 }
 
 /// Why a response could not be used. The last good server set stays in place.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
-    Status {
-        code: u16,
-        body: String,
-    },
+    #[error("unexpected HTTP status {code}{}{}", quoted(.body), credential_hint(*.code))]
+    Status { code: u16, body: String },
+    #[error("response has no {0} header")]
     MissingHeader(&'static str),
+    #[error("invalid {0} header \"{1}\"")]
     BadHeader(&'static str, String),
+    #[error("invalid JSON in response: {0}")]
     Json(String),
-    Entry {
-        key: String,
-        err: SpecError,
-    },
+    #[error("entry \"{key}\": {err}")]
+    Entry { key: String, err: SpecError },
     /// Consul hid entries this token may not read: applying the rest would drop servers.
+    #[error("the ACL token may not read every entry (X-Consul-Results-Filtered-By-ACLs); a partial list is not applied")]
     AclFiltered,
     /// The registry refused the credentials (or wants some).
+    #[error("authentication failed: {0}")]
     Auth(String),
 }
 
-impl fmt::Display for RegistryError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RegistryError::Status { code, body } => {
-                write!(f, "unexpected HTTP status {code}")?;
-                if !body.is_empty() {
-                    write!(f, ": \"{body}\"")?;
-                }
-                if *code == 401 || *code == 403 {
-                    write!(f, " (the registry wants credentials: check token_file=)")?;
-                }
-                Ok(())
-            }
-            RegistryError::MissingHeader(h) => write!(f, "response has no {h} header"),
-            RegistryError::BadHeader(h, v) => write!(f, "invalid {h} header \"{v}\""),
-            RegistryError::Json(e) => write!(f, "invalid JSON in response: {e}"),
-            RegistryError::Entry { key, err } => write!(f, "entry \"{key}\": {err}"),
-            RegistryError::Auth(why) => write!(f, "authentication failed: {why}"),
-            RegistryError::AclFiltered => write!(
-                f,
-                "the ACL token may not read every entry (X-Consul-Results-Filtered-By-ACLs); a partial list is not applied"
-            ),
-        }
+fn quoted(body: &str) -> String {
+    if body.is_empty() {
+        String::new()
+    } else {
+        format!(": \"{body}\"")
+    }
+}
+
+fn credential_hint(code: u16) -> &'static str {
+    if code == 401 || code == 403 {
+        " (the registry wants credentials: check token_file=)"
+    } else {
+        ""
     }
 }
 
@@ -260,31 +249,9 @@ pub fn source_for(spec: &UpsyncSpec, cred: Option<&Credential>) -> Box<dyn Sourc
     }
 }
 
-/// Delay before retrying after `failures` consecutive failures: starts at the poll
-/// interval and doubles up to four intervals; `jitter` in [0, 1) spreads it by up to +20%
-/// so many nginx instances do not retry in step.
-pub fn retry_delay_ms(interval_ms: u64, failures: u32, jitter: f64) -> u64 {
-    let base = interval_ms.max(50);
-    let factor = 1u64 << failures.saturating_sub(1).min(2);
-    let d = base.saturating_mul(factor);
-    d.saturating_add((d as f64 * 0.2 * jitter.clamp(0.0, 1.0)) as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn retry_delay_backs_off_and_is_bounded() {
-        assert_eq!(retry_delay_ms(1000, 1, 0.0), 1000);
-        assert_eq!(retry_delay_ms(1000, 2, 0.0), 2000);
-        assert_eq!(retry_delay_ms(1000, 3, 0.0), 4000);
-        assert_eq!(retry_delay_ms(1000, 50, 0.0), 4000);
-        assert_eq!(retry_delay_ms(1000, 1, 0.99), 1198);
-        // never a hot loop, even with a tiny interval; no overflow with a huge one
-        assert!(retry_delay_ms(0, 1, 0.0) >= 50);
-        assert_eq!(retry_delay_ms(u64::MAX, 9, 0.5), u64::MAX);
-    }
 
     #[test]
     fn secrets_are_redacted_from_echoed_text() {

@@ -6,6 +6,39 @@
 
 pub use imp::*;
 
+/// Why TLS to a registry could not be set up or trusted. The texts are the causes in
+/// `nginx -t` messages and log lines.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TlsError {
+    #[error("https:// registries need nginx built with SSL (--with-stream_ssl_module)")]
+    #[cfg_attr(ngx_feature = "ssl", allow(dead_code))]
+    NoSsl,
+    #[error("out of memory")]
+    NoMemory,
+    #[error("cannot create the TLS context")]
+    Context,
+    #[error("cannot set up TLS session resumption")]
+    SessionCache,
+    #[error("cannot load ssl_certificate=\"{0}\" with its key")]
+    Certificate(String),
+    #[error("cannot load ssl_trusted_certificate=\"{0}\"")]
+    TrustedCertificate(String),
+    #[error("cannot load the system's trusted certificates: {0}")]
+    SystemStore(String),
+    #[error("the registry's certificate is not trusted: {why} (verify error {code})")]
+    Untrusted { why: String, code: i64 },
+    #[error("the registry sent no certificate")]
+    NoCertificate,
+    #[error(
+        "the registry's certificate does not match \"{0}\" (set ssl_name= to the name it carries)"
+    )]
+    NameMismatch(String),
+    #[error("TLS handshake failed: {0}")]
+    Handshake(String),
+    #[error("TLS: {0}")]
+    OpenSsl(String),
+}
+
 #[cfg(ngx_feature = "ssl")]
 mod imp {
     use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -16,6 +49,7 @@ mod imp {
 
     use ngx::ffi::*;
 
+    use super::TlsError;
     use upsync_core::conf::TlsSpec;
 
     /// Maximum certificate chain length checked (nginx's `proxy_ssl_verify_depth` is 1 by
@@ -66,10 +100,10 @@ mod imp {
     pub unsafe fn create_context(
         cf: *mut ngx_conf_t,
         spec: &TlsSpec,
-    ) -> Result<*mut c_void, String> {
+    ) -> Result<*mut c_void, TlsError> {
         let ssl = ngx_pcalloc((*cf).pool, std::mem::size_of::<ngx_ssl_t>()) as *mut ngx_ssl_t;
         if ssl.is_null() {
-            return Err("out of memory".into());
+            return Err(TlsError::NoMemory);
         }
         (*ssl).log = (*cf).log;
         if ngx_ssl_create(
@@ -78,11 +112,11 @@ mod imp {
             ptr::null_mut(),
         ) != NGX_OK as ngx_int_t
         {
-            return Err("cannot create the TLS context".into());
+            return Err(TlsError::Context);
         }
         let cln = ngx_pool_cleanup_add((*cf).pool, 0);
         if cln.is_null() {
-            return Err("out of memory".into());
+            return Err(TlsError::NoMemory);
         }
         (*cln).handler = Some(ngx_ssl_cleanup_ctx);
         (*cln).data = ssl as *mut c_void;
@@ -90,37 +124,32 @@ mod imp {
         // Keep client sessions (handed to `save_session`) so a reconnect resumes instead
         // of a full handshake: etcd v3 watches end with a new connection.
         if ngx_ssl_client_session_cache(cf, ssl, 1) != NGX_OK as ngx_int_t {
-            return Err("cannot set up TLS session resumption".into());
+            return Err(TlsError::SessionCache);
         }
         if let Some((cert, key)) = &spec.certificate {
             let (Some(mut c), Some(mut k)) = (pool_str(cf, cert), pool_str(cf, key)) else {
-                return Err("out of memory".into());
+                return Err(TlsError::NoMemory);
             };
             if ngx_ssl_certificate(cf, ssl, &mut c, &mut k, ptr::null_mut()) != NGX_OK as ngx_int_t
             {
-                return Err(format!(
-                    "cannot load ssl_certificate=\"{cert}\" with its key"
-                ));
+                return Err(TlsError::Certificate(cert.clone()));
             }
         }
         if spec.verify {
             match &spec.trusted_certificate {
                 Some(ca) => {
                     let Some(mut f) = pool_str(cf, ca) else {
-                        return Err("out of memory".into());
+                        return Err(TlsError::NoMemory);
                     };
                     if ngx_ssl_trusted_certificate(cf, ssl, &mut f, VERIFY_DEPTH)
                         != NGX_OK as ngx_int_t
                     {
-                        return Err(format!("cannot load ssl_trusted_certificate=\"{ca}\""));
+                        return Err(TlsError::TrustedCertificate(ca.clone()));
                     }
                 }
                 None => {
                     if SSL_CTX_set_default_verify_paths((*ssl).ctx as *mut SSL_CTX) != 1 {
-                        return Err(format!(
-                            "cannot load the system's trusted certificates: {}",
-                            openssl_error()
-                        ));
+                        return Err(TlsError::SystemStore(openssl_error()));
                     }
                     SSL_CTX_set_verify_depth((*ssl).ctx as *mut SSL_CTX, VERIFY_DEPTH as c_int);
                 }
@@ -179,17 +208,20 @@ mod imp {
     ///
     /// # Safety
     /// `s` is an SSL connection whose handshake completed.
-    pub unsafe fn verify_peer(s: *mut SSL, name: &str) -> Result<(), String> {
+    pub unsafe fn verify_peer(s: *mut SSL, name: &str) -> Result<(), TlsError> {
         let rc = SSL_get_verify_result(s);
         if rc != X509_V_OK as std::ffi::c_long {
-            let why = CStr::from_ptr(X509_verify_cert_error_string(rc)).to_string_lossy();
-            return Err(format!(
-                "the registry's certificate is not trusted: {why} (verify error {rc})"
-            ));
+            let why = CStr::from_ptr(X509_verify_cert_error_string(rc))
+                .to_string_lossy()
+                .into_owned();
+            return Err(TlsError::Untrusted {
+                why,
+                code: rc as i64,
+            });
         }
         let cert = peer_certificate(s);
         if cert.is_null() {
-            return Err("the registry sent no certificate".into());
+            return Err(TlsError::NoCertificate);
         }
         let ok = match CString::new(name) {
             Ok(n) if is_ip(name) => X509_check_ip_asc(cert, n.as_ptr(), 0) == 1,
@@ -200,9 +232,7 @@ mod imp {
         if ok {
             Ok(())
         } else {
-            Err(format!(
-                "the registry's certificate does not match \"{name}\" (set ssl_name= to the name it carries)"
-            ))
+            Err(TlsError::NameMismatch(name.to_string()))
         }
     }
 
@@ -270,7 +300,7 @@ mod imp {
     ///
     /// # Safety
     /// `c` is a live nginx connection whose handshake completed.
-    pub unsafe fn verify_connection(c: *mut ngx_connection_t, name: &str) -> Result<(), String> {
+    pub unsafe fn verify_connection(c: *mut ngx_connection_t, name: &str) -> Result<(), TlsError> {
         verify_peer((*(*c).ssl).connection as *mut SSL, name)
     }
 
@@ -311,10 +341,10 @@ mod imp {
             sock: TcpStream,
             name: &str,
             verify: bool,
-        ) -> Result<BlockingTls, String> {
+        ) -> Result<BlockingTls, TlsError> {
             let ssl = SSL_new((*(ctx as *mut ngx_ssl_t)).ctx as *mut SSL_CTX);
             if ssl.is_null() {
-                return Err(format!("TLS: {}", openssl_error()));
+                return Err(TlsError::OpenSsl(openssl_error()));
             }
             let mut me = BlockingTls {
                 ssl,
@@ -329,14 +359,14 @@ mod imp {
             log.log_level = 0;
             c.log = log;
             if SSL_set_ex_data(ssl, ngx_ssl_connection_index, c as *mut _ as *mut c_void) != 1 {
-                return Err(format!("TLS: {}", openssl_error()));
+                return Err(TlsError::OpenSsl(openssl_error()));
             }
             if SSL_set_fd(ssl, me._sock.as_raw_fd()) != 1 {
-                return Err(format!("TLS: {}", openssl_error()));
+                return Err(TlsError::OpenSsl(openssl_error()));
             }
             set_server_name(ssl, name);
             if SSL_connect(ssl) != 1 {
-                return Err(format!("TLS handshake failed: {}", openssl_error()));
+                return Err(TlsError::Handshake(openssl_error()));
             }
             me.connected = true;
             if verify {
@@ -412,13 +442,14 @@ mod imp {
 
     use ngx::ffi::{ngx_conf_t, ngx_connection_t, ngx_int_t, NGX_ERROR};
 
+    use super::TlsError;
     use upsync_core::conf::TlsSpec;
 
     pub unsafe fn create_context(
         _cf: *mut ngx_conf_t,
         _spec: &TlsSpec,
-    ) -> Result<*mut c_void, String> {
-        Err("https:// registries need nginx built with SSL (--with-stream_ssl_module)".into())
+    ) -> Result<*mut c_void, TlsError> {
+        Err(TlsError::NoSsl)
     }
 
     pub unsafe fn start_handshake(
@@ -442,8 +473,11 @@ mod imp {
         false
     }
 
-    pub unsafe fn verify_connection(_c: *mut ngx_connection_t, _name: &str) -> Result<(), String> {
-        Err("no TLS".into())
+    pub unsafe fn verify_connection(
+        _c: *mut ngx_connection_t,
+        _name: &str,
+    ) -> Result<(), TlsError> {
+        Err(TlsError::NoSsl)
     }
 
     pub unsafe fn shutdown(_c: *mut ngx_connection_t) {}
@@ -456,8 +490,8 @@ mod imp {
             _sock: TcpStream,
             _name: &str,
             _verify: bool,
-        ) -> Result<BlockingTls, String> {
-            Err("no TLS".into())
+        ) -> Result<BlockingTls, TlsError> {
+            Err(TlsError::NoSsl)
         }
     }
 

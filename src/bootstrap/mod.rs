@@ -1,0 +1,238 @@
+//! What the master does for each upsync upstream when a configuration is committed
+//! (`init_module`): dump housekeeping, committing a reload's source switch or plan
+//! change, and the `strong_dependency=on` first read at first start.
+
+mod blocking;
+
+use std::path::Path;
+
+use ngx::ffi::*;
+use ngx::ngx_log_error;
+
+use crate::srv_conf::SrvConf;
+use crate::zone::{InitOutcome, Zone, ZoneError};
+use upsync_core::balancer::Plan;
+use upsync_core::conf::Target;
+use upsync_core::dump;
+
+/// Why a first start stops.
+#[derive(Debug)]
+pub struct StartRefused;
+
+/// Commits one upstream: housekeeping, then what its zone's initialization prepared,
+/// then `strong_dependency` at first start. `user` is the worker user and group (when
+/// nginx switches to one). Only a first start's strong_dependency read can fail.
+pub fn commit(
+    log: *mut ngx_log_t,
+    conf: &mut SrvConf,
+    first_start: bool,
+    user: Option<(u32, u32)>,
+) -> Result<(), StartRefused> {
+    let (Some(spec), Some(zone)) = (conf.upsync.clone(), conf.zone) else {
+        return Ok(());
+    };
+    if let Some((uid, gid)) = user {
+        check_dump_dir(log, conf, uid, gid);
+    }
+    let stale = dump::remove_stale_temps(Path::new(&conf.dump_path()), |pid| {
+        crate::process::pid_alive(pid as i64)
+    });
+    if stale > 0 {
+        ngx_log_error!(
+            NGX_LOG_NOTICE,
+            log,
+            "{}: removed {stale} temporary dump file(s) left by a killed process",
+            conf.log_prefix()
+        );
+    }
+    match conf.outcome {
+        Some(InitOutcome::Kept) => {
+            let n = zone.lock().slots().len();
+            ngx_log_error!(
+                NGX_LOG_NOTICE,
+                log,
+                "{}: keeping the running set of {n} servers across the reload",
+                conf.log_prefix()
+            );
+            replan(log, conf, zone);
+        }
+        Some(InitOutcome::Switch) => {
+            let plan = conf.switch_plan.take().unwrap_or_default();
+            match zone.commit_switch(conf.fingerprint(), &conf.initial, &plan) {
+                Ok(()) => {
+                    ngx_log_error!(
+                        NGX_LOG_NOTICE,
+                        log,
+                        "{}: the source changed: serving the {} configured servers until the registry answers{}",
+                        conf.log_prefix(),
+                        conf.initial.len(),
+                        if spec.strong_dependency { " (strong_dependency applies at first start only)" } else { "" }
+                    );
+                }
+                Err(e) => {
+                    ngx_log_error!(
+                        NGX_LOG_ERR,
+                        log,
+                        "{}: the source changed, but the configured servers cannot be applied: {e}; the previous servers serve until the registry answers",
+                        conf.log_prefix()
+                    );
+                }
+            }
+        }
+        Some(InitOutcome::Fresh) | None => {}
+    }
+    if first_start && spec.strong_dependency {
+        strong_dependency_read(log, conf, zone)?;
+    }
+    Ok(())
+}
+
+/// A reload kept the zone but changed `upsync_lb`: the running set gets a plan for the
+/// new method (old workers' picks fall back to round robin where the plan lacks
+/// something their method needs).
+fn replan(log: *mut ngx_log_t, conf: &SrvConf, zone: Zone) {
+    let method = conf.method();
+    let (specs, generation) = {
+        let l = zone.lock();
+        if l.plan().map(|p| p.method) == Some(method) {
+            return;
+        }
+        (l.specs(), l.generation())
+    };
+    let plan = Plan::for_servers(&specs, method);
+    let mut l = zone.lock();
+    if l.generation() != generation {
+        return; // a poller published meanwhile (with its own method's plan)
+    }
+    if let Err(e) = l.replace_plan(&plan) {
+        drop(l);
+        ngx_log_error!(
+            NGX_LOG_ERR,
+            log,
+            "{}: cannot build the plan for \"upsync_lb {}\": {e}",
+            conf.log_prefix(),
+            conf.method_name()
+        );
+    }
+}
+
+/// `strong_dependency=on` at first start: the master reads the registry before any
+/// worker runs; nginx does not start when it cannot.
+fn strong_dependency_read(
+    log: *mut ngx_log_t,
+    conf: &SrvConf,
+    zone: Zone,
+) -> Result<(), StartRefused> {
+    let spec = conf.upsync.as_ref().expect("upsync configured");
+    let mut source = upsync_core::registry::source_for(spec, conf.credential.as_ref());
+    let timeout = std::time::Duration::from_millis(spec.timeout_ms.clamp(1_000, 5_000));
+    let wrap = |sock: std::net::TcpStream,
+                t: &Target|
+     -> Result<Box<dyn blocking::Stream>, crate::driver::tls::TlsError> {
+        match &spec.tls {
+            None => Ok(Box::new(sock)),
+            Some(tls) => {
+                let name = conf.tls_name(t);
+                // SAFETY: the context was made for this configuration and lives with it.
+                let s = unsafe {
+                    crate::driver::tls::BlockingTls::connect(conf.ssl, sock, &name, tls.verify)
+                }?;
+                Ok(Box::new(s))
+            }
+        }
+    };
+    let snap = match blocking::fetch(
+        &conf.addrs,
+        &spec.endpoint,
+        source.as_mut(),
+        3,
+        timeout,
+        &wrap,
+    ) {
+        Ok(snap) => snap,
+        Err(e) => {
+            ngx_log_error!(
+                NGX_LOG_EMERG,
+                log,
+                "{}: strong_dependency=on and the registry cannot be read: {e}; nginx does not start",
+                conf.log_prefix()
+            );
+            return Err(StartRefused);
+        }
+    };
+    if snap.servers.is_empty() {
+        ngx_log_error!(
+            NGX_LOG_WARN,
+            log,
+            "{}: strong_dependency=on: the registry lists no servers; starting with the configured ones",
+            conf.log_prefix()
+        );
+        return Ok(());
+    }
+    let plan = Plan::for_servers(&snap.servers, conf.method());
+    let published = {
+        let mut l = zone.lock();
+        match l.alloc_plan_block(plan.flat_words()) {
+            Some(mut block) => {
+                block.fill(&plan);
+                l.publish(&snap.servers, block, None).map(|_| ())
+            }
+            None => Err(ZoneError::Full {
+                servers: snap.servers.len(),
+            }),
+        }
+    };
+    if let Err(e) = published {
+        ngx_log_error!(
+            NGX_LOG_EMERG,
+            log,
+            "{}: strong_dependency=on: {e}",
+            conf.log_prefix()
+        );
+        return Err(StartRefused);
+    }
+    let path = conf.dump_path();
+    if let Err(e) = dump::write_atomic(Path::new(&path), dump::render(&snap.servers).as_bytes()) {
+        ngx_log_error!(
+            NGX_LOG_ERR,
+            log,
+            "{}: cannot write the dump file \"{path}\": {e}",
+            conf.log_prefix()
+        );
+    }
+    ngx_log_error!(
+        NGX_LOG_NOTICE,
+        log,
+        "{}: strong_dependency=on: starting with {} servers from the registry",
+        conf.log_prefix(),
+        snap.servers.len()
+    );
+    Ok(())
+}
+
+/// Warns at startup when the worker user cannot replace the dump file (the dump is
+/// written by a worker, atomically, so it needs write access to the directory).
+fn check_dump_dir(log: *mut ngx_log_t, conf: &SrvConf, uid: u32, gid: u32) {
+    use std::os::unix::fs::MetadataExt;
+    let path = conf.dump_path();
+    let dir = match Path::new(&path).parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let Ok(m) = std::fs::metadata(&dir) else {
+        return;
+    };
+    let mode = m.mode();
+    let writable = (m.uid() == uid && mode & 0o200 != 0)
+        || (m.gid() == gid && mode & 0o020 != 0)
+        || mode & 0o002 != 0;
+    if !writable {
+        ngx_log_error!(
+            NGX_LOG_WARN,
+            log,
+            "{}: worker user (uid {uid}) cannot write to \"{}\"; the dump file \"{path}\" will not be updated",
+            conf.log_prefix(),
+            dir.display()
+        );
+    }
+}

@@ -1,0 +1,286 @@
+//! The directives (`upsync`, `upsync_dump_path`, `upsync_lb`, `upstream_show`): their
+//! table and handlers. Values are parsed by `upsync_core::conf`; these handlers move
+//! strings in, resolve names, load files, and turn errors into `nginx -t` messages.
+
+use std::ffi::{c_char, c_void};
+use std::net::ToSocketAddrs;
+use std::ptr;
+
+use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
+use ngx::ffi::*;
+use ngx::{ngx_conf_log_error, ngx_string};
+
+use crate::ngx_util::{pool_str, str_of};
+use crate::srv_conf::SrvConf;
+use upsync_core::conf::{parse_credential, parse_lb, parse_upsync, Target};
+
+pub static mut COMMANDS: [ngx_command_t; 5] = [
+    ngx_command_t {
+        name: ngx_string!("upsync"),
+        type_: (NGX_STREAM_UPS_CONF | NGX_CONF_1MORE) as ngx_uint_t,
+        set: Some(cmd_upsync),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("upsync_dump_path"),
+        type_: (NGX_STREAM_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(cmd_dump_path),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("upsync_lb"),
+        type_: (NGX_STREAM_UPS_CONF | NGX_CONF_TAKE123) as ngx_uint_t,
+        set: Some(cmd_lb),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("upstream_show"),
+        type_: (NGX_STREAM_SRV_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
+        set: Some(cmd_upstream_show),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t::empty(),
+];
+
+macro_rules! conf_err {
+    ($cf:expr, $($arg:tt)+) => {{
+        ngx_conf_log_error!(NGX_LOG_EMERG, $cf, $($arg)+);
+        return NGX_CONF_ERROR;
+    }};
+}
+
+/// The directive's arguments, without the directive name.
+///
+/// # Safety
+/// `cf` is the configuration being parsed, positioned on a directive.
+unsafe fn args(cf: *mut ngx_conf_t) -> Vec<String> {
+    // SAFETY: per the contract `args` is an array of nginx strings.
+    let a: &[ngx_str_t] = unsafe { (*(*cf).args).as_slice() };
+    a.iter().skip(1).map(str_of).collect()
+}
+
+/// The stream upstream block being parsed.
+///
+/// # Safety
+/// `cf` is positioned inside a stream `upstream {}` block.
+unsafe fn current_upstream(cf: *mut ngx_conf_t) -> *mut ngx_stream_upstream_srv_conf_t {
+    // SAFETY: per the contract the context is a stream context whose upstream module
+    // slot holds the block's upstream configuration.
+    unsafe {
+        let ctx = (*cf).ctx as *mut ngx_stream_conf_ctx_t;
+        *(*ctx).srv_conf.add(ngx_stream_upstream_module.ctx_index)
+            as *mut ngx_stream_upstream_srv_conf_t
+    }
+}
+
+unsafe extern "C" fn cmd_upsync(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx passes our configuration of the upstream being parsed.
+    let conf = unsafe { &mut *(conf as *mut SrvConf) };
+    // SAFETY: the directive is only allowed in stream upstream blocks.
+    let uscf = unsafe { current_upstream(cf) };
+    // SAFETY: `uscf` is the live upstream configuration.
+    let name = str_of(unsafe { &(*uscf).host });
+    if conf.upsync.is_some() {
+        conf_err!(
+            cf,
+            "\"upsync\" is given twice in upstream \"{name}\"; one registry source per upstream"
+        );
+    }
+    // SAFETY: positioned on this directive.
+    let a = unsafe { args(cf) };
+    let argv: Vec<&str> = a.iter().map(String::as_str).collect();
+    let spec = match parse_upsync(&argv) {
+        Ok(s) => s,
+        Err(e) => conf_err!(cf, "upsync: {e} in upstream \"{name}\""),
+    };
+    let credential = match &spec.token_file {
+        None => None,
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(t) => match parse_credential(spec.kind, &t) {
+                Ok(c) => Some(c),
+                Err(what) => conf_err!(
+                    cf,
+                    "upsync: token_file \"{path}\" of upstream \"{name}\" {what}"
+                ),
+            },
+            Err(e) => conf_err!(
+                cf,
+                "upsync: cannot read token_file \"{path}\" of upstream \"{name}\": {e}"
+            ),
+        },
+    };
+    let mut addrs = Vec::new();
+    for (i, h) in spec.endpoint.hosts.iter().enumerate() {
+        match (h.host.as_str(), h.port).to_socket_addrs() {
+            Ok(it) => addrs.extend(it.map(|addr| Target { addr, host: i })),
+            Err(e) => conf_err!(
+                cf,
+                "upsync: host \"{}\" of upstream \"{name}\" not found: {e}",
+                h.host
+            ),
+        }
+        if !addrs.iter().any(|t| t.host == i) {
+            conf_err!(
+                cf,
+                "upsync: host \"{}\" of upstream \"{name}\" has no addresses",
+                h.host
+            );
+        }
+    }
+    let ssl = match &spec.tls {
+        None => ptr::null_mut(),
+        // SAFETY: `cf` is the configuration being parsed; the context lives in its pool.
+        Some(tls) => match unsafe { crate::driver::tls::create_context(cf, tls) } {
+            Ok(ssl) => ssl,
+            Err(e) => conf_err!(cf, "upsync: {e} for upstream \"{name}\""),
+        },
+    };
+    // SAFETY: `uscf` is the live upstream configuration being parsed.
+    unsafe {
+        if (*uscf).peer.init_upstream.is_some() {
+            conf_err!(
+                cf,
+                "upsync: upstream \"{name}\" already has a load-balancing method (least_conn, hash, random); remove it and use \"upsync_lb\""
+            );
+        }
+        (*uscf).peer.init_upstream = Some(crate::peer::init_upstream);
+    }
+    // SAFETY: `cf`'s pool is live; the zone is registered under our module's tag.
+    let shm = unsafe {
+        let Some(mut zname) = pool_str((*cf).pool, &format!("upsync_{name}")) else {
+            return NGX_CONF_ERROR;
+        };
+        ngx_shared_memory_add(
+            cf,
+            &mut zname,
+            spec.zone_size,
+            ptr::addr_of_mut!(crate::module::ngx_stream_upsync_module) as *mut c_void,
+        )
+    };
+    if shm.is_null() {
+        return NGX_CONF_ERROR;
+    }
+    // SAFETY: `shm` is the zone entry nginx just returned for this configuration.
+    unsafe {
+        if !(*shm).data.is_null() {
+            conf_err!(cf, "upsync: shared zone \"upsync_{name}\" is already used");
+        }
+        (*shm).init = Some(crate::module::init_zone);
+        (*shm).data = conf as *mut SrvConf as *mut c_void;
+    }
+    conf.upsync = Some(spec);
+    conf.addrs = addrs;
+    conf.credential = credential;
+    conf.ssl = ssl;
+    conf.uscf = uscf;
+    conf.name = name;
+    conf.shm_zone = shm;
+    NGX_CONF_OK
+}
+
+unsafe extern "C" fn cmd_dump_path(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx passes our configuration of the upstream being parsed.
+    let conf = unsafe { &mut *(conf as *mut SrvConf) };
+    if conf.dump_path.is_some() {
+        return c"is duplicate".as_ptr() as *mut c_char;
+    }
+    // SAFETY: positioned on this directive (TAKE1: one argument).
+    let path = unsafe { args(cf) }.remove(0);
+    if path.is_empty() || path.ends_with('/') {
+        conf_err!(cf, "upsync_dump_path: \"{path}\" is not a file path");
+    }
+    let dir_ok = match std::path::Path::new(&path).parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.is_dir(),
+        _ => true,
+    };
+    if !dir_ok {
+        ngx_conf_log_error!(
+            NGX_LOG_WARN,
+            cf,
+            "upsync_dump_path: directory of \"{path}\" does not exist; the dump cannot be written until it does"
+        );
+    }
+    conf.dump_path = Some(path);
+    NGX_CONF_OK
+}
+
+unsafe extern "C" fn cmd_lb(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx passes our configuration of the upstream being parsed.
+    let conf = unsafe { &mut *(conf as *mut SrvConf) };
+    if conf.lb.is_some() {
+        return c"is duplicate".as_ptr() as *mut c_char;
+    }
+    // SAFETY: positioned on this directive.
+    let a = unsafe { args(cf) };
+    let argv: Vec<&str> = a.iter().map(String::as_str).collect();
+    let spec = match parse_lb(&argv) {
+        Ok(s) => s,
+        Err(e) => conf_err!(cf, "upsync_lb: {e}"),
+    };
+    if let Some(key) = spec.key.as_deref().filter(|k| *k != "$remote_addr") {
+        // Compile the key like nginx's own `hash` directive does.
+        // SAFETY: allocations in the configuration pool, initialized before use;
+        // `ngx_stream_compile_complex_value` reads `cf` and the value string.
+        unsafe {
+            let pool = (*cf).pool;
+            let value = ngx_palloc(pool, size_of::<ngx_str_t>()) as *mut ngx_str_t;
+            let cv = ngx_pcalloc(pool, size_of::<ngx_stream_complex_value_t>())
+                as *mut ngx_stream_complex_value_t;
+            let (false, false, Some(text)) = (value.is_null(), cv.is_null(), pool_str(pool, key))
+            else {
+                return NGX_CONF_ERROR;
+            };
+            *value = text;
+            let mut ccv: ngx_stream_compile_complex_value_t = std::mem::zeroed();
+            ccv.cf = cf;
+            ccv.value = value;
+            ccv.complex_value = cv;
+            if ngx_stream_compile_complex_value(&mut ccv) != NGX_OK as ngx_int_t {
+                return NGX_CONF_ERROR;
+            }
+            conf.lb_key = cv;
+        }
+    }
+    conf.lb = Some(spec);
+    NGX_CONF_OK
+}
+
+unsafe extern "C" fn cmd_upstream_show(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx passes our configuration of the stream server being parsed, whose
+    // context holds the core module's server configuration.
+    unsafe {
+        (*(conf as *mut SrvConf)).show = true;
+        let ctx = (*cf).ctx as *mut ngx_stream_conf_ctx_t;
+        let cscf = *(*ctx).srv_conf.add(ngx_stream_core_module.ctx_index)
+            as *mut ngx_stream_core_srv_conf_t;
+        if (*cscf).handler.is_some() {
+            conf_err!(cf, "upstream_show: this server already has a content handler (proxy_pass, return, pass or upstream_show)");
+        }
+        (*cscf).handler = Some(crate::show_handler::handler);
+    }
+    NGX_CONF_OK
+}

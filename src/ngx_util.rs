@@ -1,0 +1,44 @@
+//! Small helpers over nginx's C types that several parts of the glue need: the cached
+//! clock, nginx strings, pool copies and the cycle log.
+
+use std::ptr;
+
+use ngx::ffi::{ngx_cached_time, ngx_log_t, ngx_pnalloc, ngx_pool_t, ngx_str_t};
+
+/// nginx's cached wall clock, in seconds (what nginx's own balancers use).
+pub fn now_sec() -> i64 {
+    // SAFETY: ngx_cached_time always points at a valid time slot in a running nginx.
+    unsafe { (*ngx_cached_time).sec as i64 }
+}
+
+/// An nginx string as a Rust one (invalid UTF-8 replaced).
+pub fn str_of(s: &ngx_str_t) -> String {
+    if s.len == 0 || s.data.is_null() {
+        return String::new();
+    }
+    // SAFETY: a non-empty nginx string points at `len` readable bytes.
+    String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(s.data, s.len) }).into_owned()
+}
+
+/// A copy of `s` in `pool`, NUL-terminated (as nginx's file loaders want it) but with
+/// `len` not counting the NUL.
+///
+/// # Safety
+/// `pool` is a live nginx pool.
+pub unsafe fn pool_str(pool: *mut ngx_pool_t, s: &str) -> Option<ngx_str_t> {
+    // SAFETY: per the contract; the allocation is `len + 1` bytes, written in full.
+    unsafe {
+        let data = ngx_pnalloc(pool, s.len() + 1) as *mut u8;
+        if data.is_null() {
+            return None;
+        }
+        ptr::copy_nonoverlapping(s.as_ptr(), data, s.len());
+        *data.add(s.len()) = 0;
+        Some(ngx_str_t { len: s.len(), data })
+    }
+}
+
+/// The running cycle's log.
+pub fn cycle_log() -> *mut ngx_log_t {
+    ngx::log::ngx_cycle_log().as_ptr()
+}

@@ -1,0 +1,114 @@
+//! The polling lease, from a worker's side: every worker's election tick renews, takes
+//! or waits for the lease in the zone (`policy::decide_lease`), reclaims what dead
+//! processes' sessions held, and stops its poller when the lease or the source is no
+//! longer its own. A poller polls under the lease epoch it took, and may write the
+//! zone only while that epoch holds.
+
+use ngx::ffi::*;
+
+use super::Poller;
+use crate::process::{exiting, observe, pid_alive};
+use crate::zone::{mono_ms, Locked};
+use upsync_core::policy::{decide_lease, LeaseDecision};
+
+pub(super) unsafe extern "C" fn tick_handler(ev: *mut ngx_event_t) {
+    // SAFETY: the tick event's data is its poller (set in `start`).
+    unsafe { (*((*ev).data as *mut Poller)).on_tick() };
+}
+
+fn my_pid() -> i64 {
+    // SAFETY: a process-global written before any poller runs.
+    unsafe { ngx_pid as i64 }
+}
+
+impl Poller {
+    fn on_tick(&mut self) {
+        if exiting() {
+            return self.shutdown();
+        }
+        let now = mono_ms();
+        let me = my_pid();
+        let (epoch, same_source, reaped) = {
+            let mut l = self.zone.lock();
+            let reaped = l.reap_dead(now, &mut observe);
+            let same_source = l.fingerprint() == self.fingerprint;
+            let epoch = if !same_source {
+                None // a reload gave the zone to another source: never poll this one
+            } else {
+                match decide_lease(l.lease(), me, now, pid_alive) {
+                    LeaseDecision::Renew => {
+                        l.renew_lease(now + self.lease_ms);
+                        Some(l.lease_epoch())
+                    }
+                    LeaseDecision::Take => Some(l.take_lease(me, now + self.lease_ms)),
+                    LeaseDecision::Wait => None,
+                }
+            };
+            (epoch, same_source, reaped)
+        };
+        if reaped.0 > 0 {
+            self.log(
+                NGX_LOG_NOTICE,
+                &format!(
+                    "released {} session(s) held by {} exited worker process(es)",
+                    reaped.1, reaped.0
+                ),
+            );
+        }
+        match (self.epoch, epoch) {
+            (held, Some(e)) if held != Some(e) => {
+                if held.is_some() {
+                    // the lease was lost and taken again while this worker did not look
+                    // (stalled): what is in flight belongs to the old epoch
+                    self.abort_exchange();
+                }
+                self.epoch = Some(e);
+                self.log(
+                    NGX_LOG_INFO,
+                    &format!("this worker (pid {me}) now polls the registry"),
+                );
+                self.source.reset();
+                self.schedule(0);
+            }
+            (Some(_), None) => {
+                self.epoch = None;
+                if same_source {
+                    self.log(NGX_LOG_WARN, "lost the polling lease to another worker");
+                } else {
+                    self.log(
+                        NGX_LOG_INFO,
+                        "a reload changed this upstream's source: this worker stops polling the old one",
+                    );
+                }
+                self.abort_exchange();
+            }
+            _ => {}
+        }
+        // SAFETY: the tick event belongs to this poller.
+        unsafe { ngx_add_timer(&mut self.tick, self.tick_ms as ngx_msec_t) };
+    }
+
+    /// Stops polling and gives the lease back so another worker takes over at once.
+    pub(super) fn shutdown(&mut self) {
+        self.abort_exchange();
+        for ev in [&mut self.tick, &mut self.wake] {
+            if ev.timer_set() != 0 {
+                // SAFETY: the poller's own timers.
+                unsafe { ngx_del_timer(ev) };
+            }
+        }
+        if self.epoch.take().is_some() {
+            self.zone.lock().release_lease(my_pid());
+        }
+    }
+
+    /// Whether this worker may write the zone's set, status and dump now: it holds the
+    /// lease under the epoch it polls with, the zone still serves its source, and it is
+    /// not exiting. Checked under the same lock as the write it allows.
+    pub(super) fn may_publish(&self, l: &Locked<'_>) -> bool {
+        self.epoch == Some(l.lease_epoch())
+            && l.lease().holder == my_pid()
+            && l.fingerprint() == self.fingerprint
+            && !exiting()
+    }
+}

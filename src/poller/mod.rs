@@ -1,0 +1,425 @@
+//! One poller per upsync upstream per nginx instance. Every worker runs a cheap election
+//! tick (`lease`); the worker holding the lease keeps one connection to the registry
+//! (`driver::Conn`) and runs the source's exchanges on nginx's event loop; what a
+//! registry answers is published by `publish`. Decisions (pacing, failover, backoff,
+//! de-duplication, the lease rule) are `upsync_core::policy`'s.
+
+mod lease;
+mod publish;
+
+use std::ffi::c_void;
+use std::ptr;
+use std::rc::Rc;
+
+use ngx::ffi::*;
+use ngx::ngx_log_debug_mask;
+
+use crate::driver::{Conn, ConnEvent, ConnOwner, Recv, Side, TlsSetup};
+use crate::ngx_util::cycle_log;
+use crate::process::exiting;
+use crate::srv_conf::SrvConf;
+use crate::zone::{mono_ms, Zone};
+use upsync_core::balancer::Method;
+use upsync_core::conf::Target;
+use upsync_core::http::{build_request, ResponseParser};
+use upsync_core::policy::{self, ErrorDedup, Failover, Pacer, Retry, Rng};
+use upsync_core::registry::{redact, source_for, Source};
+
+/// Largest registry response accepted (a 10,000-server KV listing is about 2 MB).
+const BODY_LIMIT: usize = 8 * 1024 * 1024;
+
+/// One request and its response.
+struct Exchange {
+    out: Vec<u8>,
+    sent: usize,
+    parser: ResponseParser,
+    started: u64,
+    timeout_ms: u64,
+    /// A watch the server never ends: reaching the timeout is normal.
+    timeout_is_normal: bool,
+}
+
+pub struct Poller {
+    conf: *const SrvConf,
+    zone: Zone,
+    /// The source this poller reads (`SrvConf::fingerprint`): it publishes only while
+    /// the zone serves the same one.
+    fingerprint: u64,
+    method: Method,
+    source: Box<dyn Source>,
+    interval_ms: u64,
+    tick_ms: u64,
+    lease_ms: u64,
+    tick: ngx_event_t,
+    wake: ngx_event_t,
+    /// What nginx's callbacks write to (the connection's log, the TLS session cache).
+    side: Rc<Side>,
+    conn: Option<Conn>,
+    exchange: Option<Exchange>,
+    /// The lease epoch this worker polls under (see `lease`); None: not the poller.
+    epoch: Option<u64>,
+    pacer: Pacer,
+    failover: Failover,
+    errors: ErrorDedup,
+    empty_warned: bool,
+    rng: Rng,
+}
+
+static mut POLLERS: Vec<*mut Poller> = Vec::new();
+
+/// Starts the poller of one upstream in this worker.
+///
+/// # Safety
+/// Called from `init_process` with a configuration of the running cycle (it outlives the
+/// worker's pollers).
+pub unsafe fn start(conf: &SrvConf) {
+    let spec = conf.upsync.as_ref().expect("upsync configured");
+    let zone = conf.zone.expect("zone initialized");
+    let interval = spec.interval_ms;
+    // SAFETY: a process-global set before init_process.
+    let pid = unsafe { ngx_pid } as u64;
+    let p: *mut Poller = Box::into_raw(Box::new(Poller {
+        conf,
+        zone,
+        fingerprint: conf.fingerprint(),
+        method: conf.method(),
+        source: source_for(spec, conf.credential.as_ref()),
+        interval_ms: interval,
+        tick_ms: policy::tick_ms(interval),
+        lease_ms: policy::lease_ms(interval),
+        // SAFETY: ngx_event_t is plain old data; all-zero is its initial value.
+        tick: unsafe { std::mem::zeroed() },
+        // SAFETY: as above.
+        wake: unsafe { std::mem::zeroed() },
+        side: Side::new(conf.log_prefix()),
+        conn: None,
+        exchange: None,
+        epoch: None,
+        pacer: Pacer::default(),
+        failover: Failover::new(conf.addrs.len()),
+        errors: ErrorDedup::default(),
+        empty_warned: false,
+        rng: Rng::new(pid << 32 ^ mono_ms()),
+    }));
+    // SAFETY: `p` was just boxed and is never freed (pollers live until the process
+    // exits); its timers are cancelable, so they never hold up an exit.
+    unsafe {
+        let me = &mut *p;
+        for (ev, handler) in [
+            (
+                &mut me.tick,
+                lease::tick_handler as unsafe extern "C" fn(*mut ngx_event_t),
+            ),
+            (&mut me.wake, wake_handler),
+        ] {
+            ev.data = p as *mut c_void;
+            ev.handler = Some(handler);
+            ev.log = cycle_log();
+            ev.set_cancelable(1);
+        }
+        // Spread the first election tick so workers do not all race at once.
+        let first = me.rng.next_u64() % 50;
+        ngx_add_timer(&mut me.tick, first as ngx_msec_t);
+        (*ptr::addr_of_mut!(POLLERS)).push(p);
+    }
+}
+
+/// Releases every lease this worker holds (worker exit).
+pub fn stop_all() {
+    // SAFETY: the worker is single-threaded; pollers live until the process exits.
+    unsafe {
+        for &p in (*ptr::addr_of!(POLLERS)).iter() {
+            (*p).shutdown();
+        }
+    }
+}
+
+unsafe extern "C" fn wake_handler(ev: *mut ngx_event_t) {
+    // SAFETY: the wake event's data is its poller (set in `start`).
+    let p = unsafe { &mut *((*ev).data as *mut Poller) };
+    if p.epoch.is_some() && p.exchange.is_none() && !exiting() {
+        p.start_request();
+    }
+}
+
+impl ConnOwner for Poller {
+    fn conn_mut(&mut self) -> Option<&mut Conn> {
+        self.conn.as_mut()
+    }
+
+    fn on_conn_event(&mut self, ev: ConnEvent) {
+        match ev {
+            ConnEvent::Ready | ConnEvent::Writable => self.send(),
+            ConnEvent::Readable => self.read(),
+            ConnEvent::ReadTimeout => self.read_timed_out(),
+            ConnEvent::Failed(e) => self.fail(e.to_string()),
+        }
+    }
+}
+
+impl Poller {
+    fn conf(&self) -> &SrvConf {
+        // SAFETY: the configuration outlives the worker's pollers.
+        unsafe { &*self.conf }
+    }
+
+    fn log(&self, level: u32, msg: &str) {
+        self.side.error_log(level, msg);
+    }
+
+    fn debug(&self, msg: &str) {
+        ngx_log_debug_mask!(
+            DebugMask::Stream,
+            cycle_log(),
+            "upsync: {}: {msg}",
+            self.conf().name
+        );
+    }
+
+    /// The registry address in use (the failover list rotates on failures).
+    fn target(&self) -> Target {
+        let addrs = &self.conf().addrs;
+        addrs[self.failover.current() % addrs.len()]
+    }
+
+    fn schedule(&mut self, delay_ms: u64) {
+        // SAFETY: the wake event belongs to this poller; nginx's timer tree is this
+        // worker's.
+        unsafe {
+            if self.wake.timer_set() != 0 {
+                ngx_del_timer(&mut self.wake);
+            }
+            ngx_add_timer(&mut self.wake, delay_ms as ngx_msec_t);
+        }
+    }
+
+    /// Drops the exchange in flight and the connection, so a later `start_request`
+    /// begins afresh.
+    fn abort_exchange(&mut self) {
+        self.conn = None;
+        self.exchange = None;
+        if self.wake.timer_set() != 0 {
+            // SAFETY: as in `schedule`.
+            unsafe { ngx_del_timer(&mut self.wake) };
+        }
+    }
+
+    fn start_request(&mut self) {
+        let now = mono_ms();
+        if let Some(wait) = self.pacer.admit(now) {
+            return self.schedule(wait);
+        }
+        self.source.start();
+        let req = self.source.next_request();
+        let authority = {
+            let conf = self.conf();
+            conf.upsync
+                .as_ref()
+                .expect("upsync configured")
+                .endpoint
+                .hosts[self.target().host]
+                .authority()
+        };
+        self.exchange = Some(Exchange {
+            out: build_request(
+                req.method,
+                &req.path_and_query,
+                &authority,
+                &req.headers,
+                &req.body,
+            ),
+            sent: 0,
+            parser: ResponseParser::new(BODY_LIMIT),
+            started: now,
+            timeout_ms: req.timeout_ms,
+            timeout_is_normal: req.timeout_is_normal,
+        });
+        self.debug(&format!(
+            "{} {} to {}",
+            req.method,
+            req.path_and_query,
+            self.target().addr
+        ));
+        if self.conn.is_some() {
+            return self.send(); // the kept-alive connection
+        }
+        let conf = self.conf();
+        let tls = conf
+            .upsync
+            .as_ref()
+            .and_then(|u| u.tls.as_ref())
+            .map(|t| TlsSetup {
+                ctx: conf.ssl,
+                name: conf.tls_name(&self.target()),
+                verify: t.verify,
+            });
+        let addr = self.target().addr;
+        let timeout = req.timeout_ms.clamp(1_000, 5_000);
+        // SAFETY: pollers are boxed and never freed, and keep their connection in
+        // `self.conn` until they drop it.
+        match unsafe { Conn::connect(self as *mut Poller, addr, tls, &self.side, timeout) } {
+            Ok((conn, ready)) => {
+                self.conn = Some(conn);
+                if ready {
+                    self.send();
+                }
+            }
+            Err(e) => self.fail(e.to_string()),
+        }
+    }
+
+    fn send(&mut self) {
+        let (Some(conn), Some(x)) = (self.conn.as_mut(), self.exchange.as_mut()) else {
+            return;
+        };
+        if x.sent >= x.out.len() {
+            return; // everything is out: the response is awaited on the read side
+        }
+        match conn.send(&mut x.out, &mut x.sent) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => return self.fail(e.to_string()),
+        }
+        conn.start_read_deadline(x.timeout_ms);
+        if let Err(e) = conn.wait_readable() {
+            return self.fail(e.to_string());
+        }
+        if conn.read_ready() {
+            self.read();
+        }
+    }
+
+    fn read_timed_out(&mut self) {
+        let Some(x) = self.exchange.as_ref() else {
+            return;
+        };
+        if x.timeout_is_normal {
+            // A quiet watch reached upsync_timeout: start it again.
+            self.abort_exchange();
+            return self.schedule(0);
+        }
+        let ms = x.timeout_ms;
+        self.fail(format!(
+            "no complete response within {ms}ms (upsync_timeout)"
+        ));
+    }
+
+    fn read(&mut self) {
+        if self.exchange.is_none() {
+            // An idle kept-alive connection became readable: the registry closed it (or
+            // sent something unasked). Either way it cannot be reused.
+            self.conn = None;
+            return;
+        }
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let (Some(conn), Some(x)) = (self.conn.as_mut(), self.exchange.as_mut()) else {
+                return;
+            };
+            match conn.recv(&mut buf) {
+                Recv::Data(n) => match x.parser.feed(&buf[..n]) {
+                    Ok(true) => return self.complete(),
+                    Ok(false) => {
+                        // A streaming response (etcd v3 watch) may be done before it ends.
+                        if let Some(head) = x.parser.head() {
+                            if self.source.on_partial(head, x.parser.body()) {
+                                return self.complete();
+                            }
+                        }
+                    }
+                    Err(e) => return self.fail(format!("bad response: {e}")),
+                },
+                Recv::Closed => {
+                    return match x.parser.eof() {
+                        Ok(()) => self.complete(),
+                        Err(e) => self.fail(format!("bad response: {e}")),
+                    }
+                }
+                Recv::Again => return,
+                Recv::Failed(e) => return self.fail(e.to_string()),
+            }
+        }
+    }
+
+    fn complete(&mut self) {
+        let Some(x) = self.exchange.take() else {
+            return;
+        };
+        if let Some(conn) = self.conn.as_mut() {
+            conn.clear_read_deadline();
+        }
+        if !x.parser.keep_alive() {
+            self.conn = None;
+        }
+        let head = x.parser.head().expect("complete response has a head");
+        let result = self.source.handle(head, x.parser.body());
+        if let Some(note) = self.source.take_note() {
+            self.log(NGX_LOG_NOTICE, &redact(&note, self.source.as_ref()));
+        }
+        let progress = match &result {
+            Ok(None) => true, // a watch fired
+            Ok(Some(snap)) => snap.advanced,
+            Err(_) => false,
+        };
+        self.pacer.answered(x.started, mono_ms(), progress);
+        match result {
+            // A watch fired: read again at once.
+            Ok(None) => self.schedule(0),
+            Ok(Some(snap)) => {
+                let advanced = snap.advanced;
+                self.apply(snap);
+                let elapsed = mono_ms().saturating_sub(x.started);
+                // A change: ask again at once. No change and a quick answer (the registry
+                // does not block, or timed out early): wait out the interval.
+                let delay = if advanced {
+                    0
+                } else {
+                    self.interval_ms.saturating_sub(elapsed)
+                };
+                self.schedule(delay);
+            }
+            Err(e) => {
+                self.conn = None;
+                self.fail(e.to_string());
+            }
+        }
+    }
+
+    /// Records a failed exchange: logs each distinct error once per outage, keeps the
+    /// last good set, and moves on to the next registry address: at once while the
+    /// round of addresses is not done, after a backoff delay once every one failed.
+    fn fail(&mut self, msg: String) {
+        let msg = redact(&msg, self.source.as_ref());
+        self.conn = None;
+        self.exchange = None;
+        self.side.forget_session();
+        self.source.reset();
+        let jitter = self.rng.fraction();
+        let retry = self.failover.failed(self.interval_ms, jitter);
+        let next = self.target().addr;
+        let (delay, what) = match retry {
+            Retry::Next => (0, format!("trying the next registry address {next} now")),
+            Retry::Backoff(d) if self.failover.is_list() => (
+                d,
+                format!("every registry address failed; retrying {next} in {d}ms"),
+            ),
+            Retry::Backoff(d) => (d, format!("retrying in {d}ms")),
+        };
+        self.debug(&format!("failed: {msg}; next try in {delay}ms"));
+        if self.errors.first_time(&msg) {
+            self.log(
+                NGX_LOG_ERR,
+                &format!("{msg}; keeping the current servers, {what} (further identical errors are not logged)"),
+            );
+        }
+        let failures = self.failover.failures();
+        {
+            let mut l = self.zone.lock();
+            if self.may_publish(&l) {
+                l.status().consecutive_failures = failures as u64;
+                l.set_error(&msg);
+            }
+        }
+        self.schedule(delay);
+    }
+}

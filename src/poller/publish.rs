@@ -1,0 +1,156 @@
+//! Publishing what a registry answered: the new set and its plan into the zone (the
+//! plan built once, outside the lock), the sync status, and the dump file, each only
+//! while this worker may (`Poller::may_publish`).
+
+use std::path::Path;
+
+use ngx::ffi::*;
+
+use super::Poller;
+use crate::zone::{mono_ms, ZoneError};
+use upsync_core::balancer::Plan;
+use upsync_core::dump;
+use upsync_core::registry::Snapshot;
+use upsync_core::servers::{Diff, ServerSpec};
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Poller {
+    pub(super) fn apply(&mut self, snap: Snapshot) {
+        let failures = self.failover.succeeded();
+        if failures > 0 {
+            let at = if self.failover.is_list() {
+                format!(" (at {})", self.target().addr)
+            } else {
+                String::new()
+            };
+            self.log(
+                NGX_LOG_NOTICE,
+                &format!(
+                    "registry answers again after {failures} failed attempt{}{at}",
+                    if failures == 1 { "" } else { "s" }
+                ),
+            );
+        }
+        self.errors.clear();
+        if snap.duplicates > 0 {
+            self.log(
+                NGX_LOG_WARN,
+                &format!(
+                    "{} entries repeat an address already listed; the first one is used",
+                    snap.duplicates
+                ),
+            );
+        }
+        let position = self.source.position();
+        let in_use = self.target().addr.to_string();
+        let mut l = self.zone.lock();
+        if !self.may_publish(&l) {
+            return; // lost the lease, or exiting, or the zone serves another source now
+        }
+        l.set_in_use(&in_use);
+        let st = l.status();
+        st.position = position;
+        st.last_sync_ms = wall_ms();
+        st.consecutive_failures = 0;
+        l.set_error("");
+        let current = l.specs();
+        drop(l);
+        if snap.servers.is_empty() {
+            if !current.is_empty() && !self.empty_warned {
+                self.empty_warned = true;
+                self.log(
+                    NGX_LOG_WARN,
+                    &format!("the registry lists no servers; keeping the last {} (an upstream is never emptied)", current.len()),
+                );
+            }
+            return;
+        }
+        self.empty_warned = false;
+        let diff = Diff::between(&current, &snap.servers);
+        if diff.is_empty() {
+            return;
+        }
+        // The plan is built here, once per change and outside the lock: connections in
+        // every worker keep picking from the current set meanwhile.
+        let plan = Plan::for_servers(&snap.servers, self.method);
+        let block = self.zone.lock().alloc_plan_block(plan.flat_words());
+        let Some(mut block) = block else {
+            return self.log(
+                NGX_LOG_ERR,
+                &format!(
+                    "cannot apply {} servers: {}; keeping the current ones",
+                    snap.servers.len(),
+                    ZoneError::Full {
+                        servers: snap.servers.len()
+                    }
+                ),
+            );
+        };
+        block.fill(&plan);
+        let mut l = self.zone.lock();
+        if !self.may_publish(&l) {
+            l.free_plan_block(block);
+            return;
+        }
+        let generation = match l.publish(&snap.servers, block, Some(mono_ms())) {
+            Ok(g) => g,
+            Err(e) => {
+                drop(l);
+                return self.log(
+                    NGX_LOG_ERR,
+                    &format!(
+                        "cannot apply {} servers: {e}; keeping the current ones",
+                        snap.servers.len()
+                    ),
+                );
+            }
+        };
+        let st = l.status();
+        st.updates += 1;
+        st.last_change_ms = wall_ms();
+        drop(l);
+        let (used, total) = self.zone.usage();
+        self.log(
+            NGX_LOG_NOTICE,
+            &format!(
+                "{} servers now (+{} -{} ~{}), index {position}, generation {generation}, zone {used}/{total} pages",
+                snap.servers.len(),
+                diff.added,
+                diff.removed,
+                diff.changed
+            ),
+        );
+        self.write_dump(&snap.servers, generation);
+    }
+
+    /// Writes the dump of the set published as `generation`: the file is prepared
+    /// outside the lock, and renamed into place under it only if that set is still the
+    /// current one and this worker still holds the lease, so a dump never goes back to
+    /// an older set.
+    fn write_dump(&self, servers: &[ServerSpec], generation: u64) {
+        let path = self.conf().dump_path();
+        let path = Path::new(&path);
+        let result =
+            dump::TempDump::write(path, dump::render(servers).as_bytes()).and_then(|tmp| {
+                let l = self.zone.lock();
+                if self.may_publish(&l) && l.generation() == generation {
+                    tmp.commit()
+                } else {
+                    Ok(()) // superseded: the temp file is removed on drop
+                }
+            });
+        match result {
+            Ok(()) => dump::sync_dir(path),
+            Err(e) => self.log(
+                NGX_LOG_ERR,
+                &format!("cannot write the dump file \"{}\": {e}", path.display()),
+            ),
+        }
+    }
+}
