@@ -31,6 +31,8 @@ mod show_handler;
 #[cfg(not(test))]
 mod srv_conf;
 #[cfg(not(test))]
+mod status;
+#[cfg(not(test))]
 pub mod zone;
 
 #[cfg(not(test))]

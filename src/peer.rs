@@ -14,6 +14,7 @@ use crate::ngx_util::now_sec;
 use crate::srv_conf::upstream_conf;
 use crate::zone::{mono_ms, Ticket, Zone, NAME_MAX};
 use upsync_core::balancer::{pick, Method};
+use upsync_core::policy::Rng;
 use upsync_core::servers::ServerSpec;
 
 /// Per-session state, allocated from the session's pool.
@@ -40,54 +41,71 @@ struct PeerData {
     name_buf: [u8; NAME_MAX],
 }
 
-/// A per-worker xorshift generator for `random` (not for anything secret).
+thread_local! {
+    /// This worker's generator for `random` (not for anything secret).
+    static RNG: std::cell::RefCell<Option<Rng>> = const { std::cell::RefCell::new(None) };
+}
+
 fn random() -> u64 {
-    static mut STATE: u64 = 0;
-    // SAFETY: workers are single-threaded; only this function touches STATE, and
-    // ngx_cached_time is always valid in a running nginx process.
-    unsafe {
-        let st = &mut *std::ptr::addr_of_mut!(STATE);
-        if *st == 0 {
-            *st = (ngx_pid as u64) << 32 ^ (*ngx_cached_time).msec as u64 ^ 0x9e37_79b9_7f4a_7c15;
-        }
-        *st ^= *st << 13;
-        *st ^= *st >> 7;
-        *st ^= *st << 17;
-        *st
-    }
+    RNG.with(|r| {
+        r.borrow_mut()
+            .get_or_insert_with(|| {
+                // SAFETY: a process-global written before any connection is balanced.
+                let pid = unsafe { ngx_pid } as u64;
+                Rng::new(pid << 32 ^ crate::zone::mono_ms())
+            })
+            .next_u64()
+    })
 }
 
 /// `init_upstream`: keeps nginx's round-robin data for the configured servers (so the
 /// `zone` directive and other readers of `peer.data` still work), records the configured
 /// servers as the initial set, and installs our per-session init.
+///
+/// # Safety
+/// Called by nginx as the upstream's `init_upstream`, with the configuration parsed.
 pub unsafe extern "C" fn init_upstream(
     cf: *mut ngx_conf_t,
     us: *mut ngx_stream_upstream_srv_conf_t,
 ) -> ngx_int_t {
-    if ngx_stream_upstream_init_round_robin(cf, us) != NGX_OK as ngx_int_t {
-        return NGX_ERROR as ngx_int_t;
-    }
-    (*us).peer.init = Some(init_peer);
-    let Some(conf) = upstream_conf(us) else {
-        return NGX_ERROR as ngx_int_t;
+    // SAFETY: per the contract; nginx's round robin sets up `us.peer.data`, and our
+    // SrvConf of the upstream is not borrowed elsewhere during this call.
+    let conf = unsafe {
+        if ngx_stream_upstream_init_round_robin(cf, us) != NGX_OK as ngx_int_t {
+            return NGX_ERROR as ngx_int_t;
+        }
+        (*us).peer.init = Some(init_peer);
+        let Some(conf) = upstream_conf(us) else {
+            return NGX_ERROR as ngx_int_t;
+        };
+        conf
     };
-    conf.initial = configured_servers(us);
+    // SAFETY: `us` is the parsed upstream.
+    conf.initial = unsafe { configured_servers(us) };
     upsync_core::servers::normalize(&mut conf.initial);
     conf.initialized = true;
     NGX_OK as ngx_int_t
 }
 
 /// The `server` lines of an upstream block, one spec per resolved address.
+///
+/// # Safety
+/// `us` is a parsed stream upstream.
 unsafe fn configured_servers(us: *mut ngx_stream_upstream_srv_conf_t) -> Vec<ServerSpec> {
     let mut out = Vec::new();
-    if (*us).servers.is_null() {
-        return out;
-    }
-    let servers: &[ngx_stream_upstream_server_t] = (*(*us).servers).as_slice();
+    // SAFETY: per the contract `servers` is null or an array of parsed servers.
+    let servers: &[ngx_stream_upstream_server_t] = unsafe {
+        if (*us).servers.is_null() {
+            return out;
+        }
+        (*(*us).servers).as_slice()
+    };
     for s in servers {
         for i in 0..s.naddrs {
-            let a = &*s.addrs.add(i);
-            let Some(addr) = socket_addr(a.sockaddr, a.socklen) else {
+            // SAFETY: a parsed server has `naddrs` resolved addresses.
+            let a = unsafe { &*s.addrs.add(i) };
+            // SAFETY: each address is a socket address of `socklen` bytes.
+            let Some(addr) = (unsafe { socket_addr(a.sockaddr, a.socklen) }) else {
                 continue;
             };
             out.push(ServerSpec {
@@ -106,18 +124,24 @@ unsafe fn configured_servers(us: *mut ngx_stream_upstream_srv_conf_t) -> Vec<Ser
 }
 
 /// Reads a C socket address (IPv4/IPv6 only).
+///
+/// # Safety
+/// `sa` is null or points at `len` readable bytes of a socket address.
 pub unsafe fn socket_addr(sa: *const sockaddr, len: socklen_t) -> Option<SocketAddr> {
     if sa.is_null() {
         return None;
     }
-    match (*sa).sa_family as i32 {
+    // SAFETY: per the contract, and each cast is checked against `len` first.
+    match unsafe { (*sa).sa_family } as i32 {
         libc::AF_INET if len as usize >= size_of::<libc::sockaddr_in>() => {
-            let sin = &*(sa as *const libc::sockaddr_in);
+            // SAFETY: checked against `len` above.
+            let sin = unsafe { &*(sa as *const libc::sockaddr_in) };
             let ip = std::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
             Some(SocketAddr::from((ip, u16::from_be(sin.sin_port))))
         }
         libc::AF_INET6 if len as usize >= size_of::<libc::sockaddr_in6>() => {
-            let sin6 = &*(sa as *const libc::sockaddr_in6);
+            // SAFETY: as above.
+            let sin6 = unsafe { &*(sa as *const libc::sockaddr_in6) };
             let ip = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
             Some(SocketAddr::from((ip, u16::from_be(sin6.sin6_port))))
         }
@@ -129,188 +153,223 @@ unsafe extern "C" fn init_peer(
     s: *mut ngx_stream_session_t,
     us: *mut ngx_stream_upstream_srv_conf_t,
 ) -> ngx_int_t {
-    let Some(conf) = upstream_conf(us) else {
+    // SAFETY: nginx calls this for a session of an upstream this module set up; our
+    // SrvConf is only read here.
+    let Some(conf) = (unsafe { upstream_conf(us) }) else {
         return NGX_ERROR as ngx_int_t;
     };
     let Some(zone) = conf.zone else {
         return NGX_ERROR as ngx_int_t;
     };
-    let c = (*s).connection;
-    let pool = (*c).pool;
-    let pd = ngx_palloc(pool, size_of::<PeerData>()) as *mut PeerData;
-    if pd.is_null() {
-        return NGX_ERROR as ngx_int_t;
-    }
-    let method = conf.lb.as_ref().map(|l| l.method).unwrap_or_default();
-    ptr::write(
-        pd,
-        PeerData {
-            zone,
-            method,
-            pool,
-            upstream_name: &mut (*us).host,
-            key: ngx_str_t::empty(),
-            addr: [0; 16],
-            addr_len: 0,
-            ticket: None,
-            generation: 0,
-            tried: ptr::null_mut(),
-            tried_words: 0,
-            attempts: 0,
-            sockaddr: std::mem::zeroed(),
-            name: ngx_str_t::empty(),
-            name_buf: [0; NAME_MAX],
-        },
-    );
+    let method = conf.method();
+    // SAFETY: the session and its connection are live; the pool outlives the session's
+    // upstream use of this data.
+    let (c, pool) = unsafe { ((*s).connection, (*(*s).connection).pool) };
+    let mut key = ngx_str_t::empty();
+    let mut addr = [0u8; 16];
+    let mut addr_len = 0;
     match method {
         Method::HashModula | Method::HashKetama => {
             if conf.lb_key.is_null() {
-                (*pd).key = (*c).addr_text;
-            } else if ngx_stream_complex_value(s, conf.lb_key, &mut (*pd).key)
+                // SAFETY: the live client connection.
+                key = unsafe { (*c).addr_text };
+            // SAFETY: the key was compiled for this stream configuration.
+            } else if unsafe { ngx_stream_complex_value(s, conf.lb_key, &mut key) }
                 != NGX_OK as ngx_int_t
             {
                 return NGX_ERROR as ngx_int_t;
             }
         }
         Method::IpHash => {
-            if let Some(a) = socket_addr((*c).sockaddr, (*c).socklen) {
-                let bytes: Vec<u8> = match a.ip() {
+            // SAFETY: the client connection's address.
+            if let Some(a) = unsafe { socket_addr((*c).sockaddr, (*c).socklen) } {
+                let bytes = match a.ip() {
                     std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
                     std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
                 };
-                (&mut (*pd).addr)[..bytes.len()].copy_from_slice(&bytes);
-                (*pd).addr_len = bytes.len() as u8;
+                addr[..bytes.len()].copy_from_slice(&bytes);
+                addr_len = bytes.len() as u8;
             }
         }
         _ => {}
     }
-    let n = {
+    let (generation, n) = {
         let locked = zone.lock();
-        (*pd).generation = locked.generation();
-        locked.slots().len()
+        (locked.generation(), locked.slots().len())
     };
-    if !alloc_tried(pool, pd, n) {
-        return NGX_ERROR as ngx_int_t;
+    let words = n.div_ceil(64).max(1);
+    // SAFETY: allocations from the session's pool, zeroed (tried) or written whole
+    // (PeerData) before use.
+    let (pd, tried) = unsafe {
+        let tried = ngx_pcalloc(pool, words * 8) as *mut u64;
+        let pd = ngx_palloc(pool, size_of::<PeerData>()) as *mut PeerData;
+        if tried.is_null() || pd.is_null() {
+            return NGX_ERROR as ngx_int_t;
+        }
+        (pd, tried)
+    };
+    // SAFETY: `pd` is a fresh allocation of PeerData's size and alignment (nginx pools
+    // align to the word).
+    unsafe {
+        ptr::write(
+            pd,
+            PeerData {
+                zone,
+                method,
+                pool,
+                upstream_name: &mut (*us).host,
+                key,
+                addr,
+                addr_len,
+                ticket: None,
+                generation,
+                tried,
+                tried_words: words,
+                attempts: 0,
+                sockaddr: std::mem::zeroed(),
+                name: ngx_str_t::empty(),
+                name_buf: [0; NAME_MAX],
+            },
+        );
     }
-    let u = (*s).upstream;
-    (*u).peer.data = pd as *mut c_void;
-    (*u).peer.get = Some(get_peer);
-    (*u).peer.free = Some(free_peer);
-    (*u).peer.notify = Some(notify_peer);
-    (*u).peer.tries = n.max(1) as ngx_uint_t;
-    #[cfg(ngx_feature = "ssl")]
-    {
-        (*u).peer.set_session = Some(set_session);
-        (*u).peer.save_session = Some(save_session);
+    // SAFETY: the session's upstream is set up by nginx before init_peer.
+    unsafe {
+        let u = (*s).upstream;
+        (*u).peer.data = pd as *mut c_void;
+        (*u).peer.get = Some(get_peer);
+        (*u).peer.free = Some(free_peer);
+        (*u).peer.notify = Some(notify_peer);
+        (*u).peer.tries = n.max(1) as ngx_uint_t;
+        #[cfg(ngx_feature = "ssl")]
+        {
+            (*u).peer.set_session = Some(set_session);
+            (*u).peer.save_session = Some(save_session);
+        }
     }
     NGX_OK as ngx_int_t
 }
 
-unsafe fn alloc_tried(pool: *mut ngx_pool_t, pd: *mut PeerData, n: usize) -> bool {
-    let words = n.div_ceil(64).max(1);
-    if words > (*pd).tried_words {
-        let t = ngx_pcalloc(pool, words * 8) as *mut u64;
-        if t.is_null() {
-            return false;
-        }
-        (*pd).tried = t;
-        (*pd).tried_words = words;
-    } else {
-        ptr::write_bytes((*pd).tried, 0, (*pd).tried_words);
+impl PeerData {
+    fn is_tried(&self, i: usize) -> bool {
+        // SAFETY: `tried` holds `tried_words` words (allocated in init_peer).
+        i / 64 < self.tried_words && unsafe { *self.tried.add(i / 64) } & (1u64 << (i % 64)) != 0
     }
-    true
-}
 
-/// The name nginx keeps for this attempt (`$upstream_addr`, log lines): the session's
-/// own buffer for the first attempt, a copy in the session pool for each retry, so
-/// every attempt's address stays valid for the life of the session.
-unsafe fn attempt_name(pd: &mut PeerData, name: &[u8]) -> *mut ngx_str_t {
-    pd.attempts += 1;
-    if pd.attempts > 1 {
-        let s = ngx_palloc(pd.pool, size_of::<ngx_str_t>()) as *mut ngx_str_t;
-        let data = ngx_pnalloc(pd.pool, name.len()) as *mut u8;
-        if !s.is_null() && !data.is_null() {
-            ptr::copy_nonoverlapping(name.as_ptr(), data, name.len());
-            *s = ngx_str_t {
-                len: name.len(),
-                data,
-            };
-            return s;
+    fn mark_tried(&mut self, i: usize) {
+        if i / 64 < self.tried_words {
+            // SAFETY: as in `is_tried`.
+            unsafe { *self.tried.add(i / 64) |= 1u64 << (i % 64) };
         }
-        // out of memory: fall back to the session buffer (the last name wins)
     }
-    pd.name_buf[..name.len()].copy_from_slice(name);
-    pd.name = ngx_str_t {
-        len: name.len(),
-        data: pd.name_buf.as_mut_ptr(),
-    };
-    &mut pd.name
+
+    /// The set changed between two tries of this session: start the tried list over.
+    fn new_generation(&mut self, generation: u64, servers: usize) {
+        self.generation = generation;
+        if servers.div_ceil(64) > self.tried_words {
+            // The set grew past the bitmap: track nothing for the rest of this session
+            // (retries may revisit a server; sets rarely grow mid-session).
+            self.tried_words = 0;
+        } else {
+            // SAFETY: as in `is_tried`.
+            unsafe { ptr::write_bytes(self.tried, 0, self.tried_words) };
+        }
+    }
+
+    fn key(&self) -> &[u8] {
+        match self.method {
+            Method::IpHash => &self.addr[..self.addr_len as usize],
+            // SAFETY: the key string lives in the session's pool (or the connection).
+            _ if self.key.len > 0 => unsafe {
+                std::slice::from_raw_parts(self.key.data, self.key.len)
+            },
+            _ => &[],
+        }
+    }
+
+    /// The name nginx keeps for this attempt (`$upstream_addr`, log lines): the
+    /// session's own buffer for the first attempt, a copy in the session pool for each
+    /// retry, so every attempt's address stays valid for the life of the session.
+    fn attempt_name(&mut self, name: &[u8]) -> *mut ngx_str_t {
+        self.attempts += 1;
+        if self.attempts > 1 {
+            // SAFETY: allocations from the live session pool, written whole.
+            unsafe {
+                let s = ngx_palloc(self.pool, size_of::<ngx_str_t>()) as *mut ngx_str_t;
+                let data = ngx_pnalloc(self.pool, name.len()) as *mut u8;
+                if !s.is_null() && !data.is_null() {
+                    ptr::copy_nonoverlapping(name.as_ptr(), data, name.len());
+                    *s = ngx_str_t {
+                        len: name.len(),
+                        data,
+                    };
+                    return s;
+                }
+            }
+            // out of memory: fall back to the session buffer (the last name wins)
+        }
+        self.name_buf[..name.len()].copy_from_slice(name);
+        self.name = ngx_str_t {
+            len: name.len(),
+            data: self.name_buf.as_mut_ptr(),
+        };
+        &mut self.name
+    }
 }
 
 unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
-    let pd = &mut *(data as *mut PeerData);
-    (*pc).connection = ptr::null_mut();
+    // SAFETY: `data` is the PeerData init_peer made for this session; nginx calls one
+    // peer callback at a time.
+    let pd = unsafe { &mut *(data as *mut PeerData) };
     let now = now_sec();
-    let mut locked = pd.zone.lock();
-    let gen = locked.generation();
-    if gen != pd.generation {
-        // The set changed between two tries of this session: start the tried list over.
-        pd.generation = gen;
-        if locked.slots().len().div_ceil(64) > pd.tried_words {
-            // The set grew past the tried bitmap: track nothing for the rest of this
-            // session (retries may revisit a server; sets rarely grow mid-session).
-            pd.tried_words = 0;
-        } else {
-            ptr::write_bytes(pd.tried, 0, pd.tried_words);
-        }
+    let zone = pd.zone;
+    let mut locked = zone.lock();
+    let generation = locked.generation();
+    if generation != pd.generation {
+        pd.new_generation(generation, locked.slots().len());
     }
-    let tried_words = pd.tried_words;
-    let tried = pd.tried;
-    let is_tried = |i: usize| i / 64 < tried_words && *tried.add(i / 64) & (1u64 << (i % 64)) != 0;
-    let key: &[u8] = match pd.method {
-        Method::IpHash => &pd.addr[..pd.addr_len as usize],
-        _ if pd.key.len > 0 => std::slice::from_raw_parts(pd.key.data, pd.key.len),
-        _ => &[],
-    };
     let chosen = {
         let (mut peers, plan, cursors) = locked.pick_parts();
-        match plan {
-            Some(plan) => pick(
+        plan.and_then(|plan| {
+            pick(
                 &mut peers,
                 &plan,
                 pd.method,
-                key,
+                pd.key(),
                 cursors,
                 now,
                 mono_ms(),
-                &is_tried,
+                &|i| pd.is_tried(i),
                 &mut random,
-            ),
-            None => None,
-        }
+            )
+        })
     };
     let Some(i) = chosen else {
         drop(locked);
-        (*pc).name = pd.upstream_name;
+        // SAFETY: `pc` is the session's live peer connection.
+        unsafe { (*pc).name = pd.upstream_name };
         return NGX_BUSY as ngx_int_t;
     };
-    let slot = locked.slots()[i];
     let ticket = locked.acquire(i, now);
-    if i / 64 < pd.tried_words {
-        *pd.tried.add(i / 64) |= 1u64 << (i % 64);
-    }
+    pd.mark_tried(i);
     // Copy the address into session memory: the slot may be freed before the session's
     // log line is written.
-    pd.sockaddr = (*slot).sockaddr;
+    let slot = locked.slot(i);
+    pd.sockaddr = slot.sockaddr;
+    let socklen = slot.socklen;
     let mut name = [0u8; NAME_MAX];
-    let name_len = (*slot).name().len();
-    name[..name_len].copy_from_slice((*slot).name());
-    let socklen = (*slot).socklen;
+    let name_len = slot.name().len();
+    name[..name_len].copy_from_slice(slot.name());
     drop(locked);
     pd.ticket = Some(ticket);
-    (*pc).sockaddr = &mut pd.sockaddr as *mut _ as *mut sockaddr;
-    (*pc).socklen = socklen;
-    (*pc).name = attempt_name(pd, &name[..name_len]);
+    let name = pd.attempt_name(&name[..name_len]);
+    // SAFETY: `pc` is the session's live peer connection; the address and name point
+    // into session memory that outlives the attempt.
+    unsafe {
+        (*pc).connection = ptr::null_mut();
+        (*pc).sockaddr = &mut pd.sockaddr as *mut _ as *mut sockaddr;
+        (*pc).socklen = socklen;
+        (*pc).name = name;
+    }
     NGX_OK as ngx_int_t
 }
 
@@ -319,13 +378,17 @@ unsafe extern "C" fn free_peer(
     data: *mut c_void,
     state: ngx_uint_t,
 ) {
-    let pd = &mut *(data as *mut PeerData);
+    // SAFETY: as in `get_peer`.
+    let pd = unsafe { &mut *(data as *mut PeerData) };
     if let Some(ticket) = pd.ticket.take() {
         let failed = state & NGX_PEER_FAILED as ngx_uint_t != 0;
         pd.zone.lock().release(ticket, failed, now_sec());
     }
-    if (*pc).tries > 0 {
-        (*pc).tries -= 1;
+    // SAFETY: the session's live peer connection.
+    unsafe {
+        if (*pc).tries > 0 {
+            (*pc).tries -= 1;
+        }
     }
 }
 
@@ -334,14 +397,16 @@ unsafe extern "C" fn notify_peer(
     data: *mut c_void,
     kind: ngx_uint_t,
 ) {
-    let pd = &mut *(data as *mut PeerData);
-    if kind == NGX_STREAM_UPSTREAM_NOTIFY_CONNECT as ngx_uint_t
-        && !(*pc).connection.is_null()
-        && (*(*pc).connection).type_ == libc::SOCK_STREAM
-    {
+    // SAFETY: as in `get_peer`; the connection, when set, is the session's upstream one.
+    let (pd, tcp) = unsafe {
+        (
+            &mut *(data as *mut PeerData),
+            !(*pc).connection.is_null() && (*(*pc).connection).type_ == libc::SOCK_STREAM,
+        )
+    };
+    if kind == NGX_STREAM_UPSTREAM_NOTIFY_CONNECT as ngx_uint_t && tcp {
         if let Some(ticket) = &pd.ticket {
-            let mut locked = pd.zone.lock();
-            locked.connected(ticket, mono_ms());
+            pd.zone.lock().connected(ticket, mono_ms());
         }
     }
 }

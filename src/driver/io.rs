@@ -1,5 +1,5 @@
 //! Writing to an nginx connection without blocking: the one loop both the registry
-//! client and `upstream_show` need.
+//! connection and `upstream_show` need.
 
 use ngx::ffi::{ngx_connection_t, ngx_handle_write_event, ngx_int_t, NGX_AGAIN, NGX_OK};
 
@@ -17,20 +17,24 @@ pub enum Sent {
 /// # Safety
 /// `c` must be a live nginx connection owned by the caller.
 pub unsafe fn send_pending(c: *mut ngx_connection_t, buf: &mut [u8], sent: &mut usize) -> Sent {
-    let Some(send) = (*c).send else {
-        return Sent::Error;
-    };
-    while *sent < buf.len() {
-        let n = send(c, buf.as_mut_ptr().add(*sent), buf.len() - *sent);
-        if n > 0 {
-            *sent += n as usize;
-        } else if n == NGX_AGAIN as isize {
-            if ngx_handle_write_event((*c).write, 0) != NGX_OK as ngx_int_t {
+    // SAFETY: per the contract `c` is live; `send` is nginx's (plain or TLS) writer and
+    // reads at most the given length from the given pointer, which stays in `buf`.
+    unsafe {
+        let Some(send) = (*c).send else {
+            return Sent::Error;
+        };
+        while *sent < buf.len() {
+            let n = send(c, buf.as_mut_ptr().add(*sent), buf.len() - *sent);
+            if n > 0 {
+                *sent += n as usize;
+            } else if n == NGX_AGAIN as isize {
+                if ngx_handle_write_event((*c).write, 0) != NGX_OK as ngx_int_t {
+                    return Sent::Error;
+                }
+                return Sent::Again;
+            } else {
                 return Sent::Error;
             }
-            return Sent::Again;
-        } else {
-            return Sent::Error;
         }
     }
     Sent::All

@@ -57,14 +57,12 @@ mod imp {
     const VERIFY_DEPTH: ngx_int_t = 9;
 
     /// A string in the configuration pool, as nginx's file loaders want it.
+    ///
+    /// # Safety
+    /// `cf` is the configuration being parsed.
     unsafe fn pool_str(cf: *mut ngx_conf_t, s: &str) -> Option<ngx_str_t> {
-        let data = ngx_pnalloc((*cf).pool, s.len() + 1) as *mut u8;
-        if data.is_null() {
-            return None;
-        }
-        ptr::copy_nonoverlapping(s.as_ptr(), data, s.len());
-        *data.add(s.len()) = 0;
-        Some(ngx_str_t { len: s.len(), data })
+        // SAFETY: per the contract its pool is live.
+        unsafe { crate::ngx_util::pool_str((*cf).pool, s) }
     }
 
     /// The oldest queued OpenSSL error as text, and an empty queue.
@@ -101,61 +99,67 @@ mod imp {
         cf: *mut ngx_conf_t,
         spec: &TlsSpec,
     ) -> Result<*mut c_void, TlsError> {
-        let ssl = ngx_pcalloc((*cf).pool, std::mem::size_of::<ngx_ssl_t>()) as *mut ngx_ssl_t;
-        if ssl.is_null() {
-            return Err(TlsError::NoMemory);
-        }
-        (*ssl).log = (*cf).log;
-        if ngx_ssl_create(
-            ssl,
-            (NGX_SSL_TLSv1_2 | NGX_SSL_TLSv1_3) as ngx_uint_t,
-            ptr::null_mut(),
-        ) != NGX_OK as ngx_int_t
-        {
-            return Err(TlsError::Context);
-        }
-        let cln = ngx_pool_cleanup_add((*cf).pool, 0);
-        if cln.is_null() {
-            return Err(TlsError::NoMemory);
-        }
-        (*cln).handler = Some(ngx_ssl_cleanup_ctx);
-        (*cln).data = ssl as *mut c_void;
-
-        // Keep client sessions (handed to `save_session`) so a reconnect resumes instead
-        // of a full handshake: etcd v3 watches end with a new connection.
-        if ngx_ssl_client_session_cache(cf, ssl, 1) != NGX_OK as ngx_int_t {
-            return Err(TlsError::SessionCache);
-        }
-        if let Some((cert, key)) = &spec.certificate {
-            let (Some(mut c), Some(mut k)) = (pool_str(cf, cert), pool_str(cf, key)) else {
+        // SAFETY: per the contract `cf` and its pool are live; the context is allocated
+        // in that pool and freed by the cleanup registered on it; nginx's loaders read
+        // NUL-terminated pool strings.
+        unsafe {
+            let ssl = ngx_pcalloc((*cf).pool, std::mem::size_of::<ngx_ssl_t>()) as *mut ngx_ssl_t;
+            if ssl.is_null() {
                 return Err(TlsError::NoMemory);
-            };
-            if ngx_ssl_certificate(cf, ssl, &mut c, &mut k, ptr::null_mut()) != NGX_OK as ngx_int_t
+            }
+            (*ssl).log = (*cf).log;
+            if ngx_ssl_create(
+                ssl,
+                (NGX_SSL_TLSv1_2 | NGX_SSL_TLSv1_3) as ngx_uint_t,
+                ptr::null_mut(),
+            ) != NGX_OK as ngx_int_t
             {
-                return Err(TlsError::Certificate(cert.clone()));
+                return Err(TlsError::Context);
             }
-        }
-        if spec.verify {
-            match &spec.trusted_certificate {
-                Some(ca) => {
-                    let Some(mut f) = pool_str(cf, ca) else {
-                        return Err(TlsError::NoMemory);
-                    };
-                    if ngx_ssl_trusted_certificate(cf, ssl, &mut f, VERIFY_DEPTH)
-                        != NGX_OK as ngx_int_t
-                    {
-                        return Err(TlsError::TrustedCertificate(ca.clone()));
+            let cln = ngx_pool_cleanup_add((*cf).pool, 0);
+            if cln.is_null() {
+                return Err(TlsError::NoMemory);
+            }
+            (*cln).handler = Some(ngx_ssl_cleanup_ctx);
+            (*cln).data = ssl as *mut c_void;
+
+            // Keep client sessions (handed to `save_session`) so a reconnect resumes instead
+            // of a full handshake: etcd v3 watches end with a new connection.
+            if ngx_ssl_client_session_cache(cf, ssl, 1) != NGX_OK as ngx_int_t {
+                return Err(TlsError::SessionCache);
+            }
+            if let Some((cert, key)) = &spec.certificate {
+                let (Some(mut c), Some(mut k)) = (pool_str(cf, cert), pool_str(cf, key)) else {
+                    return Err(TlsError::NoMemory);
+                };
+                if ngx_ssl_certificate(cf, ssl, &mut c, &mut k, ptr::null_mut())
+                    != NGX_OK as ngx_int_t
+                {
+                    return Err(TlsError::Certificate(cert.clone()));
+                }
+            }
+            if spec.verify {
+                match &spec.trusted_certificate {
+                    Some(ca) => {
+                        let Some(mut f) = pool_str(cf, ca) else {
+                            return Err(TlsError::NoMemory);
+                        };
+                        if ngx_ssl_trusted_certificate(cf, ssl, &mut f, VERIFY_DEPTH)
+                            != NGX_OK as ngx_int_t
+                        {
+                            return Err(TlsError::TrustedCertificate(ca.clone()));
+                        }
+                    }
+                    None => {
+                        if SSL_CTX_set_default_verify_paths((*ssl).ctx as *mut SSL_CTX) != 1 {
+                            return Err(TlsError::SystemStore(openssl_error()));
+                        }
+                        SSL_CTX_set_verify_depth((*ssl).ctx as *mut SSL_CTX, VERIFY_DEPTH as c_int);
                     }
                 }
-                None => {
-                    if SSL_CTX_set_default_verify_paths((*ssl).ctx as *mut SSL_CTX) != 1 {
-                        return Err(TlsError::SystemStore(openssl_error()));
-                    }
-                    SSL_CTX_set_verify_depth((*ssl).ctx as *mut SSL_CTX, VERIFY_DEPTH as c_int);
-                }
             }
+            Ok(ssl as *mut c_void)
         }
-        Ok(ssl as *mut c_void)
     }
 
     fn is_ip(name: &str) -> bool {
@@ -163,17 +167,23 @@ mod imp {
     }
 
     /// Sets SNI (host names only: RFC 6066 has no IP addresses in SNI).
+    ///
+    /// # Safety
+    /// `s` is a live SSL connection.
     unsafe fn set_server_name(s: *mut SSL, name: &str) {
         if is_ip(name) {
             return;
         }
         if let Ok(n) = CString::new(name) {
-            SSL_ctrl(
-                s,
-                SSL_CTRL_SET_TLSEXT_HOSTNAME as c_int,
-                TLSEXT_NAMETYPE_host_name as _,
-                n.as_ptr() as *mut c_void,
-            );
+            // SAFETY: per the contract `s` is live; OpenSSL copies the name.
+            unsafe {
+                SSL_ctrl(
+                    s,
+                    SSL_CTRL_SET_TLSEXT_HOSTNAME as c_int,
+                    TLSEXT_NAMETYPE_host_name as _,
+                    n.as_ptr() as *mut c_void,
+                );
+            }
         }
     }
 
@@ -192,13 +202,15 @@ mod imp {
         let f = GET_PEER.get_or_init(|| {
             [c"SSL_get1_peer_certificate", c"SSL_get_peer_certificate"]
                 .iter()
-                .map(|name| libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()))
+                // SAFETY: dlsym with a NUL-terminated name only looks the symbol up.
+                .map(|name| unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) })
                 .find(|p| !p.is_null())
                 // SAFETY: both functions have this signature.
-                .map(|p| std::mem::transmute::<*mut c_void, GetPeer>(p))
+                .map(|p| unsafe { std::mem::transmute::<*mut c_void, GetPeer>(p) })
         });
         match f {
-            Some(f) => f(s),
+            // SAFETY: per the contract `s` is live.
+            Some(f) => unsafe { f(s) },
             None => ptr::null_mut(),
         }
     }
@@ -209,9 +221,11 @@ mod imp {
     /// # Safety
     /// `s` is an SSL connection whose handshake completed.
     pub unsafe fn verify_peer(s: *mut SSL, name: &str) -> Result<(), TlsError> {
-        let rc = SSL_get_verify_result(s);
+        // SAFETY: per the contract `s` completed its handshake.
+        let rc = unsafe { SSL_get_verify_result(s) };
         if rc != X509_V_OK as std::ffi::c_long {
-            let why = CStr::from_ptr(X509_verify_cert_error_string(rc))
+            // SAFETY: OpenSSL returns a static C string for any code.
+            let why = unsafe { CStr::from_ptr(X509_verify_cert_error_string(rc)) }
                 .to_string_lossy()
                 .into_owned();
             return Err(TlsError::Untrusted {
@@ -219,16 +233,21 @@ mod imp {
                 code: rc as i64,
             });
         }
-        let cert = peer_certificate(s);
+        // SAFETY: as above; the reference is freed below.
+        let cert = unsafe { peer_certificate(s) };
         if cert.is_null() {
             return Err(TlsError::NoCertificate);
         }
-        let ok = match CString::new(name) {
-            Ok(n) if is_ip(name) => X509_check_ip_asc(cert, n.as_ptr(), 0) == 1,
-            Ok(n) => X509_check_host(cert, n.as_ptr(), name.len(), 0, ptr::null_mut()) == 1,
-            Err(_) => false,
+        // SAFETY: `cert` is a live certificate; the names are NUL-terminated.
+        let ok = unsafe {
+            let ok = match CString::new(name) {
+                Ok(n) if is_ip(name) => X509_check_ip_asc(cert, n.as_ptr(), 0) == 1,
+                Ok(n) => X509_check_host(cert, n.as_ptr(), name.len(), 0, ptr::null_mut()) == 1,
+                Err(_) => false,
+            };
+            X509_free(cert);
+            ok
         };
-        X509_free(cert);
         if ok {
             Ok(())
         } else {
@@ -251,22 +270,28 @@ mod imp {
         done: unsafe extern "C" fn(*mut ngx_connection_t),
         save: unsafe extern "C" fn(*mut ngx_connection_t),
     ) -> ngx_int_t {
-        let ssl = ssl as *mut ngx_ssl_t;
-        if ngx_ssl_create_connection(ssl, c, NGX_SSL_CLIENT as ngx_uint_t) != NGX_OK as ngx_int_t {
-            return NGX_ERROR as ngx_int_t;
+        // SAFETY: per the contract; the TLS connection is created on `c` and freed with
+        // it; `resume` is null or a session nginx takes its own reference on.
+        unsafe {
+            let ssl = ssl as *mut ngx_ssl_t;
+            if ngx_ssl_create_connection(ssl, c, NGX_SSL_CLIENT as ngx_uint_t)
+                != NGX_OK as ngx_int_t
+            {
+                return NGX_ERROR as ngx_int_t;
+            }
+            set_server_name((*(*c).ssl).connection as *mut SSL, name);
+            if !resume.is_null()
+                && ngx_ssl_set_session(c, resume as *mut SSL_SESSION) != NGX_OK as ngx_int_t
+            {
+                return NGX_ERROR as ngx_int_t;
+            }
+            (*(*c).ssl).save_session = Some(save);
+            let rc = ngx_ssl_handshake(c);
+            if rc == NGX_AGAIN as ngx_int_t {
+                (*(*c).ssl).handler = Some(done);
+            }
+            rc
         }
-        set_server_name((*(*c).ssl).connection as *mut SSL, name);
-        if !resume.is_null()
-            && ngx_ssl_set_session(c, resume as *mut SSL_SESSION) != NGX_OK as ngx_int_t
-        {
-            return NGX_ERROR as ngx_int_t;
-        }
-        (*(*c).ssl).save_session = Some(save);
-        let rc = ngx_ssl_handshake(c);
-        if rc == NGX_AGAIN as ngx_int_t {
-            (*(*c).ssl).handler = Some(done);
-        }
-        rc
     }
 
     /// A new session of the connection, to resume later (a reference the caller frees
@@ -275,7 +300,8 @@ mod imp {
     /// # Safety
     /// `c` is a live nginx connection with a TLS session.
     pub unsafe fn get_session(c: *mut ngx_connection_t) -> *mut c_void {
-        ngx_ssl_get_session(c) as *mut c_void
+        // SAFETY: per the contract.
+        unsafe { ngx_ssl_get_session(c) as *mut c_void }
     }
 
     /// Drops a session reference from `get_session`.
@@ -284,7 +310,8 @@ mod imp {
     /// `s` is null or a reference from `get_session`, freed once.
     pub unsafe fn free_session(s: *mut c_void) {
         if !s.is_null() {
-            SSL_SESSION_free(s as *mut SSL_SESSION);
+            // SAFETY: per the contract, a reference we own, freed once.
+            unsafe { SSL_SESSION_free(s as *mut SSL_SESSION) };
         }
     }
 
@@ -293,7 +320,8 @@ mod imp {
     /// # Safety
     /// `c` is a live nginx connection on which `start_handshake` was called.
     pub unsafe fn handshaked(c: *mut ngx_connection_t) -> bool {
-        !(*c).ssl.is_null() && (*(*c).ssl).handshaked() != 0
+        // SAFETY: per the contract.
+        unsafe { !(*c).ssl.is_null() && (*(*c).ssl).handshaked() != 0 }
     }
 
     /// `verify_peer` for the TLS session of an nginx connection.
@@ -301,7 +329,8 @@ mod imp {
     /// # Safety
     /// `c` is a live nginx connection whose handshake completed.
     pub unsafe fn verify_connection(c: *mut ngx_connection_t, name: &str) -> Result<(), TlsError> {
-        verify_peer((*(*c).ssl).connection as *mut SSL, name)
+        // SAFETY: per the contract the connection has a finished TLS session.
+        unsafe { verify_peer((*(*c).ssl).connection as *mut SSL, name) }
     }
 
     /// Ends the TLS session of a connection about to be closed: close_notify if the socket
@@ -310,14 +339,17 @@ mod imp {
     /// # Safety
     /// `c` is a live nginx connection.
     pub unsafe fn shutdown(c: *mut ngx_connection_t) {
-        if (*c).ssl.is_null() {
-            return;
-        }
-        (*(*c).ssl).set_no_wait_shutdown(1);
-        if ngx_ssl_shutdown(c) == NGX_AGAIN as ngx_int_t {
-            // The socket is full: drop the close_notify rather than wait for it.
-            (*(*c).ssl).set_no_send_shutdown(1);
-            ngx_ssl_shutdown(c);
+        // SAFETY: per the contract.
+        unsafe {
+            if (*c).ssl.is_null() {
+                return;
+            }
+            (*(*c).ssl).set_no_wait_shutdown(1);
+            if ngx_ssl_shutdown(c) == NGX_AGAIN as ngx_int_t {
+                // The socket is full: drop the close_notify rather than wait for it.
+                (*(*c).ssl).set_no_send_shutdown(1);
+                ngx_ssl_shutdown(c);
+            }
         }
     }
 
@@ -342,37 +374,42 @@ mod imp {
             name: &str,
             verify: bool,
         ) -> Result<BlockingTls, TlsError> {
-            let ssl = SSL_new((*(ctx as *mut ngx_ssl_t)).ctx as *mut SSL_CTX);
-            if ssl.is_null() {
-                return Err(TlsError::OpenSsl(openssl_error()));
+            // SAFETY: per the contract `ctx` is a live nginx TLS context; the SSL object
+            // is owned by the returned stream and freed on drop (`me` owns it before any
+            // error return below).
+            unsafe {
+                let ssl = SSL_new((*(ctx as *mut ngx_ssl_t)).ctx as *mut SSL_CTX);
+                if ssl.is_null() {
+                    return Err(TlsError::OpenSsl(openssl_error()));
+                }
+                let mut me = BlockingTls {
+                    ssl,
+                    _sock: sock,
+                    connected: false,
+                    _stand_in: Box::new(std::mem::zeroed()),
+                };
+                let (c, sc, log) = &mut *me._stand_in;
+                c.ssl = sc;
+                // log_level 0 with no file: ngx_log_error's level test fails for every
+                // level above NGX_LOG_STDERR, which nginx's SSL callbacks never use.
+                log.log_level = 0;
+                c.log = log;
+                if SSL_set_ex_data(ssl, ngx_ssl_connection_index, c as *mut _ as *mut c_void) != 1 {
+                    return Err(TlsError::OpenSsl(openssl_error()));
+                }
+                if SSL_set_fd(ssl, me._sock.as_raw_fd()) != 1 {
+                    return Err(TlsError::OpenSsl(openssl_error()));
+                }
+                set_server_name(ssl, name);
+                if SSL_connect(ssl) != 1 {
+                    return Err(TlsError::Handshake(openssl_error()));
+                }
+                me.connected = true;
+                if verify {
+                    verify_peer(ssl, name)?;
+                }
+                Ok(me)
             }
-            let mut me = BlockingTls {
-                ssl,
-                _sock: sock,
-                connected: false,
-                _stand_in: Box::new(std::mem::zeroed()),
-            };
-            let (c, sc, log) = &mut *me._stand_in;
-            c.ssl = sc;
-            // log_level 0 with no file: ngx_log_error's level test fails for every
-            // level above NGX_LOG_STDERR, which nginx's SSL callbacks never use.
-            log.log_level = 0;
-            c.log = log;
-            if SSL_set_ex_data(ssl, ngx_ssl_connection_index, c as *mut _ as *mut c_void) != 1 {
-                return Err(TlsError::OpenSsl(openssl_error()));
-            }
-            if SSL_set_fd(ssl, me._sock.as_raw_fd()) != 1 {
-                return Err(TlsError::OpenSsl(openssl_error()));
-            }
-            set_server_name(ssl, name);
-            if SSL_connect(ssl) != 1 {
-                return Err(TlsError::Handshake(openssl_error()));
-            }
-            me.connected = true;
-            if verify {
-                verify_peer(ssl, name)?;
-            }
-            Ok(me)
         }
     }
 

@@ -287,6 +287,12 @@ impl Locked<'_> {
         unsafe { (*self.hdr.set).slots() }
     }
 
+    /// Slot `i` of the current set (an index of `slots()`).
+    pub fn slot(&self, i: usize) -> &Slot {
+        // SAFETY: slots of the current set are live while the lock is held.
+        unsafe { &*self.slots()[i] }
+    }
+
     pub fn generation(&self) -> u64 {
         if self.hdr.set.is_null() {
             0

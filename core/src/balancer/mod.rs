@@ -48,15 +48,20 @@ impl PeerState {
         Some(elapsed as f64 / self.slow_start_ms as f64)
     }
 
+    /// Until when the peer is out after failing (`failed_until`).
+    pub fn failed_until(&self, now: i64) -> Option<i64> {
+        failed_until(
+            self.max_fails,
+            self.fails,
+            self.checked,
+            self.fail_timeout,
+            now,
+        )
+    }
+
     /// Whether the peer may take a new connection at time `now` (seconds).
     pub fn available(&self, now: i64) -> bool {
-        if self.down {
-            return false;
-        }
-        if self.max_fails > 0
-            && self.fails >= self.max_fails
-            && now - self.checked <= self.fail_timeout
-        {
+        if self.down || self.failed_until(now).is_some() {
             return false;
         }
         if self.max_conns > 0 && self.conns >= self.max_conns {
@@ -96,6 +101,19 @@ impl PeerState {
             self.fails = 0;
         }
     }
+}
+
+/// nginx's failure window: a server that failed `max_fails` times within its window
+/// (opened at `checked`) takes no connection until `checked + fail_timeout` (seconds).
+pub fn failed_until(
+    max_fails: u32,
+    fails: u32,
+    checked: i64,
+    fail_timeout: i64,
+    now: i64,
+) -> Option<i64> {
+    (max_fails > 0 && fails >= max_fails && now - checked <= fail_timeout)
+        .then_some(checked + fail_timeout)
 }
 
 /// Any indexable list of peers.
