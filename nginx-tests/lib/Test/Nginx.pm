@@ -604,6 +604,59 @@ sub _orphan_workers {
 	} sort { $a <=> $b } keys %$seen;
 }
 
+# connection_owner($listen_port, $client_port): the worker that holds the
+# accepted side of the client connection 127.0.0.1:$client_port ->
+# 127.0.0.1:$listen_port (read from /proc), or undef.
+sub connection_owner {
+	my ($self, $lport, $cport) = @_;
+	my $want = sprintf '0100007F:%04X 0100007F:%04X', $lport, $cport;
+	my $inode;
+	if (open my $fh, '<', '/proc/net/tcp') {
+		<$fh>;
+		while (<$fh>) {
+			my @f = split ' ';
+			next unless @f > 9 && "$f[1] $f[2]" eq $want;
+			$inode = $f[9];
+			last;
+		}
+	}
+	return undef unless $inode;
+	for my $pid ($self->worker_pids(all => 1)) {
+		opendir my $d, "/proc/$pid/fd" or next;
+		for my $fd (readdir $d) {
+			my $l = readlink("/proc/$pid/fd/$fd") // next;
+			return $pid if $l eq "socket:[$inode]";
+		}
+	}
+	return undef;
+}
+
+# limit_address_space($bytes): RLIMIT_AS of the master and its workers (the
+# master's limit is inherited by the workers it forks later), with
+# prlimit(1).  A worker that needs more memory fails its allocation instead
+# of taking the machine's memory.  Returns false without prlimit.
+sub limit_address_space {
+	my ($self, $bytes) = @_;
+	my $prlimit = which('prlimit') or return 0;
+	my $ok = 1;
+	for my $pid (grep { defined } $self->master_pid, $self->worker_pids(all => 1)) {
+		my (undef, $st) = _capture($prlimit, "--pid=$pid", "--as=$bytes:$bytes");
+		$ok = 0 if $st != 0;
+	}
+	return $ok;
+}
+
+# vm_size($pid): VmSize of a process in bytes (0 if unknown)
+sub vm_size {
+	shift if blessed($_[0]);
+	my ($pid) = @_;
+	open my $fh, '<', "/proc/$pid/status" or return 0;
+	while (<$fh>) {
+		return $1 * 1024 if /^VmSize:\s+(\d+)\s+kB/;
+	}
+	return 0;
+}
+
 # a few facts from the written config (comments stripped)
 sub _conf_info {
 	my ($self) = @_;
