@@ -263,6 +263,7 @@ my @CONSUL_EMU = (
 	[ 'weight 1e3', kv_bad_value('{"weight":1e3}'), 'invalid value for "weight": 1000\.0 ' ],
 	[ 'weight 2.5', kv_bad_value('{"weight":2.5}'), 'invalid value for "weight": 2\.5 ' ],
 	[ 'weight over the maximum', kv_bad_value('{"weight":1000001}'), 'invalid value for "weight": 1000001 ' ],
+	[ 'weight just over 10000', kv_bad_value('{"weight":10001}'), 'invalid value for "weight": 10001 \(an integer from 1 to 10000\)' ],
 	[ 'weight a word', kv_bad_value('{"weight":"heavy"}'), 'invalid value for "weight": "heavy" ' ],
 	[ 'weight empty string', kv_bad_value('{"weight":""}'), 'invalid value for "weight": "" ' ],
 	[ 'weight null', kv_bad_value('{"weight":null}'), 'invalid value for "weight": null ' ],
