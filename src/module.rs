@@ -8,11 +8,12 @@ use std::ptr;
 use ngx::ffi::*;
 use ngx::{ngx_conf_log_error, ngx_log_error};
 
+use crate::ngx_util::mono_ms;
 use crate::ngx_util::str_of;
 use crate::srv_conf::{
     create_srv_conf, cycle_upstreams, server_conf, upstream_conf, upstreams_of, upsync_confs,
 };
-use crate::zone::{mono_ms, InitOutcome, Zone};
+use crate::zone::{InitOutcome, Zone};
 use crate::{bootstrap, directives, poller, show_handler};
 use upsync_core::balancer::Plan;
 

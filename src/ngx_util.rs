@@ -1,5 +1,5 @@
-//! Small helpers over nginx's C types that several parts of the glue need: the cached
-//! clock, nginx strings, pool copies and the cycle log.
+//! Small helpers several parts of the glue need: the clocks, nginx strings, pool
+//! copies and the cycle log.
 
 use std::ptr;
 
@@ -9,6 +9,26 @@ use ngx::ffi::{ngx_cached_time, ngx_log_t, ngx_pnalloc, ngx_pool_t, ngx_str_t};
 pub fn now_sec() -> i64 {
     // SAFETY: ngx_cached_time always points at a valid time slot in a running nginx.
     unsafe { (*ngx_cached_time).sec as i64 }
+}
+
+/// Milliseconds of CLOCK_MONOTONIC: the same clock in every process, for leases and
+/// slow_start ramps that one process starts and others read.
+pub fn mono_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// Milliseconds since the epoch (for status times a person reads).
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// An nginx string as a Rust one (invalid UTF-8 replaced).

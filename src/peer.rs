@@ -8,11 +8,13 @@ use std::net::SocketAddr;
 use std::ptr;
 
 use ngx::ffi::*;
+use ngx::ngx_log_debug_mask;
 
 use crate::ngx_util::now_sec;
 
+use crate::ngx_util::mono_ms;
 use crate::srv_conf::upstream_conf;
-use crate::zone::{mono_ms, Ticket, Zone, NAME_MAX};
+use crate::zone::{Ticket, Zone, NAME_MAX};
 use upsync_core::balancer::{pick, Method};
 use upsync_core::policy::Rng;
 use upsync_core::servers::ServerSpec;
@@ -52,7 +54,7 @@ fn random() -> u64 {
             .get_or_insert_with(|| {
                 // SAFETY: a process-global written before any connection is balanced.
                 let pid = unsafe { ngx_pid } as u64;
-                Rng::new(pid << 32 ^ crate::zone::mono_ms())
+                Rng::new(pid << 32 ^ crate::ngx_util::mono_ms())
             })
             .next_u64()
     })
@@ -346,7 +348,15 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     let Some(i) = chosen else {
         drop(locked);
         // SAFETY: `pc` is the session's live peer connection.
-        unsafe { (*pc).name = pd.upstream_name };
+        let log = unsafe {
+            (*pc).name = pd.upstream_name;
+            (*pc).log
+        };
+        ngx_log_debug_mask!(
+            DebugMask::Stream,
+            log,
+            "upsync: no server to pick in generation {generation}"
+        );
         return NGX_BUSY as ngx_int_t;
     };
     let ticket = locked.acquire(i, now);
@@ -364,12 +374,19 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     let name = pd.attempt_name(&name[..name_len]);
     // SAFETY: `pc` is the session's live peer connection; the address and name point
     // into session memory that outlives the attempt.
-    unsafe {
+    let log = unsafe {
         (*pc).connection = ptr::null_mut();
         (*pc).sockaddr = &mut pd.sockaddr as *mut _ as *mut sockaddr;
         (*pc).socklen = socklen;
         (*pc).name = name;
-    }
+        (*pc).log
+    };
+    ngx_log_debug_mask!(
+        DebugMask::Stream,
+        log,
+        "upsync: get peer #{i} of generation {generation}, attempt {}",
+        pd.attempts
+    );
     NGX_OK as ngx_int_t
 }
 
@@ -380,16 +397,22 @@ unsafe extern "C" fn free_peer(
 ) {
     // SAFETY: as in `get_peer`.
     let pd = unsafe { &mut *(data as *mut PeerData) };
+    let failed = state & NGX_PEER_FAILED as ngx_uint_t != 0;
     if let Some(ticket) = pd.ticket.take() {
-        let failed = state & NGX_PEER_FAILED as ngx_uint_t != 0;
         pd.zone.lock().release(ticket, failed, now_sec());
     }
     // SAFETY: the session's live peer connection.
-    unsafe {
+    let log = unsafe {
         if (*pc).tries > 0 {
             (*pc).tries -= 1;
         }
-    }
+        (*pc).log
+    };
+    ngx_log_debug_mask!(
+        DebugMask::Stream,
+        log,
+        "upsync: free peer, failed: {failed}"
+    );
 }
 
 unsafe extern "C" fn notify_peer(
@@ -411,10 +434,35 @@ unsafe extern "C" fn notify_peer(
     }
 }
 
+/// `proxy_ssl_session_reuse on`: offers the server's last TLS session (kept in the zone,
+/// so every worker resumes what any worker negotiated, as nginx's upstream zone does).
 #[cfg(ngx_feature = "ssl")]
-unsafe extern "C" fn set_session(_pc: *mut ngx_peer_connection_t, _data: *mut c_void) -> ngx_int_t {
-    NGX_OK as ngx_int_t
+unsafe extern "C" fn set_session(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
+    // SAFETY: as in `get_peer`.
+    let pd = unsafe { &mut *(data as *mut PeerData) };
+    let Some(ticket) = &pd.ticket else {
+        return NGX_OK as ngx_int_t;
+    };
+    let mut der = Vec::new();
+    if !pd.zone.lock().session(ticket, &mut der) {
+        return NGX_OK as ngx_int_t;
+    }
+    // SAFETY: nginx calls this with the session's TLS connection set up, before the
+    // handshake.
+    unsafe { crate::driver::tls::set_session_der((*pc).connection, &der) }
 }
 
+/// Keeps the session the handshake produced for the next connection to this server.
 #[cfg(ngx_feature = "ssl")]
-unsafe extern "C" fn save_session(_pc: *mut ngx_peer_connection_t, _data: *mut c_void) {}
+unsafe extern "C" fn save_session(pc: *mut ngx_peer_connection_t, data: *mut c_void) {
+    // SAFETY: as in `get_peer`; nginx calls this after a successful handshake.
+    let (pd, der) = unsafe {
+        (
+            &mut *(data as *mut PeerData),
+            crate::driver::tls::session_der((*pc).connection),
+        )
+    };
+    if let (Some(ticket), Some(der)) = (&pd.ticket, der) {
+        pd.zone.lock().store_session(ticket, &der);
+    }
+}

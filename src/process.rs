@@ -6,7 +6,7 @@ use std::cell::RefCell;
 
 use ngx::ffi::{ngx_exiting, ngx_quit, ngx_terminate};
 
-use crate::zone::mono_ms;
+use crate::ngx_util::mono_ms;
 
 /// This process was told to stop (graceful or fast): it must not take or use a lease.
 pub fn exiting() -> bool {

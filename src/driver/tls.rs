@@ -315,6 +315,52 @@ mod imp {
         }
     }
 
+    /// The connection's TLS session, DER-encoded (None: none, or larger than nginx's
+    /// session buffer).
+    ///
+    /// # Safety
+    /// `c` is a live nginx connection with a TLS session.
+    pub unsafe fn session_der(c: *mut ngx_connection_t) -> Option<Vec<u8>> {
+        // SAFETY: per the contract; the session reference is freed before returning, and
+        // i2d writes at most the length it reported.
+        unsafe {
+            let s = ngx_ssl_get_session(c);
+            if s.is_null() {
+                return None;
+            }
+            let len = i2d_SSL_SESSION(s, ptr::null_mut());
+            let der = (len > 0 && len as u32 <= NGX_SSL_MAX_SESSION_SIZE).then(|| {
+                let mut der = vec![0u8; len as usize];
+                let mut p = der.as_mut_ptr();
+                i2d_SSL_SESSION(s, &mut p);
+                der
+            });
+            SSL_SESSION_free(s);
+            der
+        }
+    }
+
+    /// Offers a session (DER, from `session_der`) for resumption on a connection about
+    /// to handshake. Returns what ngx_ssl_set_session does.
+    ///
+    /// # Safety
+    /// `c` is a live nginx connection with a TLS connection not yet handshaken.
+    pub unsafe fn set_session_der(c: *mut ngx_connection_t, der: &[u8]) -> ngx_int_t {
+        // SAFETY: per the contract; d2i reads at most `len` bytes; nginx takes its own
+        // reference on the session, ours is freed here.
+        unsafe {
+            let mut p = der.as_ptr();
+            let s = d2i_SSL_SESSION(ptr::null_mut(), &mut p, der.len() as std::ffi::c_long);
+            if s.is_null() {
+                ERR_clear_error();
+                return NGX_OK as ngx_int_t; // not a session: a full handshake then
+            }
+            let rc = ngx_ssl_set_session(c, s);
+            SSL_SESSION_free(s);
+            rc
+        }
+    }
+
     /// Whether the connection's handshake completed.
     ///
     /// # Safety

@@ -7,8 +7,9 @@
 use ngx::ffi::*;
 
 use super::Poller;
+use crate::ngx_util::mono_ms;
 use crate::process::{exiting, observe, pid_alive};
-use crate::zone::{mono_ms, Locked};
+use crate::zone::Locked;
 use upsync_core::policy::{decide_lease, LeaseDecision};
 
 pub(super) unsafe extern "C" fn tick_handler(ev: *mut ngx_event_t) {

@@ -16,9 +16,10 @@ use ngx::ngx_log_debug_mask;
 
 use crate::driver::{Conn, ConnEvent, ConnOwner, Recv, Side, TlsSetup};
 use crate::ngx_util::cycle_log;
+use crate::ngx_util::mono_ms;
 use crate::process::exiting;
 use crate::srv_conf::SrvConf;
-use crate::zone::{mono_ms, Zone};
+use crate::zone::Zone;
 use upsync_core::balancer::Method;
 use upsync_core::conf::Target;
 use upsync_core::http::{build_request, ResponseParser};

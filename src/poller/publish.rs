@@ -7,18 +7,12 @@ use std::path::Path;
 use ngx::ffi::*;
 
 use super::Poller;
-use crate::zone::{mono_ms, ZoneError};
+use crate::ngx_util::{mono_ms, wall_ms};
+use crate::zone::ZoneError;
 use upsync_core::balancer::Plan;
 use upsync_core::dump;
 use upsync_core::registry::Snapshot;
 use upsync_core::servers::{Diff, ServerSpec};
-
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 impl Poller {
     pub(super) fn apply(&mut self, snap: Snapshot) {
@@ -115,6 +109,7 @@ impl Poller {
         st.updates += 1;
         st.last_change_ms = wall_ms();
         drop(l);
+        self.debug(&format!("set switched to generation {generation}"));
         let (used, total) = self.zone.usage();
         self.log(
             NGX_LOG_NOTICE,

@@ -156,6 +156,18 @@ impl Locked<'_> {
         }
     }
 
+    /// The TLS session kept for the ticket's server (DER) into `out`; false when none.
+    pub fn session(&self, t: &Ticket, out: &mut Vec<u8>) -> bool {
+        self.holds(t) && self.slot_session(t.slot, out)
+    }
+
+    /// Keeps a TLS session (DER) for the ticket's server, for the next connection.
+    pub fn store_session(&mut self, t: &Ticket, der: &[u8]) {
+        if self.holds(t) {
+            self.store_slot_session(t.slot, der);
+        }
+    }
+
     /// Whether `t`'s reference is still held (its ledger was not reclaimed).
     fn holds(&self, t: &Ticket) -> bool {
         // SAFETY: `self.ledger` is null or this process's live ledger.

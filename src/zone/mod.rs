@@ -529,15 +529,3 @@ impl upsync_core::balancer::Peers for SetPeers<'_> {
         unsafe { &mut (*self.slots[i]).state }
     }
 }
-
-/// Milliseconds of CLOCK_MONOTONIC: the same clock in every process, for leases and
-/// slow_start ramps that one process starts and others read.
-pub fn mono_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
-}

@@ -36,6 +36,11 @@ pub struct Slot {
     pub sockaddr: libc::sockaddr_storage,
     pub name_len: u8,
     pub name: [u8; NAME_MAX],
+    /// The last TLS session to this server (`proxy_ssl_session_reuse`), DER-encoded, in
+    /// a block of this zone (null: none).
+    ssl_session: *mut u8,
+    ssl_session_len: u32,
+    ssl_session_cap: u32,
 }
 
 impl Slot {
@@ -304,8 +309,54 @@ impl Locked<'_> {
         unsafe {
             (*slot).refs -= 1;
             if (*slot).refs == 0 {
+                if !(*slot).ssl_session.is_null() {
+                    ngx_slab_free_locked(self.pool, (*slot).ssl_session as *mut _);
+                }
                 ngx_slab_free_locked(self.pool, slot as *mut _);
             }
+        }
+    }
+
+    /// The TLS session kept for `slot` (DER), copied into `out`; false when none.
+    pub(super) fn slot_session(&self, slot: *mut Slot, out: &mut Vec<u8>) -> bool {
+        // SAFETY: the caller holds a reference on `slot` (a ticket); the session block
+        // is `ssl_session_len` bytes of this zone, read under the lock.
+        unsafe {
+            let s = &*slot;
+            if s.ssl_session.is_null() || s.ssl_session_len == 0 {
+                return false;
+            }
+            out.clear();
+            out.extend_from_slice(std::slice::from_raw_parts(
+                s.ssl_session,
+                s.ssl_session_len as usize,
+            ));
+        }
+        true
+    }
+
+    /// Keeps `der` as `slot`'s TLS session (a larger one gets a new block).
+    pub(super) fn store_slot_session(&mut self, slot: *mut Slot, der: &[u8]) {
+        // SAFETY: as in `slot_session`; blocks are allocated and freed under the lock.
+        unsafe {
+            let s = &mut *slot;
+            if der.len() > s.ssl_session_cap as usize {
+                if !s.ssl_session.is_null() {
+                    ngx_slab_free_locked(self.pool, s.ssl_session as *mut _);
+                }
+                s.ssl_session = ngx_slab_alloc_locked(self.pool, der.len()) as *mut u8;
+                s.ssl_session_cap = if s.ssl_session.is_null() {
+                    0
+                } else {
+                    der.len() as u32
+                };
+            }
+            if s.ssl_session.is_null() {
+                s.ssl_session_len = 0;
+                return;
+            }
+            ptr::copy_nonoverlapping(der.as_ptr(), s.ssl_session, der.len());
+            s.ssl_session_len = der.len() as u32;
         }
     }
 }
