@@ -166,7 +166,7 @@ unsafe extern "C" fn cmd_upsync(
             cf,
             &mut zname,
             spec.zone_size,
-            ptr::addr_of_mut!(crate::module::ngx_stream_upsync_module) as *mut c_void,
+            ptr::addr_of!(crate::srv_conf::ZONE_TAG) as *mut c_void,
         )
     };
     if shm.is_null() {
@@ -177,7 +177,7 @@ unsafe extern "C" fn cmd_upsync(
         if !(*shm).data.is_null() {
             conf_err!(cf, "upsync: shared zone \"upsync_{name}\" is already used");
         }
-        (*shm).init = Some(crate::module::init_zone);
+        (*shm).init = Some(crate::bootstrap::init_zone);
         (*shm).data = conf as *mut SrvConf as *mut c_void;
     }
     conf.upsync = Some(spec);

@@ -6,19 +6,17 @@ use std::ffi::{c_char, c_void};
 use std::ptr;
 
 use ngx::ffi::*;
-use ngx::{ngx_conf_log_error, ngx_log_error};
+use ngx::ngx_conf_log_error;
 
 use crate::ngx_util::mono_ms;
 use crate::ngx_util::str_of;
 use crate::srv_conf::{
     create_srv_conf, cycle_upstreams, server_conf, upstream_conf, upstreams_of, upsync_confs,
 };
-use crate::zone::{InitOutcome, Zone};
 use crate::{bootstrap, directives, poller, show_handler};
-use upsync_core::balancer::Plan;
 
 static mut MODULE_CTX: ngx_stream_module_t = ngx_stream_module_t {
-    preconfiguration: None,
+    preconfiguration: Some(preconfiguration),
     postconfiguration: Some(postconfiguration),
     create_main_conf: None,
     init_main_conf: None,
@@ -37,6 +35,14 @@ pub static mut ngx_stream_upsync_module: ngx_module_t = ngx_module_t {
     exit_process: Some(exit_process),
     ..ngx_module_t::default()
 };
+
+/// Tells the rest of the glue where nginx keeps this module's configurations.
+unsafe extern "C" fn preconfiguration(_cf: *mut ngx_conf_t) -> ngx_int_t {
+    // SAFETY: nginx assigned the module's index when it loaded it; read-only now.
+    let index = unsafe { (*ptr::addr_of!(ngx_stream_upsync_module)).ctx_index };
+    crate::srv_conf::set_ctx_index(index);
+    NGX_OK as ngx_int_t
+}
 
 /// Checks what single directives cannot: `upstream_show` stays its server's only
 /// content handler, `upsync_lb` and `upsync_dump_path` only come with `upsync`, and no
@@ -109,39 +115,6 @@ unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
         }
     }
     NGX_OK as ngx_int_t
-}
-
-/// The zone of an upsync upstream, initialized while nginx reads a configuration (see
-/// `zone` for the two phases of a reload).
-///
-/// # Safety
-/// Called by nginx as the zone's `init`, for a zone `cmd_upsync` registered.
-pub unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, _old: *mut c_void) -> ngx_int_t {
-    // SAFETY: `data` is the SrvConf `cmd_upsync` registered the zone with; `shm.addr` is
-    // the zone's slab pool, mapped for the cycle's life.
-    let (conf, pool, log) = unsafe {
-        (
-            &mut *((*shm_zone).data as *mut crate::srv_conf::SrvConf),
-            (*shm_zone).shm.addr as *mut ngx_slab_pool_t,
-            (*shm_zone).shm.log,
-        )
-    };
-    let plan = Plan::for_servers(&conf.initial, conf.method());
-    // SAFETY: `pool` is this zone's slab pool.
-    match unsafe { Zone::init(pool, conf.fingerprint(), &conf.initial, &plan) } {
-        Ok((zone, outcome)) => {
-            conf.zone = Some(zone);
-            conf.outcome = Some(outcome);
-            if outcome == InitOutcome::Switch {
-                conf.switch_plan = Some(plan);
-            }
-            NGX_OK as ngx_int_t
-        }
-        Err(e) => {
-            ngx_log_error!(NGX_LOG_EMERG, log, "{}: {e}", conf.log_prefix());
-            NGX_ERROR as ngx_int_t
-        }
-    }
 }
 
 /// Runs in the master once the configuration is committed (a reload can no longer be

@@ -4,6 +4,7 @@
 use std::ffi::c_void;
 use std::hash::{Hash, Hasher};
 use std::ptr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use ngx::core::Pool;
 use ngx::ffi::*;
@@ -128,11 +129,21 @@ pub unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
     pool.allocate(SrvConf::new()) as *mut c_void
 }
 
-/// The module's index among stream modules (valid once nginx loaded the module).
-pub fn ctx_index() -> usize {
-    // SAFETY: written by nginx before any configuration is parsed; read-only afterwards.
-    unsafe { (*ptr::addr_of!(crate::module::ngx_stream_upsync_module)).ctx_index }
+/// The module's index among stream modules, registered by the module's
+/// preconfiguration hook (nginx assigns it before any configuration is parsed).
+static CTX_INDEX: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+pub fn set_ctx_index(index: usize) {
+    CTX_INDEX.store(index, Ordering::Relaxed);
 }
+
+/// The module's index among stream modules.
+pub fn ctx_index() -> usize {
+    CTX_INDEX.load(Ordering::Relaxed)
+}
+
+/// The tag of the module's shared zones (its address: unique to this module).
+pub static ZONE_TAG: u8 = 0;
 
 /// Our configuration of an upstream block.
 ///

@@ -1,10 +1,13 @@
-//! What the master does for each upsync upstream when a configuration is committed
-//! (`init_module`): dump housekeeping, committing a reload's source switch or plan
-//! change, and the `strong_dependency=on` first read at first start.
+//! What the master does for each upsync upstream while nginx reads a configuration
+//! (`init_zone`) and once it is committed (`commit`, from `init_module`): dump
+//! housekeeping, committing a reload's source switch or plan change, and the
+//! `strong_dependency=on` first read at first start.
 
 mod blocking;
 
 use std::path::Path;
+
+use std::ffi::c_void;
 
 use ngx::ffi::*;
 use ngx::ngx_log_error;
@@ -14,6 +17,39 @@ use crate::zone::{InitOutcome, Zone, ZoneError};
 use upsync_core::balancer::Plan;
 use upsync_core::conf::Target;
 use upsync_core::dump;
+
+/// The zone of an upsync upstream, initialized while nginx reads a configuration (see
+/// `zone` for the two phases of a reload).
+///
+/// # Safety
+/// Called by nginx as the zone's `init`, for a zone `cmd_upsync` registered.
+pub unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, _old: *mut c_void) -> ngx_int_t {
+    // SAFETY: `data` is the SrvConf `cmd_upsync` registered the zone with; `shm.addr` is
+    // the zone's slab pool, mapped for the cycle's life.
+    let (conf, pool, log) = unsafe {
+        (
+            &mut *((*shm_zone).data as *mut SrvConf),
+            (*shm_zone).shm.addr as *mut ngx_slab_pool_t,
+            (*shm_zone).shm.log,
+        )
+    };
+    let plan = Plan::for_servers(&conf.initial, conf.method());
+    // SAFETY: `pool` is this zone's slab pool.
+    match unsafe { Zone::init(pool, conf.fingerprint(), &conf.initial, &plan) } {
+        Ok((zone, outcome)) => {
+            conf.zone = Some(zone);
+            conf.outcome = Some(outcome);
+            if outcome == InitOutcome::Switch {
+                conf.switch_plan = Some(plan);
+            }
+            NGX_OK as ngx_int_t
+        }
+        Err(e) => {
+            ngx_log_error!(NGX_LOG_EMERG, log, "{}: {e}", conf.log_prefix());
+            NGX_ERROR as ngx_int_t
+        }
+    }
+}
 
 /// Why a first start stops.
 #[derive(Debug)]
