@@ -3,6 +3,7 @@
 
 use std::ptr;
 
+use ngx::core::NgxStr;
 use ngx::ffi::{ngx_cached_time, ngx_log_t, ngx_pnalloc, ngx_pool_t, ngx_str_t};
 
 /// nginx's cached wall clock, in seconds (what nginx's own balancers use).
@@ -37,7 +38,9 @@ pub fn str_of(s: &ngx_str_t) -> String {
         return String::new();
     }
     // SAFETY: a non-empty nginx string points at `len` readable bytes.
-    String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(s.data, s.len) }).into_owned()
+    unsafe { NgxStr::from_ngx_str(*s) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// A copy of `s` in `pool`, NUL-terminated (as nginx's file loaders want it) but with

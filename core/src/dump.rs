@@ -9,6 +9,15 @@ use std::path::{Path, PathBuf};
 
 use crate::servers::{parse_addr, ServerSpec};
 
+/// A dump line that is not a `server` line this module writes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {why}: \"{text}\"")]
+pub struct DumpError {
+    pub line: usize,
+    pub why: String,
+    pub text: String,
+}
+
 /// The file's text: one line per server, in set order.
 pub fn render(servers: &[ServerSpec]) -> String {
     let mut out = String::with_capacity(servers.len() * 64);
@@ -21,14 +30,18 @@ pub fn render(servers: &[ServerSpec]) -> String {
 
 /// Parses the text back (comments and blank lines allowed). Used to check dumps, and by
 /// the crash-safety tools; nginx itself reads the file through `include`.
-pub fn parse(text: &str) -> Result<Vec<ServerSpec>, String> {
+pub fn parse(text: &str) -> Result<Vec<ServerSpec>, DumpError> {
     let mut out = Vec::new();
     for (n, raw) in text.lines().enumerate() {
         let line = raw.split('#').next().unwrap_or("").trim();
         if line.is_empty() {
             continue;
         }
-        let err = |why: &str| format!("line {}: {why}: \"{raw}\"", n + 1);
+        let err = |why: &str| DumpError {
+            line: n + 1,
+            why: why.to_string(),
+            text: crate::servers::printable(raw, 200),
+        };
         let body = line.strip_suffix(';').ok_or_else(|| err("missing \";\""))?;
         let mut words = body.split_ascii_whitespace();
         if words.next() != Some("server") {
@@ -200,10 +213,9 @@ mod tests {
     fn parse_errors_name_the_line() {
         assert!(parse("server 127.0.0.1:1 weight=1\n")
             .unwrap_err()
+            .to_string()
             .contains("line 1"));
-        assert!(parse("# c\n\nserver x:1;\n")
-            .unwrap_err()
-            .contains("line 3"));
+        assert_eq!(parse("# c\n\nserver x:1;\n").unwrap_err().line, 3);
         assert!(parse("upstream a;\n").is_err());
         assert!(parse("server 127.0.0.1:1 color=red;\n").is_err());
         // found by fuzzing: 2^32 s used to wrap to 0

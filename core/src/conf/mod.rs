@@ -149,13 +149,21 @@ impl fmt::Debug for Credential {
     }
 }
 
-/// Reads the content of a `token_file=` for a registry kind. The error says what the file
-/// must hold, never what it holds.
-pub fn parse_credential(kind: SourceKind, content: &str) -> Result<Credential, &'static str> {
+/// What a `token_file=` must hold (the error never says what it holds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialError {
+    #[error("must hold one non-empty line")]
+    NotOneLine,
+    #[error("must hold USER:PASSWORD for etcd")]
+    NotUserPassword,
+}
+
+/// Reads the content of a `token_file=` for a registry kind.
+pub fn parse_credential(kind: SourceKind, content: &str) -> Result<Credential, CredentialError> {
     let line = content.trim();
     if line.is_empty() || line.contains(['\r', '\n']) || line.bytes().any(|b| b < b' ' || b == 0x7f)
     {
-        return Err("must hold one non-empty line");
+        return Err(CredentialError::NotOneLine);
     }
     match kind {
         SourceKind::ConsulKv | SourceKind::ConsulServices | SourceKind::ConsulHealth => {
@@ -166,7 +174,7 @@ pub fn parse_credential(kind: SourceKind, content: &str) -> Result<Credential, &
                 user: u.to_string(),
                 password: p.to_string(),
             }),
-            _ => Err("must hold USER:PASSWORD for etcd"),
+            _ => Err(CredentialError::NotUserPassword),
         },
     }
 }
