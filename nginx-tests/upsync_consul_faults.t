@@ -120,7 +120,7 @@ SKIP: {
 		[ { mode => 'body', body => '{"not":"a list"}' }, qr/invalid JSON in response: invalid type: map/ ],
 		[ { mode => 'body', body => '[]', headers => { 'X-Consul-Index' => undef } }, qr/no X-Consul-Index header/ ],
 		[ { mode => 'body', body => '[{"Key":"upstreams/bad/example.com:80","Value":null}]' },
-			qr{entry "upstreams/bad/example.com:80": invalid server address} ],
+			qr{entry "upstreams/bad/example.com:80" skipped: invalid server address} ],
 		[ { mode => 'hang' }, qr/no complete response within \d+ms/ ],
 	);
 	for my $c (@cases) {

@@ -62,6 +62,7 @@ fn synced_view(name: String, conf: &SrvConf, now: i64) -> UpstreamView {
         })
         .collect();
     let st = l.status_ref();
+    let (skipped, skipped_count) = l.skipped();
     let spec = conf.upsync.as_ref().expect("synced upstream");
     let source = SourceView {
         kind: spec.kind.name().into(),
@@ -76,6 +77,8 @@ fn synced_view(name: String, conf: &SrvConf, now: i64) -> UpstreamView {
         generation: l.generation(),
         updates: st.updates,
         poller_pid: l.lease().holder,
+        skipped,
+        skipped_count,
     };
     UpstreamView {
         name,

@@ -124,6 +124,8 @@ pub enum SpecError {
     },
     #[error("value is not a JSON object: {0}")]
     NotObject(String),
+    #[error("invalid port {0} (expected 1 to 65535)")]
+    Port(String),
 }
 
 /// Parses a server address as registries store it: `ip:port`, `[ipv6]:port`, or the same

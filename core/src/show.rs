@@ -55,6 +55,10 @@ pub struct SourceView {
     pub updates: u64,
     /// Polling worker's pid (0: none right now).
     pub poller_pid: i64,
+    /// Registry entries the last answer skipped (key, cause; at most 100 listed) and
+    /// how many there were.
+    pub skipped: Vec<(String, String)>,
+    pub skipped_count: u64,
 }
 
 /// One upstream as the report shows it.
@@ -218,6 +222,8 @@ pub fn render_json(upstreams: &[UpstreamView]) -> String {
                     "generation": src.generation,
                     "updates": src.updates,
                     "poller_pid": src.poller_pid,
+                    "skipped_count": src.skipped_count,
+                    "skipped": src.skipped.iter().map(|(k, c)| json!({"key": k, "cause": c})).collect::<Vec<_>>(),
                 }),
             );
         }
@@ -286,6 +292,12 @@ pub fn render_prometheus(upstreams: &[UpstreamView]) -> String {
         "Server set changes applied from the registry.",
         "counter",
         per_upstream(&|u| u.source.as_ref().map(|s| s.updates.to_string())),
+    );
+    metric(
+        "upsync_upstream_skipped_entries",
+        "Registry entries that are not valid servers (skipped; the others apply).",
+        "gauge",
+        per_upstream(&|u| u.source.as_ref().map(|s| s.skipped_count.to_string())),
     );
     metric(
         "upsync_upstream_index",

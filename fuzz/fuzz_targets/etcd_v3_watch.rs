@@ -7,7 +7,7 @@ use upsync_core::registry::etcd_v3::{watch_state, WatchState};
 
 fuzz_target!(|data: &[u8]| {
     let full = watch_state(data);
-    if let WatchState::Error(e) | WatchState::Canceled(e) = &full {
+    if let WatchState::Error(e) | WatchState::Failed(e) | WatchState::Canceled(e) = &full {
         assert!(!e.contains('\n') && !e.contains('\r'), "line break in a log text: {e:?}");
     }
     // Once a prefix says "read again" (events, or a cancelled watch), the poller ends the

@@ -24,7 +24,7 @@ use upsync_core::balancer::Method;
 use upsync_core::conf::Target;
 use upsync_core::http::{build_request, ResponseParser};
 use upsync_core::policy::{self, ErrorDedup, Failover, Pacer, Retry, Rng};
-use upsync_core::registry::{redact, source_for, Source};
+use upsync_core::registry::{redact, source_for, RegistryError, Skipped, Source};
 
 /// Largest registry response accepted (a 10,000-server KV listing is about 2 MB).
 const BODY_LIMIT: usize = 8 * 1024 * 1024;
@@ -62,6 +62,13 @@ pub struct Poller {
     pacer: Pacer,
     failover: Failover,
     errors: ErrorDedup,
+    /// The data error of the current spell of bad answers (logged once; its end is
+    /// logged too).
+    data_error: Option<String>,
+    /// The entries skipped in the last answer, and its duplicate count (each change
+    /// is logged once).
+    skipped: Vec<Skipped>,
+    duplicates: usize,
     empty_warned: bool,
     rng: Rng,
 }
@@ -99,6 +106,9 @@ pub unsafe fn start(conf: &SrvConf) {
         pacer: Pacer::default(),
         failover: Failover::new(conf.addrs.len()),
         errors: ErrorDedup::default(),
+        data_error: None,
+        skipped: Vec::new(),
+        duplicates: 0,
         empty_warned: false,
         rng: Rng::new(pid << 32 ^ mono_ms()),
     }));
@@ -353,6 +363,7 @@ impl Poller {
             self.conn = None;
         }
         let head = x.parser.head().expect("complete response has a head");
+        let position = self.source.position();
         let result = self.source.handle(head, x.parser.body());
         if let Some(note) = self.source.take_note() {
             self.log(NGX_LOG_NOTICE, &redact(&note, self.source.as_ref()));
@@ -379,11 +390,36 @@ impl Poller {
                 };
                 self.schedule(delay);
             }
+            Err(e) if e.is_data_error() => self.data_failed(e, position),
             Err(e) => {
                 self.conn = None;
                 self.fail(e.to_string());
             }
         }
+    }
+
+    /// A good exchange with bad data (not a listing, a missing header): the registry and
+    /// the connection work, so there is no failover and no backoff. The set stays; the
+    /// error is logged once for the spell; the next request goes out at once when the
+    /// source's position moved past the bad answer (a blocking query then waits for the
+    /// next change, usually the fix), else after upsync_interval.
+    fn data_failed(&mut self, e: RegistryError, position_before: u64) {
+        let msg = redact(&e.to_string(), self.source.as_ref());
+        if self.errors.first_time(&msg) {
+            self.log(
+                NGX_LOG_ERR,
+                &format!("{msg}; keeping the current servers, the next change is read as soon as the registry has one"),
+            );
+        }
+        self.data_error = Some(msg.clone());
+        {
+            let mut l = self.zone.lock();
+            if self.may_publish(&l) {
+                l.set_error(&msg);
+            }
+        }
+        let moved = self.source.position() != position_before;
+        self.schedule(if moved { 0 } else { self.interval_ms });
     }
 
     /// Records a failed exchange: logs each distinct error once per outage, keeps the

@@ -11,7 +11,7 @@ use crate::ngx_util::{mono_ms, wall_ms};
 use crate::zone::ZoneError;
 use upsync_core::balancer::Plan;
 use upsync_core::dump;
-use upsync_core::registry::Snapshot;
+use upsync_core::registry::{Skipped, Snapshot};
 use upsync_core::servers::{Diff, ServerSpec};
 
 impl Poller {
@@ -32,20 +32,38 @@ impl Poller {
             );
         }
         self.errors.clear();
-        if snap.duplicates > 0 {
+        if let Some(e) = self.data_error.take() {
             self.log(
-                NGX_LOG_WARN,
-                &format!(
-                    "{} entries repeat an address already listed; the first one is used",
-                    snap.duplicates
-                ),
+                NGX_LOG_NOTICE,
+                &format!("the registry's answer is valid again (was: {e})"),
             );
+        }
+        if snap.duplicates != self.duplicates {
+            self.duplicates = snap.duplicates;
+            if snap.duplicates > 0 {
+                self.log(
+                    NGX_LOG_WARN,
+                    &format!(
+                        "{} entries repeat an address already listed; the first one is used",
+                        snap.duplicates
+                    ),
+                );
+            }
         }
         let position = self.source.position();
         let in_use = self.target().addr.to_string();
         let mut l = self.zone.lock();
         if !self.may_publish(&l) {
             return; // lost the lease, or exiting, or the zone serves another source now
+        }
+        if snap.skipped != self.skipped {
+            l.set_skipped(&snap.skipped);
+            drop(l);
+            self.report_skipped(&snap.skipped);
+            l = self.zone.lock();
+            if !self.may_publish(&l) {
+                return;
+            }
         }
         l.set_in_use(&in_use);
         let st = l.status();
@@ -122,6 +140,52 @@ impl Poller {
             ),
         );
         self.write_dump(&snap.servers, generation);
+    }
+
+    /// Logs the entries that became invalid (and why) and those that are no longer
+    /// skipped, each once, at most `LOG_EACH` of each by name.
+    fn report_skipped(&mut self, now: &[Skipped]) {
+        const LOG_EACH: usize = 10;
+        let appeared: Vec<&Skipped> = now.iter().filter(|s| !self.skipped.contains(s)).collect();
+        let gone: Vec<&Skipped> = self
+            .skipped
+            .iter()
+            .filter(|s| !now.iter().any(|n| n.key == s.key))
+            .collect();
+        for s in appeared.iter().take(LOG_EACH) {
+            self.log(
+                NGX_LOG_WARN,
+                &format!(
+                    "entry \"{}\" skipped: {}; the other entries apply",
+                    s.key, s.cause
+                ),
+            );
+        }
+        if appeared.len() > LOG_EACH {
+            self.log(
+                NGX_LOG_WARN,
+                &format!(
+                    "{} more entries skipped (the status view lists them)",
+                    appeared.len() - LOG_EACH
+                ),
+            );
+        }
+        for s in gone.iter().take(LOG_EACH) {
+            self.log(
+                NGX_LOG_NOTICE,
+                &format!("entry \"{}\" is no longer skipped", s.key),
+            );
+        }
+        if gone.len() > LOG_EACH {
+            self.log(
+                NGX_LOG_NOTICE,
+                &format!(
+                    "{} more entries are no longer skipped",
+                    gone.len() - LOG_EACH
+                ),
+            );
+        }
+        self.skipped = now.to_vec();
     }
 
     /// Writes the dump of the set published as `generation`: the file is prepared

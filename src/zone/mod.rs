@@ -112,6 +112,10 @@ pub struct ZoneHeader {
     pub status: SyncStatus,
     reserve: *mut Reserve,
     ledgers: *mut Ledger,
+    /// The entries the last answer skipped, as `key\tcause\n` lines (bounded), and how
+    /// many there were.
+    skipped: PlanRef,
+    skipped_count: u64,
     /// When dead processes' ledgers were last looked for (monotonic ms).
     ledgers_checked_ms: u64,
 }
@@ -244,6 +248,7 @@ impl Zone {
         // SAFETY: SyncStatus is plain old data; all-zero is its initial value.
         l.hdr.status = unsafe { std::mem::zeroed() };
         l.hdr.status.updates = updates;
+        l.set_skipped(&[]);
         let result = l
             .alloc_plan(plan)
             .and_then(|block| l.publish(initial, block, None));
@@ -382,6 +387,56 @@ impl Locked<'_> {
             self.hdr.poller_pid = 0;
             self.hdr.lease_until_ms = 0;
         }
+    }
+
+    /// Records the entries the last answer skipped (at most `SKIPPED_SHOWN` of them are
+    /// kept, for the status views).
+    pub fn set_skipped(&mut self, skipped: &[upsync_core::registry::Skipped]) {
+        const SKIPPED_SHOWN: usize = 100;
+        let mut text = String::new();
+        for s in skipped.iter().take(SKIPPED_SHOWN) {
+            text.push_str(&s.key.replace(['\t', '\n'], " "));
+            text.push('\t');
+            text.push_str(&s.cause.replace(['\t', '\n'], " "));
+            text.push('\n');
+        }
+        let old = std::mem::replace(&mut self.hdr.skipped, PlanRef::NONE);
+        if !old.ptr.is_null() {
+            // SAFETY: the block was allocated by this function on this pool; lock held.
+            unsafe { ngx_slab_free_locked(self.pool, old.ptr as *mut _) };
+        }
+        self.hdr.skipped_count = skipped.len() as u64;
+        if text.is_empty() {
+            return;
+        }
+        // SAFETY: lock held; the block is filled before it is linked.
+        unsafe {
+            let p = ngx_slab_alloc_locked(self.pool, text.len()) as *mut u64;
+            if p.is_null() {
+                return; // the count still shows; the list needs room in the zone
+            }
+            ptr::copy_nonoverlapping(text.as_ptr(), p as *mut u8, text.len());
+            self.hdr.skipped = PlanRef {
+                ptr: p,
+                words: text.len(),
+            };
+        }
+    }
+
+    /// The skipped entries recorded (key, cause) and how many there were in all.
+    pub fn skipped(&self) -> (Vec<(String, String)>, u64) {
+        let b = self.hdr.skipped;
+        if b.ptr.is_null() {
+            return (Vec::new(), self.hdr.skipped_count);
+        }
+        // SAFETY: `words` bytes of text written by `set_skipped`, freed only under the lock.
+        let text = unsafe { std::slice::from_raw_parts(b.ptr as *const u8, b.words) };
+        let list = String::from_utf8_lossy(text)
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .map(|(k, c)| (k.to_string(), c.to_string()))
+            .collect();
+        (list, self.hdr.skipped_count)
     }
 
     /// The sync status, for reading (`status` gives it to write).

@@ -4,10 +4,14 @@
 use base64::Engine as _;
 use serde::Deserialize;
 
-use super::{excerpt, RegistryError, Request, Snapshot, Source};
+use super::{excerpt, Listing, RegistryError, Request, Snapshot, Source};
 use crate::conf::{Credential, SourceKind, UpsyncSpec};
 use crate::http::Head;
-use crate::servers::{apply_json_attrs, apply_tags, parse_addr, ServerSpec};
+use crate::servers::{apply_json_attrs, apply_tags, parse_addr, ServerSpec, SpecError};
+
+/// Answers in a row whose index goes back before polls slow down to upsync_interval (one
+/// is a snapshot restore: read again at once).
+const BACKWARDS_STREAK: u32 = 2;
 
 /// Consul caps `wait` at 10 minutes.
 const MAX_WAIT_MS: u64 = 600_000;
@@ -40,6 +44,12 @@ pub struct Consul {
     /// The KV prefix below /v1/kv/, with its trailing slash.
     kv_prefix: String,
     index: u64,
+    /// The index the registry returned last (the index sent next may be 0 after a step
+    /// back), answers in a row whose index went back, and whether that was logged.
+    last_returned: u64,
+    backwards_streak: u32,
+    backwards_noted: bool,
+    note: Option<String>,
     wait_ms: u64,
     deadline_ms: u64,
     /// `X-Consul-Token: ...` (a header, never the `?token=` form that ends up in logs).
@@ -68,6 +78,10 @@ impl Consul {
             user_query: spec.endpoint.query.clone(),
             kv_prefix,
             index: 0,
+            last_returned: 0,
+            backwards_streak: 0,
+            backwards_noted: false,
+            note: None,
             wait_ms,
             deadline_ms,
             token_header: None,
@@ -124,20 +138,52 @@ impl Source for Consul {
         let returned: u64 = raw
             .parse()
             .map_err(|_| RegistryError::BadHeader("X-Consul-Index", excerpt(raw.as_bytes())))?;
-        let servers = if empty_kv {
-            Vec::new()
+        let listing = if empty_kv {
+            Ok(Listing::default())
         } else if self.kind == SourceKind::ConsulKv {
-            parse_kv(body, &self.kv_prefix)?
+            parse_kv(body, &self.kv_prefix)
         } else {
-            parse_services(body)?
+            parse_services(body)
         };
+        let went_back = returned < self.last_returned;
+        let from = self.last_returned;
+        self.last_returned = returned;
         let advanced = returned != self.index;
+        // The index moves on even when the data is bad: the next blocking query then waits
+        // for the next change (the fix, usually) instead of re-reading the bad data.
         self.index = next_index(self.index, returned);
-        Ok(Some(Snapshot::new(servers, advanced)))
+        let listing = listing?;
+        let mut advanced = advanced;
+        if went_back {
+            // A snapshot restore moves the index back once. An index that goes back on
+            // answer after answer (a load balancer mixing registry servers) would make
+            // every query return at once: such answers count as no progress, so polls
+            // wait upsync_interval, and the episode is logged once.
+            self.backwards_streak = self.backwards_streak.saturating_add(1);
+            if self.backwards_streak >= BACKWARDS_STREAK {
+                advanced = false;
+                if !self.backwards_noted {
+                    self.backwards_noted = true;
+                    self.note = Some(format!(
+                        "the registry's index went back on {} answers in a row (last {from} -> {returned}): a load balancer mixing registry servers? Polling at upsync_interval until it moves forward again",
+                        self.backwards_streak
+                    ));
+                }
+            }
+        } else if advanced {
+            self.backwards_streak = 0;
+            self.backwards_noted = false;
+        }
+        Ok(Some(Snapshot::of(listing, advanced)))
     }
 
     fn reset(&mut self) {
         self.index = 0;
+        self.last_returned = 0;
+    }
+
+    fn take_note(&mut self) -> Option<String> {
+        self.note.take()
     }
 
     fn secrets(&self) -> Vec<String> {
@@ -162,34 +208,29 @@ struct KvEntry {
 }
 
 /// `GET /v1/kv/<prefix>?recurse`: one server per key; the key's last path component is the
-/// address and the value (base64 JSON) its settings. Folder keys (ending in `/`) are skipped.
-pub fn parse_kv(body: &[u8], prefix: &str) -> Result<Vec<ServerSpec>, RegistryError> {
+/// address and the value (base64 JSON) its settings. Folder keys (ending in `/`) are not
+/// servers; keys that are not valid servers are skipped (see `Listing`).
+pub fn parse_kv(body: &[u8], prefix: &str) -> Result<Listing, RegistryError> {
     let entries: Vec<KvEntry> =
         serde_json::from_slice(body).map_err(|e| RegistryError::Json(e.to_string()))?;
-    let mut out = Vec::with_capacity(entries.len());
+    let mut out = Listing::default();
     for e in entries {
         if e.key.ends_with('/') || !e.key.starts_with(prefix) {
             continue;
         }
         let name = e.key.rsplit('/').next().unwrap_or("");
-        let entry_err = |err| RegistryError::Entry {
-            key: excerpt(e.key.as_bytes()),
-            err,
-        };
-        let mut spec = ServerSpec::new(parse_addr(name).map_err(entry_err)?);
-        let value = match &e.value {
-            Some(v) => base64::engine::general_purpose::STANDARD
-                .decode(v)
-                .map_err(|err| RegistryError::Entry {
-                    key: excerpt(e.key.as_bytes()),
-                    err: crate::servers::SpecError::NotObject(format!(
-                        "value is not base64: {err}"
-                    )),
-                })?,
-            None => Vec::new(),
-        };
-        apply_json_attrs(&mut spec, &value).map_err(entry_err)?;
-        out.push(spec);
+        let entry = parse_addr(name).and_then(|addr| {
+            let mut spec = ServerSpec::new(addr);
+            let value = match &e.value {
+                Some(v) => base64::engine::general_purpose::STANDARD
+                    .decode(v)
+                    .map_err(|err| SpecError::NotObject(format!("value is not base64: {err}")))?,
+                None => Vec::new(),
+            };
+            apply_json_attrs(&mut spec, &value)?;
+            Ok(spec)
+        });
+        out.push(&e.key, entry);
     }
     Ok(out)
 }
@@ -197,11 +238,11 @@ pub fn parse_kv(body: &[u8], prefix: &str) -> Result<Vec<ServerSpec>, RegistryEr
 /// `/v1/catalog/service/NAME` (flat entries) or `/v1/health/service/NAME` (nested Node and
 /// Service). Address: the service's, else the node's. Settings from tags; weight from
 /// `Weights.Passing` when no `weight=` tag says otherwise.
-pub fn parse_services(body: &[u8]) -> Result<Vec<ServerSpec>, RegistryError> {
+pub fn parse_services(body: &[u8]) -> Result<Listing, RegistryError> {
     use serde_json::Value;
     let entries: Vec<Value> =
         serde_json::from_slice(body).map_err(|e| RegistryError::Json(e.to_string()))?;
-    let mut out = Vec::with_capacity(entries.len());
+    let mut out = Listing::default();
     for e in &entries {
         let str_of = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or("").to_string();
         let (id, svc_addr, node_addr, port, tags, weights) = if let Some(svc) = e.get("Service") {
@@ -226,42 +267,57 @@ pub fn parse_services(body: &[u8]) -> Result<Vec<ServerSpec>, RegistryError> {
         let key = if id.is_empty() {
             "(service without ID)".to_string()
         } else {
-            excerpt(id.as_bytes())
-        };
-        let entry_err = |err| RegistryError::Entry {
-            key: key.clone(),
-            err,
+            id
         };
         let host = if svc_addr.is_empty() {
             node_addr
         } else {
             svc_addr
         };
-        let port = port
-            .and_then(Value::as_u64)
-            .filter(|p| (1..=65535).contains(p));
-        let addr_text = match (host.parse::<std::net::IpAddr>(), port) {
-            (Ok(std::net::IpAddr::V6(ip)), Some(p)) => format!("[{ip}]:{p}"),
-            (_, Some(p)) => format!("{host}:{p}"),
-            (_, None) => format!("{host}:?"),
-        };
-        let mut spec = ServerSpec::new(parse_addr(&addr_text).map_err(entry_err)?);
-        if let Some(w) = weights
-            .and_then(|w| w.get("Passing"))
-            .and_then(Value::as_u64)
-        {
-            if (1..=crate::servers::MAX_WEIGHT as u64).contains(&w) {
-                spec.weight = w as u32;
+        let entry = service_addr(&host, port).and_then(|addr| {
+            let mut spec = ServerSpec::new(addr);
+            if let Some(w) = weights
+                .and_then(|w| w.get("Passing"))
+                .and_then(Value::as_u64)
+            {
+                if (1..=crate::servers::MAX_WEIGHT as u64).contains(&w) {
+                    spec.weight = w as u32;
+                }
             }
-        }
-        let tags: Vec<&str> = tags
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        apply_tags(&mut spec, tags).map_err(entry_err)?;
-        out.push(spec);
+            let tags: Vec<&str> = tags
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            apply_tags(&mut spec, tags)?;
+            Ok(spec)
+        });
+        out.push(&key, entry);
     }
     Ok(out)
+}
+
+/// A service instance's address: an IP address (host names are not resolved) and a
+/// port from 1 to 65535, each refused with its own reason.
+fn service_addr(
+    host: &str,
+    port: Option<&serde_json::Value>,
+) -> Result<std::net::SocketAddr, SpecError> {
+    let port = match port.and_then(serde_json::Value::as_u64) {
+        Some(p) if (1..=65535).contains(&p) => p as u16,
+        Some(p) => {
+            return Err(SpecError::Port(excerpt(p.to_string().as_bytes())));
+        }
+        None => {
+            return Err(SpecError::Port(
+                port.map(|p| excerpt(p.to_string().as_bytes()))
+                    .unwrap_or_else(|| "none".into()),
+            ))
+        }
+    };
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => Ok(std::net::SocketAddr::new(ip, port)),
+        Err(_) => Err(SpecError::Address(excerpt(host.as_bytes()))),
+    }
 }
 
 #[cfg(test)]
@@ -341,9 +397,10 @@ mod tests {
     }
 
     #[test]
-    fn kv_errors_keep_position() {
+    fn kv_errors_and_bad_entries() {
         let mut c = kv_source();
         c.handle(&head(200, Some("9")), b"[]").unwrap();
+        // an error status keeps the position: the next query asks again from 9
         assert!(matches!(
             c.handle(&head(500, Some("10")), b"rpc error"),
             Err(RegistryError::Status { code: 500, .. })
@@ -356,33 +413,75 @@ mod tests {
             c.handle(&head(200, Some("x")), b"[]"),
             Err(RegistryError::BadHeader(..))
         ));
-        assert!(matches!(
-            c.handle(&head(200, Some("10")), b"[{\"Key\":"),
-            Err(RegistryError::Json(_))
-        ));
-        assert!(matches!(
-            c.handle(&head(200, Some("10")), br#"{"Key":"a"}"#),
-            Err(RegistryError::Json(_))
-        ));
-        let bad = format!(
-            r#"[{{"Key":"upstreams/test/127.0.0.1:1","Value":"{}"}}]"#,
-            b64(r#"{"weight":-1}"#)
-        );
-        let err = c
-            .handle(&head(200, Some("10")), bad.as_bytes())
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("upstreams/test/127.0.0.1:1"),
-            "{err}"
-        );
-        let err = c
-            .handle(
-                &head(200, Some("10")),
-                br#"[{"Key":"upstreams/test/localhost:80","Value":null}]"#,
-            )
-            .unwrap_err();
-        assert!(err.to_string().contains("invalid server address"), "{err}");
         assert_eq!(c.position(), 9);
+        // a body that is not a listing is a data error; the index moves on, so the next
+        // blocking query waits for the next change instead of re-reading the bad data
+        let err = c.handle(&head(200, Some("10")), b"[{\"Key\":").unwrap_err();
+        assert!(matches!(err, RegistryError::Json(_)) && err.is_data_error());
+        assert_eq!(c.position(), 10);
+        assert!(matches!(
+            c.handle(&head(200, Some("11")), br#"{"Key":"a"}"#),
+            Err(RegistryError::Json(_))
+        ));
+        // bad entries are skipped, the others apply
+        let body = format!(
+            r#"[{{"Key":"upstreams/test/127.0.0.1:1","Value":"{}"}},
+                {{"Key":"upstreams/test/localhost:80","Value":null}},
+                {{"Key":"upstreams/test/127.0.0.1:2","Value":"{}"}},
+                {{"Key":"upstreams/test/127.0.0.1:3","Value":"{}"}}]"#,
+            b64(r#"{"weight":-1}"#),
+            b64(r#"{"weight":2}"#),
+            b64("not json")
+        );
+        let s = c
+            .handle(&head(200, Some("12")), body.as_bytes())
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.servers.len(), 1);
+        assert_eq!(s.servers[0].addr.to_string(), "127.0.0.1:2");
+        let keys: Vec<&str> = s.skipped.iter().map(|k| k.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "upstreams/test/127.0.0.1:1",
+                "upstreams/test/127.0.0.1:3",
+                "upstreams/test/localhost:80"
+            ]
+        );
+        assert!(
+            s.skipped[0].cause.contains("\"weight\": -1"),
+            "{:?}",
+            s.skipped
+        );
+        assert!(s.skipped[2].cause.contains("invalid server address"));
+        assert_eq!(c.position(), 12);
+    }
+
+    #[test]
+    fn index_going_back_on_every_answer_is_slowed_and_noted_once() {
+        let mut c = kv_source();
+        c.handle(&head(200, Some("100")), b"[]").unwrap();
+        // one step back (a snapshot restore): read again at once
+        let s = c.handle(&head(200, Some("50")), b"[]").unwrap().unwrap();
+        assert!(s.advanced);
+        assert!(c.take_note().is_none());
+        let mut d = kv_source();
+        d.handle(&head(200, Some("100")), b"[]").unwrap();
+        let mut slow = 0;
+        let mut noted = 0;
+        for idx in [90u64, 80, 70, 60, 50, 40] {
+            let s = d
+                .handle(&head(200, Some(&idx.to_string())), b"[]")
+                .unwrap()
+                .unwrap();
+            slow += !s.advanced as u32;
+            noted += d.take_note().is_some() as u32;
+        }
+        assert_eq!(slow, 5, "every answer after the first step back waits");
+        assert_eq!(noted, 1, "logged once");
+        // moving forward again ends the episode
+        let s = d.handle(&head(200, Some("41")), b"[]").unwrap().unwrap();
+        assert!(s.advanced);
     }
 
     #[test]
@@ -402,23 +501,33 @@ mod tests {
     fn services_catalog_and_health() {
         let catalog = br#"[{"Node":"n1","Address":"10.0.0.1","ServiceID":"web1","ServiceAddress":"","ServicePort":8080,"ServiceTags":["weight=3","backup"]},
                            {"Node":"n2","Address":"10.0.0.2","ServiceID":"web2","ServiceAddress":"127.0.0.2","ServicePort":8081,"ServiceTags":[],"ServiceWeights":{"Passing":7,"Warning":1}}]"#;
-        let s = parse_services(catalog).unwrap();
+        let s = parse_services(catalog).unwrap().servers;
         assert_eq!(s[0].addr.to_string(), "10.0.0.1:8080");
         assert_eq!((s[0].weight, s[0].backup), (3, true));
         assert_eq!(s[1].addr.to_string(), "127.0.0.2:8081");
         assert_eq!(s[1].weight, 7);
         let health = br#"[{"Node":{"Node":"n","Address":"127.0.0.1"},"Service":{"ID":"a","Service":"web","Address":"","Port":9000,"Tags":["down"]},"Checks":[]}]"#;
-        let s = parse_services(health).unwrap();
+        let s = parse_services(health).unwrap().servers;
         assert_eq!(s[0].addr.to_string(), "127.0.0.1:9000");
         assert!(s[0].down);
-        assert!(parse_services(
-            br#"[{"Node":{"Address":"x.example"},"Service":{"ID":"a","Port":1}}]"#
-        )
-        .is_err());
+        // bad instances are skipped with their own cause
+        let skipped = |body: &[u8]| {
+            let l = parse_services(body).unwrap();
+            assert!(l.servers.is_empty());
+            l.skipped[0].cause.clone()
+        };
         assert!(
-            parse_services(br#"[{"ServiceID":"a","Address":"127.0.0.1","ServicePort":0}]"#)
-                .is_err()
+            skipped(br#"[{"Node":{"Address":"x.example"},"Service":{"ID":"a","Port":1}}]"#)
+                .contains("invalid server address \"x.example\"")
         );
-        assert!(parse_services(br#"[{"ServiceID":"a","Address":"127.0.0.1","ServicePort":1,"ServiceTags":["weight=0"]}]"#).is_err());
+        assert_eq!(
+            skipped(br#"[{"ServiceID":"a","Address":"127.0.0.1","ServicePort":0}]"#),
+            "invalid port 0 (expected 1 to 65535)"
+        );
+        assert!(skipped(br#"[{"ServiceID":"a","Address":"127.0.0.1","ServicePort":1,"ServiceTags":["weight=0"]}]"#).contains("weight"));
+        assert!(
+            parse_services(b"{}").is_err(),
+            "not a list: the whole answer is refused"
+        );
     }
 }

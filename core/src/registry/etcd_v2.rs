@@ -14,7 +14,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde::Deserialize;
 
-use super::{excerpt, RegistryError, Request, Snapshot, Source};
+use super::{excerpt, Listing, RegistryError, Request, Snapshot, Source};
 use crate::conf::{Credential, UpsyncSpec};
 use crate::http::Head;
 use crate::servers::{apply_json_attrs, parse_addr, ServerSpec};
@@ -160,10 +160,12 @@ impl EtcdV2 {
             return Ok(None);
         }
         let index = Self::etcd_index(head)?;
-        let servers = parse_listing(body)?;
+        // Watch from this index even when the listing is bad: its next change (the fix,
+        // usually) is then read at once.
         self.read_index = index;
         self.wait_index = index.saturating_add(1);
-        Ok(Some(Snapshot::new(servers, true)))
+        let listing = parse_listing(body)?;
+        Ok(Some(Snapshot::of(listing, true)))
     }
 
     fn etcd_index(head: &Head) -> Result<u64, RegistryError> {
@@ -175,34 +177,32 @@ impl EtcdV2 {
     }
 }
 
-fn collect(node: &Node, out: &mut Vec<ServerSpec>) -> Result<(), RegistryError> {
+fn collect(node: &Node, out: &mut Listing) {
     if node.dir {
         for n in &node.nodes {
-            collect(n, out)?;
+            collect(n, out);
         }
-        return Ok(());
+        return;
     }
     let name = node.key.rsplit('/').next().unwrap_or("");
-    let err = |err| RegistryError::Entry {
-        key: excerpt(node.key.as_bytes()),
-        err,
-    };
-    let mut spec = ServerSpec::new(parse_addr(name).map_err(err)?);
-    apply_json_attrs(&mut spec, node.value.as_deref().unwrap_or("").as_bytes()).map_err(err)?;
-    out.push(spec);
-    Ok(())
+    let entry = parse_addr(name).and_then(|addr| {
+        let mut spec = ServerSpec::new(addr);
+        apply_json_attrs(&mut spec, node.value.as_deref().unwrap_or("").as_bytes())?;
+        Ok(spec)
+    });
+    out.push(&node.key, entry);
 }
 
-/// The servers of a recursive read's body.
-pub fn parse_listing(body: &[u8]) -> Result<Vec<ServerSpec>, RegistryError> {
+/// The servers of a recursive read's body (keys that are not servers skipped).
+pub fn parse_listing(body: &[u8]) -> Result<Listing, RegistryError> {
     let r: Response =
         serde_json::from_slice(body).map_err(|e| RegistryError::Json(e.to_string()))?;
     let node = r
         .node
         .ok_or_else(|| RegistryError::Json("response has no \"node\"".into()))?;
-    let mut out = Vec::new();
+    let mut out = Listing::default();
     if node.dir {
-        collect(&node, &mut out)?;
+        collect(&node, &mut out);
     } else {
         return Err(RegistryError::Json(format!(
             "\"{}\" is a key, not a directory",
@@ -318,12 +318,16 @@ mod tests {
     #[test]
     fn nested_dirs_and_errors() {
         let body = br#"{"action":"get","node":{"key":"/u","dir":true,"nodes":[{"key":"/u/sub","dir":true,"nodes":[{"key":"/u/sub/127.0.0.1:1","value":""}]},{"key":"/u/127.0.0.1:2"}]}}"#;
-        assert_eq!(parse_listing(body).unwrap().len(), 2);
+        assert_eq!(parse_listing(body).unwrap().servers.len(), 2);
         assert!(
             parse_listing(br#"{"action":"get","node":{"key":"/u/127.0.0.1:1","value":""}}"#)
                 .is_err()
         );
-        assert!(parse_listing(br#"{"action":"get","node":{"key":"/u","dir":true,"nodes":[{"key":"/u/host:1","value":""}]}}"#).is_err());
+        let l = parse_listing(br#"{"action":"get","node":{"key":"/u","dir":true,"nodes":[{"key":"/u/host:1","value":""},{"key":"/u/127.0.0.1:5","value":""}]}}"#).unwrap();
+        assert_eq!(
+            (l.servers.len(), l.skipped[0].key.as_str()),
+            (1, "/u/host:1")
+        );
         assert!(parse_listing(b"{").is_err());
         let mut s = source();
         assert!(matches!(

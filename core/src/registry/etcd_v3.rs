@@ -12,7 +12,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde_json::Value;
 
-use super::{excerpt, RegistryError, Request, Snapshot, Source};
+use super::{excerpt, Listing, RegistryError, Request, Snapshot, Source};
 use crate::conf::{Credential, UpsyncSpec};
 use crate::http::Head;
 use crate::servers::{apply_json_attrs, parse_addr, ServerSpec};
@@ -78,7 +78,7 @@ fn b64_field(v: Option<&Value>) -> Result<Vec<u8>, String> {
 }
 
 /// The servers of a range response and its revision.
-pub fn parse_range(body: &[u8], prefix: &str) -> Result<(Vec<ServerSpec>, u64), RegistryError> {
+pub fn parse_range(body: &[u8], prefix: &str) -> Result<(Listing, u64), RegistryError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| RegistryError::Json(e.to_string()))?;
     if let Some(e) = v
         .get("error")
@@ -91,7 +91,7 @@ pub fn parse_range(body: &[u8], prefix: &str) -> Result<(Vec<ServerSpec>, u64), 
     }
     let revision = int64(v.get("header").and_then(|h| h.get("revision")))
         .ok_or_else(|| RegistryError::Json("response has no header.revision".into()))?;
-    let mut out = Vec::new();
+    let mut out = Listing::default();
     let kvs = match v.get("kvs") {
         None | Some(Value::Null) => return Ok((out, revision)),
         Some(Value::Array(a)) => a,
@@ -104,16 +104,15 @@ pub fn parse_range(body: &[u8], prefix: &str) -> Result<(Vec<ServerSpec>, u64), 
         if key.ends_with('/') || !key.starts_with(prefix) {
             continue;
         }
-        let err = |err| RegistryError::Entry {
-            key: excerpt(key.as_bytes()),
-            err,
-        };
         let name = key.rsplit('/').next().unwrap_or("");
-        let mut spec = ServerSpec::new(parse_addr(name).map_err(err)?);
-        let value = b64_field(kv.get("value"))
-            .map_err(|e| err(crate::servers::SpecError::NotObject(format!("value {e}"))))?;
-        apply_json_attrs(&mut spec, &value).map_err(err)?;
-        out.push(spec);
+        let entry = parse_addr(name).and_then(|addr| {
+            let mut spec = ServerSpec::new(addr);
+            let value = b64_field(kv.get("value"))
+                .map_err(|e| crate::servers::SpecError::NotObject(format!("value {e}")))?;
+            apply_json_attrs(&mut spec, &value)?;
+            Ok(spec)
+        });
+        out.push(&key, entry);
     }
     Ok((out, revision))
 }
@@ -123,6 +122,8 @@ pub fn parse_range(body: &[u8], prefix: &str) -> Result<(Vec<ServerSpec>, u64), 
 pub enum WatchState {
     /// Only "created" (or nothing complete yet): keep waiting.
     Waiting,
+    /// The server reported a failure in the stream (it stopped, a leader change, ...).
+    Failed(String),
     /// Events: read again.
     Reread,
     /// The watch was cancelled (its start revision was compacted): read again.
@@ -156,7 +157,10 @@ pub fn watch_state_from(body: &[u8], scanned: &mut usize) -> WatchState {
                         .and_then(Value::as_str)
                         .map(str::to_string)
                         .unwrap_or_else(|| e.to_string());
-                    return WatchState::Error(format!("watch error: {}", excerpt(text.as_bytes())));
+                    return WatchState::Failed(format!(
+                        "watch error: {}",
+                        excerpt(text.as_bytes())
+                    ));
                 }
                 let Some(r) = msg.get("result") else {
                     return WatchState::Error(format!(
@@ -307,7 +311,9 @@ impl Source for EtcdV3 {
         }
         let result = self.handle_response(head, body);
         match &result {
-            Err(RegistryError::Status { body: why, .. }) | Err(RegistryError::Json(why))
+            Err(RegistryError::Status { body: why, .. })
+            | Err(RegistryError::Json(why))
+            | Err(RegistryError::Server(why))
                 if token_rejected(why) || (head.status == 401 && self.token.is_some()) =>
             {
                 let why = why.clone();
@@ -395,6 +401,7 @@ impl EtcdV3 {
             let from = std::mem::replace(&mut self.watch_from, 0);
             return match watch_state(body) {
                 WatchState::Error(e) => Err(RegistryError::Json(e)),
+                WatchState::Failed(e) => Err(RegistryError::Server(e)),
                 WatchState::Canceled(why) => {
                     self.note = Some(format!("the watch from revision {from} was cancelled ({why}); reading everything again"));
                     Ok(None)
@@ -403,10 +410,10 @@ impl EtcdV3 {
                 _ => Ok(None),
             };
         }
-        let (servers, revision) = parse_range(body, &self.prefix)?;
+        let (listing, revision) = parse_range(body, &self.prefix)?;
         self.revision = revision;
         self.watch_from = revision.saturating_add(1);
-        Ok(Some(Snapshot::new(servers, true)))
+        Ok(Some(Snapshot::of(listing, true)))
     }
 }
 
@@ -469,7 +476,7 @@ mod tests {
     #[test]
     fn empty_compacted_and_errors() {
         let (v, rev) = parse_range(br#"{"header":{"revision":"3"}}"#, "/u/").unwrap();
-        assert!(v.is_empty());
+        assert!(v.servers.is_empty());
         assert_eq!(rev, 3);
         assert_eq!(
             watch_state(br#"{"result":{"header":{},"canceled":true,"compact_revision":"9"}}"#),
@@ -477,7 +484,7 @@ mod tests {
         );
         assert!(matches!(
             watch_state(br#"{"error":{"grpc_code":16,"message":"invalid auth token"}}"#),
-            WatchState::Error(_)
+            WatchState::Failed(_)
         ));
         assert!(matches!(watch_state(b"}{"), WatchState::Error(_)));
         // incremental: a long run of progress messages is parsed once
@@ -494,7 +501,8 @@ mod tests {
             r#"{{"header":{{"revision":"3"}},"kvs":[{{"key":"{}","value":""}}]}}"#,
             B64.encode("/u/not-an-address")
         );
-        assert!(parse_range(bad.as_bytes(), "/u/").is_err());
+        let (l, _) = parse_range(bad.as_bytes(), "/u/").unwrap();
+        assert_eq!(l.skipped[0].key, "/u/not-an-address");
         assert!(parse_range(br#"{"kvs":[]}"#, "/u/").is_err());
     }
 

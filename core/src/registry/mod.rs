@@ -37,6 +37,43 @@ impl Request {
     }
 }
 
+/// A registry entry that is not a valid server. It is skipped (every valid entry
+/// applies) and reported: logged when it appears and when it goes away, and listed in
+/// the status views.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Skipped {
+    /// The entry's key (Consul KV / etcd key, Consul service ID, ...), printable.
+    pub key: String,
+    /// Why it cannot be a server.
+    pub cause: String,
+}
+
+impl Skipped {
+    pub fn new(key: &str, cause: impl std::fmt::Display) -> Skipped {
+        Skipped {
+            key: excerpt(key.as_bytes()),
+            cause: crate::servers::printable(&cause.to_string(), 256),
+        }
+    }
+}
+
+/// A registry's listing: its valid servers and the entries it skipped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Listing {
+    pub servers: Vec<ServerSpec>,
+    pub skipped: Vec<Skipped>,
+}
+
+impl Listing {
+    /// Takes an entry's result: a server, or a skipped entry under `key`.
+    pub fn push(&mut self, key: &str, entry: Result<ServerSpec, crate::servers::SpecError>) {
+        match entry {
+            Ok(s) => self.servers.push(s),
+            Err(e) => self.skipped.push(Skipped::new(key, e)),
+        }
+    }
+}
+
 /// The result of one successful exchange.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
@@ -44,17 +81,32 @@ pub struct Snapshot {
     pub servers: Vec<ServerSpec>,
     /// Entries dropped because another entry had the same address.
     pub duplicates: usize,
+    /// Entries that are not valid servers, sorted by key.
+    pub skipped: Vec<Skipped>,
     /// True when the registry's position moved (a change may have happened); false when
     /// a blocking query simply timed out at the same index.
     pub advanced: bool,
 }
 
 impl Snapshot {
-    pub fn new(mut servers: Vec<ServerSpec>, advanced: bool) -> Snapshot {
-        let duplicates = normalize(&mut servers).len();
+    pub fn new(servers: Vec<ServerSpec>, advanced: bool) -> Snapshot {
+        Snapshot::of(
+            Listing {
+                servers,
+                skipped: Vec::new(),
+            },
+            advanced,
+        )
+    }
+
+    pub fn of(mut listing: Listing, advanced: bool) -> Snapshot {
+        let duplicates = normalize(&mut listing.servers).len();
+        listing.skipped.sort();
+        listing.skipped.dedup();
         Snapshot {
-            servers,
+            servers: listing.servers,
             duplicates,
+            skipped: listing.skipped,
             advanced,
         }
     }
@@ -73,12 +125,31 @@ pub enum RegistryError {
     Json(String),
     #[error("entry \"{key}\": {err}")]
     Entry { key: String, err: SpecError },
+
     /// Consul hid entries this token may not read: applying the rest would drop servers.
     #[error("the ACL token may not read every entry (X-Consul-Results-Filtered-By-ACLs); a partial list is not applied")]
     AclFiltered,
+    /// The registry reported a failure in a successful HTTP answer (an etcd watch
+    /// stream's error message): a failed exchange, not bad data.
+    #[error("{0}")]
+    Server(String),
     /// The registry refused the credentials (or wants some).
     #[error("authentication failed: {0}")]
     Auth(String),
+}
+
+impl RegistryError {
+    /// Bad data in an otherwise good exchange (the connection and the registry work):
+    /// never a reason for failover or backoff.
+    pub fn is_data_error(&self) -> bool {
+        matches!(
+            self,
+            RegistryError::Json(_)
+                | RegistryError::MissingHeader(_)
+                | RegistryError::BadHeader(..)
+                | RegistryError::Entry { .. }
+        )
+    }
 }
 
 fn quoted(body: &str) -> String {
