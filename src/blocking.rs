@@ -55,8 +55,9 @@ fn fetch_one(
         .map_err(|e| e.to_string())?;
     s.set_nodelay(true).map_err(|e| e.to_string())?;
     let mut s = wrap(s, t)?;
-    // An authentication exchange (etcd v3) may come first: a few exchanges at most.
-    for _ in 0..3 {
+    // An authentication exchange (etcd v3, Nacos) and the Nacos API detection (up to
+    // three paths, and a second login path) may come first: a few exchanges at most.
+    for _ in 0..6 {
         // After reset() the request carries no index, so it answers at once.
         source.start();
         let req = source.next_request();

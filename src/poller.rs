@@ -385,6 +385,7 @@ impl Poller {
             return;
         }
         self.window_count += 1;
+        self.source.set_now(now);
         self.source.start();
         let req = self.source.next_request();
         let authority = {
