@@ -12,12 +12,14 @@ use crate::servers::{apply_json_attrs, parse_addr, ServerSpec, SpecError, MAX_WE
 pub const NOT_FOUND_CODES: [i64; 2] = [20004, 21008];
 
 /// The metadata keys that become server settings (values as Nacos stores them: strings).
-pub const METADATA_KEYS: [&str; 5] = [
+/// `down` drains an instance and keeps its weight (weight 0 drains it too).
+pub const METADATA_KEYS: [&str; 6] = [
     "max_fails",
     "fail_timeout",
     "max_conns",
     "backup",
     "slow_start",
+    "down",
 ];
 
 /// What an instance-list answer holds.
@@ -375,6 +377,13 @@ mod tests {
             let body = format!(r#"{{"hosts":[{{"ip":"1.2.3.4","port":80,"weight":{w}}}]}}"#);
             parse_list(body.as_bytes(), NacosApi::V1, &[])
         };
+        let b =
+            br#"{"hosts":[{"ip":"1.2.3.4","port":80,"weight":0.4,"metadata":{"down":"true"}}]}"#;
+        let d = parse_list(b, NacosApi::V1, &[]).unwrap();
+        assert!(
+            d[0].down && d[0].weight == 40,
+            "down from metadata keeps the weight"
+        );
         let zero = one("0").unwrap();
         assert!(zero[0].down && zero[0].weight == 1);
         assert_eq!(one("\"2.5\"").unwrap()[0].weight, 250);
@@ -407,6 +416,11 @@ mod tests {
                 r#"{"instanceId":"x#1","ip":"web-1","port":80}"#,
                 "host names are not resolved",
             ),
+            (
+                r#"{"instanceId":"x#1","ip":"web-1","port":80}"#,
+                "entry \"web-1:80\": invalid",
+            ),
+            (r#"{"instanceId":"x#1","port":80}"#, "entry \"x#1\""),
             (r#"{"ip":"10.0.0.1","port":0}"#, "invalid server address"),
             (
                 r#"{"ip":"10.0.0.1","port":70000}"#,

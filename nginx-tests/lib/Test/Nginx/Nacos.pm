@@ -80,6 +80,9 @@ sub start {
 			RNACOS_API_LOGIN_ONE_MINUTE_LIMIT => 100000,
 			RNACOS_NAMING_PERPETUAL_INSTANCE_PROBE_INTERVAL_SECOND => 0,
 			RNACOS_ENABLE_METRICS => 'false',
+			# rnacos would otherwise put back an instance's old metadata when it is
+			# registered again, over the metadata the test registers
+			RNACOS_NAMING_INSTANCE_METADATA_PERSISTENCE_ENABLE => 'false',
 			RUST_LOG => 'warn',
 		);
 		$t->spawn($name, $bin);
