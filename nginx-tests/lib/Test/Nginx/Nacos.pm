@@ -15,8 +15,11 @@ package Test::Nginx::Nacos;
 #   $n->deregister('svc', '127.0.0.1', 8081);  $n->deregister_all('svc');
 #
 # Instances are persistent (ephemeral=false, no heartbeats; rnacos's own probing of
-# persistent instances is turned off), so health and enabled change only when a test
-# says so. The rnacos binary: TEST_NACOS_BINARY ("none" disables), the cache that
+# persistent instances is turned off), so they change only when a test says so;
+# register(..., ephemeral => 1) makes one that is never sent a heartbeat: rnacos
+# marks it unhealthy after health_timeout => S (+3 s) and drops it much later.
+# (rnacos ignores healthy= on registration and leaves disabled instances out of
+# its answers; the emulator keeps both, as Nacos does.) The rnacos binary: TEST_NACOS_BINARY ("none" disables), the cache that
 # scripts/test fills (~/.cache/ngx-stream-upsync/rnacos/bin/rnacos), rnacos on PATH.
 
 use strict;
@@ -80,6 +83,8 @@ sub start {
 			RNACOS_API_LOGIN_ONE_MINUTE_LIMIT => 100000,
 			RNACOS_NAMING_PERPETUAL_INSTANCE_PROBE_INTERVAL_SECOND => 0,
 			RNACOS_ENABLE_METRICS => 'false',
+			RNACOS_NAMING_HEALTH_TIMEOUT_SECOND => $o{health_timeout} // 15,
+			RNACOS_NAMING_INSTANCE_TIMEOUT_SECOND => 600,
 			# rnacos would otherwise put back an instance's old metadata when it is
 			# registered again, over the metadata the test registers
 			RNACOS_NAMING_INSTANCE_METADATA_PERSISTENCE_ENABLE => 'false',
@@ -94,6 +99,12 @@ sub start {
 
 sub _up {
 	my ($self) = @_;
+	# with auth on, up means the user can log in (rnacos adds it after starting)
+	if (defined $self->{user}) {
+		my $r = $self->{http}->post_form($self->url('/nacos/v1/auth/login'),
+			{ username => $self->{user}, password => $self->{pass} });
+		return $r->{status} == 200;
+	}
 	my $r = $self->{http}->get($self->url('/nacos/v1/ns/instance/list?serviceName=_probe&healthyOnly=false'));
 	return $r->{status} == 200 || $r->{status} == 403;
 }
@@ -132,7 +143,7 @@ sub register {
 	my ($self, $svc, $ip, $port, %a) = @_;
 	my %p = (serviceName => $svc, groupName => $a{group} // 'DEFAULT_GROUP',
 		namespaceId => $a{namespace} // 'public', ip => $ip, port => $port,
-		weight => $a{weight} // 1, ephemeral => 'false',
+		weight => $a{weight} // 1, ephemeral => $a{ephemeral} ? 'true' : 'false',
 		healthy => ($a{healthy} // 1) ? 'true' : 'false',
 		enabled => ($a{enabled} // 1) ? 'true' : 'false',
 		clusterName => $a{cluster} // 'DEFAULT',
@@ -154,7 +165,7 @@ sub deregister {
 		groupName => $known->{groupName} // 'DEFAULT_GROUP',
 		namespaceId => $known->{namespaceId} // 'public',
 		clusterName => $known->{clusterName} // 'DEFAULT',
-		ip => $ip, port => $port, ephemeral => 'false' });
+		ip => $ip, port => $port, ephemeral => $known->{ephemeral} // 'false' });
 }
 
 sub deregister_all {
