@@ -112,15 +112,12 @@ fn number(v: &Value) -> Option<f64> {
 /// How an instance is named in errors: `ip:port` as given, else its instanceId, else
 /// its place in the list.
 fn instance_name(inst: &Map<String, Value>, index: usize) -> String {
-    match (inst.get("ip").and_then(Value::as_str), inst.get("port")) {
-        (Some(ip), Some(port)) => {
-            let port = port
-                .as_str()
-                .map(str::to_string)
-                .unwrap_or_else(|| port.to_string());
-            return excerpt(format!("{ip}:{port}").as_bytes());
-        }
-        _ => {}
+    if let (Some(ip), Some(port)) = (inst.get("ip").and_then(Value::as_str), inst.get("port")) {
+        let port = port
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| port.to_string());
+        return excerpt(format!("{ip}:{port}").as_bytes());
     }
     match inst.get("instanceId").and_then(Value::as_str) {
         Some(id) if !id.is_empty() => excerpt(id.as_bytes()),
