@@ -33,7 +33,7 @@ select STDOUT; $| = 1;
 my $t = Test::Nginx->new(workers => 2)->has(qw/stream upsync/);
 plan(skip_all => 'no rnacos binary (scripts/test installs it; TEST_NACOS_BINARY)')
 	unless Test::Nginx::Nacos->binary;
-$t->plan(16);
+$t->plan(17);
 
 my $SECRET = 'pw-81f0c2';
 my $n = Test::Nginx::Nacos->start($t, port => port(8500), grpc_port => port(8501),
@@ -48,6 +48,7 @@ my $i = 'upsync_interval=200ms token_file=%%TESTDIR%%';
 my $conf = upsync_upstreams({
 	api => "127.0.0.1:%%PORT_8503%%,127.0.0.1:%%PORT_8500%%/api upsync_type=nacos $i/good",
 	wrong => "127.0.0.1:%%PORT_8500%%/api upsync_type=nacos $i/wrong",
+	strong => "127.0.0.1:%%PORT_8500%%/api upsync_type=nacos $i/good strong_dependency=on",
 });
 $t->write_file_expand('nginx.conf', <<"EOF");
 %%TEST_GLOBALS%%
@@ -68,6 +69,8 @@ my $early_token = $n->_token;
 ok(wait_for(sub { my $s = $section->('api');
 	$s =~ /count: 2\n/ && $s =~ /:$p1 weight=50 / && $s =~ /:$p2 weight=100 / }, timeout => 5),
 	'login, read through the second member of the failover list: weights 50 and 100');
+ok($t->grep_log(qr/upstream "strong".*strong_dependency=on: starting with 2 servers from the registry/),
+	'strong_dependency=on: the master logs in, detects the API and starts with the set');
 ok($t->grep_log(qr/upstream "api".*cannot connect to 127\.0\.0\.1:${\ port(8503)}: .*trying the next registry address 127\.0\.0\.1:${\ port(8500)} now/),
 	'the member that is down: logged, the next one tried at once');
 ok($t->grep_log(qr/upstream "api".*reading the Nacos v1 instance-list API \(v3: HTTP 404; v2: HTTP 404\)/),
