@@ -83,11 +83,12 @@ sub emerg {
 	return qr/\[emerg\] \Q$text\E in \S+:\d+$/m;
 }
 
-my $ACC_TYPES = 'accepted: consul, consul_services, consul_health, etcd, etcdv3';
+my $ACC_TYPES = 'accepted: consul, consul_services, consul_health, etcd, etcdv3, nacos';
 my $ACC_PARAMS = 'accepted: upsync_type=, upsync_interval=, '
 	. 'upsync_timeout=, strong_dependency=, zone_size=, token_file=, '
 	. 'ssl_verify=, ssl_trusted_certificate=, ssl_certificate=, '
-	. 'ssl_certificate_key=, ssl_name=';
+	. 'ssl_certificate_key=, ssl_name=; with upsync_type=nacos also '
+	. 'nacos_namespace=, nacos_group=, nacos_clusters=, nacos_api=';
 my $EXAMPLE = 'expected [https://]HOST[:PORT][,HOST[:PORT]...]/PATH, for example '
 	. '127.0.0.1:8500/v1/kv/upstreams/NAME/';
 my $PORT = 'expected a number from 1 to 65535';
@@ -199,6 +200,12 @@ EOF
 
 ['consul_health type', upsync('127.0.0.1:8500/v1/health/service/web upsync_type=consul_health')],
 ['etcdv3 type', upsync('127.0.0.1:2379/upstreams/v/ upsync_type=etcdv3')],
+['nacos type with every nacos_ parameter',
+	upsync('127.0.0.1:8848,127.0.0.1:8849/orders upsync_type=nacos nacos_namespace=dev '
+		. 'nacos_group=PAY nacos_clusters=sh,bj nacos_api=v2')],
+['nacos: an instance-list path copied from the console',
+	upsync('"127.0.0.1:8848/nacos/v1/ns/instance/list?serviceName=orders&groupName=PAY'
+		. '&namespaceId=dev&clusters=sh" upsync_type=nacos')],
 ['failover list of three registry addresses',
 	upsync('127.0.0.1:2379,localhost:2379,[::1]:2379/upstreams/v/ upsync_type=etcdv3')],
 ['https with the system CA store',
@@ -293,6 +300,14 @@ my @bad = (
 	upsync('127.0.0.1:8500/v1/kv/a/ upsync_type=consul '
 		. 'strong_dependency=yes'),
 	emerg(qq{upsync: invalid value "yes": it must be "on" or "off" $IN})],
+['nacos: bad nacos_api', upsync('127.0.0.1:8848/s upsync_type=nacos nacos_api=v4'),
+	emerg(qq{upsync: invalid nacos_api "v4": expected auto, v1, v2 or v3 $IN})],
+['nacos: unknown query parameter in a copied path',
+	upsync('"127.0.0.1:8848/nacos/v1/ns/instance/list?serviceName=s&udpPort=9" upsync_type=nacos'),
+	emerg(qq{upsync: unknown query parameter "udpPort" in the Nacos path; accepted: serviceName, groupName, namespaceId, clusters, clusterName, healthyOnly (ignored) $IN})],
+['nacos: nacos_group on another type',
+	upsync('127.0.0.1:8500/v1/kv/a/ upsync_type=consul nacos_group=G'),
+	emerg(qq{upsync: "nacos_group=" applies to upsync_type=nacos only $IN})],
 ['unknown parameter',
 	upsync('127.0.0.1:8500/v1/kv/a/ upsync_type=consul foo=bar'),
 	emerg(qq{upsync: unknown parameter "foo=bar"; $ACC_PARAMS $IN})],

@@ -382,10 +382,14 @@ pub fn build_request(
         r.push_str("\r\n");
     }
     if !body.is_empty() || method != "GET" {
-        r.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
+        // JSON unless the source says otherwise (a Nacos login is a form).
+        if !extra.iter().any(|h| {
+            h.get(..13)
+                .is_some_and(|n| n.eq_ignore_ascii_case("content-type:"))
+        }) {
+            r.push_str("Content-Type: application/json\r\n");
+        }
+        r.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     r.push_str("\r\n");
     let mut out = r.into_bytes();

@@ -16,6 +16,9 @@ pub const DEFAULT_FAIL_TIMEOUT: u32 = 10;
 /// overflow in the balancer's arithmetic (weight sums over 100,000 servers). Larger
 /// weights are invalid entries (a 10,000:1 ratio is more than any set needs).
 pub const MAX_WEIGHT: u32 = 10_000;
+/// The largest weight a registry's own scale maps to (Nacos: float weights x 100). The
+/// balancer bounds what any weight costs (schedule, ring, tables).
+pub const MAX_MAPPED_WEIGHT: u32 = 1_000_000;
 pub const MAX_COUNT: u32 = 1_000_000;
 pub const MAX_FAIL_TIMEOUT: u32 = 365 * 86_400;
 

@@ -7,7 +7,7 @@ use upsync_core::registry::consul::parse_kv;
 fuzz_target!(|data: &[u8]| {
     for prefix in ["upstreams/test/", ""] {
         match parse_kv(data, prefix) {
-            Ok(list) => check::servers(&list),
+            Ok(list) => check::listing(&list),
             Err(e) => check::error(&e),
         }
     }

@@ -6,7 +6,7 @@ use upsync_core::registry::consul::parse_services;
 
 fuzz_target!(|data: &[u8]| {
     match parse_services(data) {
-        Ok(list) => check::servers(&list),
+        Ok(list) => check::listing(&list),
         Err(e) => check::error(&e),
     }
 });

@@ -6,7 +6,7 @@ use upsync_core::registry::etcd_v2::parse_listing;
 
 fuzz_target!(|data: &[u8]| {
     match parse_listing(data) {
-        Ok(list) => check::servers(&list),
+        Ok(list) => check::listing(&list),
         Err(e) => check::error(&e),
     }
 });

@@ -7,7 +7,7 @@ use upsync_core::registry::etcd_v3::parse_range;
 fuzz_target!(|data: &[u8]| {
     for prefix in ["/upstreams/x/", ""] {
         match parse_range(data, prefix) {
-            Ok((list, _rev)) => check::servers(&list),
+            Ok((list, _rev)) => check::listing(&list),
             Err(e) => check::error(&e),
         }
     }

@@ -5,9 +5,10 @@
 //!
 //! Input (plain bytes, so crashing inputs can be written by hand):
 //!   KIND_BYTE STEP [0xFF 0xFF STEP]...
-//! KIND_BYTE % 5: consul, consul_services, consul_health, etcd (v2), etcdv3; with
-//! KIND_BYTE >= 128 the source has a credential (Consul token, etcd user and password),
-//! so the etcd v3 authentication exchange is driven too.
+//! (KIND_BYTE & 0x7f) % 7: consul, consul_services, consul_health, etcd (v2), etcdv3, nacos
+//! (API detection), nacos (v1, clusters); with KIND_BYTE >= 128 the source has a
+//! credential (Consul token, etcd or Nacos user and password), so the etcd v3 and Nacos
+//! login exchanges are driven too. The clock advances 100 s per step (Nacos renewal).
 //! STEP: "STATUS\nINDEX\nFLAGS\nBODY" -- INDEX is the X-Consul-Index / X-Etcd-Index
 //! value ("-": no header); FLAGS may contain 'p' (offer the body to on_partial byte by
 //! byte first, as the poller does while a watch streams) and 'r' (reset() afterwards).
@@ -24,6 +25,8 @@ const SPECS: &[&[&str]] = &[
     &["127.0.0.1:8500/v1/health/service/web", "upsync_type=consul_health", "upsync_timeout=2s"],
     &["127.0.0.1:2379/v2/keys/upstreams/test", "upsync_type=etcd", "upsync_timeout=2s"],
     &["127.0.0.1:2379/upstreams/test/", "upsync_type=etcdv3", "upsync_timeout=2s"],
+    &["127.0.0.1:8848/orders", "upsync_type=nacos"],
+    &["127.0.0.1:8848/nacos/v1/ns/instance/list?serviceName=s&clusters=A", "upsync_type=nacos", "nacos_api=v1"],
 ];
 
 fn finish(r: Result<Option<Snapshot>, RegistryError>, source: &dyn Source) {
@@ -62,17 +65,19 @@ fn split_steps(data: &[u8]) -> Vec<&[u8]> {
 
 fuzz_target!(|data: &[u8]| {
     let Some((&kind, rest)) = data.split_first() else { return };
-    let spec = parse_upsync(SPECS[kind as usize % SPECS.len()]).unwrap();
+    let spec = parse_upsync(SPECS[(kind & 0x7f) as usize % SPECS.len()]).unwrap();
     let cred = match (kind >= 128, spec.kind.name()) {
         (false, _) => None,
-        (true, "etcd" | "etcdv3") => Some(Credential::UserPassword {
+        (true, "etcd" | "etcdv3" | "nacos") => Some(Credential::UserPassword {
             user: "upsync".into(),
             password: "fuzz-secret".into(),
         }),
         (true, _) => Some(Credential::Token("fuzz-secret".into())),
     };
     let mut source = source_for(&spec, cred.as_ref());
-    for step in split_steps(rest).into_iter().take(16) {
+    for (n, step) in split_steps(rest).into_iter().take(16).enumerate() {
+        source.set_now(n as u64 * 100_000);
+        source.start();
         check::next_request(source.as_ref(), &spec.endpoint);
         let mut parts = step.splitn(4, |&b| b == b'\n');
         let status = parts.next().unwrap_or(b"");

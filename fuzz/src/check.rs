@@ -4,14 +4,14 @@
 use upsync_core::dump;
 use upsync_core::conf::Endpoint;
 use upsync_core::http::build_request;
-use upsync_core::registry::{RegistryError, Snapshot, Source};
-use upsync_core::servers::{ServerSpec, MAX_COUNT, MAX_FAIL_TIMEOUT, MAX_WEIGHT};
+use upsync_core::registry::{Listing, RegistryError, Snapshot, Source};
+use upsync_core::servers::{ServerSpec, MAX_COUNT, MAX_FAIL_TIMEOUT, MAX_MAPPED_WEIGHT};
 
 /// A server the registry handed us: within nginx's limits, and its `server` line (dump
 /// file, upstream_show) reads back as the same server.
 pub fn server(s: &ServerSpec) {
     assert!(s.addr.port() != 0, "port 0 accepted: {s:?}");
-    assert!((1..=MAX_WEIGHT).contains(&s.weight), "weight out of range: {s:?}");
+    assert!((1..=MAX_MAPPED_WEIGHT).contains(&s.weight), "weight out of range: {s:?}");
     assert!(s.max_fails <= MAX_COUNT, "max_fails out of range: {s:?}");
     assert!(s.max_conns <= MAX_COUNT, "max_conns out of range: {s:?}");
     assert!(s.fail_timeout <= MAX_FAIL_TIMEOUT, "fail_timeout out of range: {s:?}");
@@ -31,6 +31,21 @@ pub fn server(s: &ServerSpec) {
 pub fn servers(list: &[ServerSpec]) {
     for s in list {
         server(s);
+    }
+}
+
+/// A listing: valid servers, and skipped entries whose key and cause are single,
+/// bounded lines.
+pub fn listing(l: &Listing) {
+    servers(&l.servers);
+    for s in &l.skipped {
+        for text in [&s.key, &s.cause] {
+            assert!(
+                !text.bytes().any(|b| b == b'\n' || b == b'\r' || b == 0),
+                "control character in a skipped entry: {s:?}"
+            );
+            assert!(text.len() <= 1024, "skipped entry text of {} bytes", text.len());
+        }
     }
 }
 

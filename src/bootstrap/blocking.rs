@@ -92,8 +92,9 @@ fn fetch_one(
     s.set_write_timeout(Some(timeout)).map_err(Step::Socket)?;
     s.set_nodelay(true).map_err(Step::Socket)?;
     let mut s = wrap(s, t)?;
-    // An authentication exchange (etcd v3) may come first: a few exchanges at most.
-    for _ in 0..3 {
+    // An authentication exchange (etcd v3, Nacos) and the Nacos API detection (up to
+    // three paths, and a second login path) may come first: a few exchanges at most.
+    for _ in 0..6 {
         // After reset() the request carries no index, so it answers at once.
         source.start();
         let req = source.next_request();

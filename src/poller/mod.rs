@@ -220,6 +220,7 @@ impl Poller {
         if let Some(wait) = self.pacer.admit(now) {
             return self.schedule(wait);
         }
+        self.source.set_now(now);
         self.source.start();
         let req = self.source.next_request();
         let authority = {

@@ -1,6 +1,7 @@
 //! Directive values, parsed into plain Rust types. No nginx symbols here: the directive
 //! handlers in `module.rs` pass strings in and turn `ConfError`s into `nginx -t` messages.
 
+pub mod nacos;
 pub mod time;
 
 use std::fmt;
@@ -23,10 +24,13 @@ pub enum SourceKind {
     EtcdV2,
     /// etcd v3 through its JSON gateway: the path is the key prefix.
     EtcdV3,
+    /// Nacos naming: the instance list of one service, polled.
+    Nacos,
 }
 
 impl SourceKind {
-    pub const ACCEPTED: &'static str = "consul, consul_services, consul_health, etcd, etcdv3";
+    pub const ACCEPTED: &'static str =
+        "consul, consul_services, consul_health, etcd, etcdv3, nacos";
 
     pub fn parse(s: &str) -> Option<SourceKind> {
         match s {
@@ -35,6 +39,7 @@ impl SourceKind {
             "consul_health" => Some(SourceKind::ConsulHealth),
             "etcd" => Some(SourceKind::EtcdV2),
             "etcdv3" => Some(SourceKind::EtcdV3),
+            "nacos" => Some(SourceKind::Nacos),
             _ => None,
         }
     }
@@ -46,6 +51,7 @@ impl SourceKind {
             SourceKind::ConsulHealth => "consul_health",
             SourceKind::EtcdV2 => "etcd",
             SourceKind::EtcdV3 => "etcdv3",
+            SourceKind::Nacos => "nacos",
         }
     }
 }
@@ -134,8 +140,9 @@ pub struct TlsSpec {
 pub enum Credential {
     /// A Consul ACL token, sent as `X-Consul-Token`.
     Token(String),
-    /// etcd user and password (`USER:PASSWORD` in the file): HTTP basic auth for v2, a
-    /// token from `/v3/auth/authenticate` for v3.
+    /// etcd or Nacos user and password (`USER:PASSWORD` in the file): HTTP basic auth
+    /// for etcd v2, a token from `/v3/auth/authenticate` for etcd v3, a token from the
+    /// login API for Nacos.
     UserPassword { user: String, password: String },
 }
 
@@ -154,8 +161,8 @@ impl fmt::Debug for Credential {
 pub enum CredentialError {
     #[error("must hold one non-empty line")]
     NotOneLine,
-    #[error("must hold USER:PASSWORD for etcd")]
-    NotUserPassword,
+    #[error("must hold USER:PASSWORD for {0}")]
+    NotUserPassword(&'static str),
 }
 
 /// Reads the content of a `token_file=` for a registry kind.
@@ -169,12 +176,15 @@ pub fn parse_credential(kind: SourceKind, content: &str) -> Result<Credential, C
         SourceKind::ConsulKv | SourceKind::ConsulServices | SourceKind::ConsulHealth => {
             Ok(Credential::Token(line.to_string()))
         }
-        SourceKind::EtcdV2 | SourceKind::EtcdV3 => match line.split_once(':') {
+        SourceKind::EtcdV2 | SourceKind::EtcdV3 | SourceKind::Nacos => match line.split_once(':') {
             Some((u, p)) if !u.is_empty() && !p.is_empty() => Ok(Credential::UserPassword {
                 user: u.to_string(),
                 password: p.to_string(),
             }),
-            _ => Err(CredentialError::NotUserPassword),
+            _ => Err(CredentialError::NotUserPassword(match kind {
+                SourceKind::Nacos => "Nacos",
+                _ => "etcd",
+            })),
         },
     }
 }
@@ -196,6 +206,8 @@ pub struct UpsyncSpec {
     pub token_file: Option<String>,
     /// Set for `https://` addresses.
     pub tls: Option<TlsSpec>,
+    /// The service and API of `upsync_type=nacos`.
+    pub nacos: Option<nacos::NacosSpec>,
 }
 
 pub const DEFAULT_INTERVAL_MS: u64 = 5_000;
@@ -221,12 +233,31 @@ pub enum ConfError {
     Time(String),
     #[error("invalid value \"{0}\": it must be \"on\" or \"off\"")]
     OnOff(String),
-    #[error("unknown parameter \"{0}\"; accepted: upsync_type=, upsync_interval=, upsync_timeout=, strong_dependency=, zone_size=, token_file=, ssl_verify=, ssl_trusted_certificate=, ssl_certificate=, ssl_certificate_key=, ssl_name=")]
+    #[error("unknown parameter \"{0}\"; accepted: upsync_type=, upsync_interval=, upsync_timeout=, strong_dependency=, zone_size=, token_file=, ssl_verify=, ssl_trusted_certificate=, ssl_certificate=, ssl_certificate_key=, ssl_name=; with upsync_type=nacos also nacos_namespace=, nacos_group=, nacos_clusters=, nacos_api=")]
     UnknownParam(String),
     #[error("invalid zone_size \"{0}\": expected a size of at least 64k, such as 8m")]
     ZoneSize(String),
     #[error("\"{0}\" is given twice")]
     Duplicate(&'static str),
+    #[error("\"{0}=\" is given twice")]
+    DuplicateParam(String),
+    #[error("\"{0}=\" applies to upsync_type=nacos only")]
+    NacosOnly(String),
+    #[error("invalid {param} \"{value}\": expected {expected}")]
+    NacosValue {
+        param: String,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("invalid Nacos service \"{0}\": expected HOST:PORT/SERVICE (with nacos_namespace=, nacos_group=, nacos_clusters=) or an instance-list path such as HOST:PORT/nacos/v1/ns/instance/list?serviceName=NAME&groupName=GROUP&namespaceId=ID")]
+    NacosPath(String),
+    #[error("unknown query parameter \"{key}\" in the Nacos path; accepted: {accepted}")]
+    NacosQuery { key: String, accepted: &'static str },
+    #[error("{param}= and {path_key} in the path both set it, differently; give one")]
+    NacosConflict {
+        param: &'static str,
+        path_key: &'static str,
+    },
     #[error("path \"{path}\" does not fit upsync_type={kind}: expected a path under {expected}")]
     PathForKind {
         path: String,
@@ -364,6 +395,8 @@ fn normalize_path(kind: SourceKind, ep: &mut Endpoint) -> Result<(), ConfError> 
         SourceKind::EtcdV2 => (&["/v2/keys/"], "/v2/keys/"),
         // the key prefix itself, e.g. /upstreams/NAME/
         SourceKind::EtcdV3 => (&["/"], "/ (the key prefix, such as /upstreams/NAME/)"),
+        // checked by nacos::parse, which knows both forms
+        SourceKind::Nacos => return Ok(()),
     };
     let ok = needles
         .iter()
@@ -386,6 +419,7 @@ fn normalize_path(kind: SourceKind, ep: &mut Endpoint) -> Result<(), ConfError> 
                 ep.path.pop();
             }
         }
+        SourceKind::Nacos => {}
     }
     Ok(())
 }
@@ -407,6 +441,7 @@ pub fn parse_upsync(args: &[&str]) -> Result<UpsyncSpec, ConfError> {
     let mut ssl_cert = None;
     let mut ssl_key = None;
     let mut ssl_name = None;
+    let mut nacos_params: Vec<(&str, &str)> = Vec::new();
     for arg in &args[1..] {
         let (k, v) = arg
             .split_once('=')
@@ -475,11 +510,19 @@ pub fn parse_upsync(args: &[&str]) -> Result<UpsyncSpec, ConfError> {
                         .ok_or_else(|| ConfError::ZoneSize(v.to_string()))?,
                 );
             }
+            k if nacos::PARAMS.contains(&k) => nacos_params.push((k, v)),
             _ => return Err(ConfError::UnknownParam(arg.to_string())),
         }
     }
     let kind = kind.ok_or(ConfError::MissingType)?;
     normalize_path(kind, &mut endpoint)?;
+    let nacos = if kind == SourceKind::Nacos {
+        Some(nacos::parse(&endpoint, &nacos_params)?)
+    } else if let Some((k, _)) = nacos_params.first() {
+        return Err(ConfError::NacosOnly(k.to_string()));
+    } else {
+        None
+    };
     let tls = if endpoint.tls {
         let certificate = match (ssl_cert, ssl_key) {
             (Some(c), Some(k)) => Some((c, k)),
@@ -514,6 +557,7 @@ pub fn parse_upsync(args: &[&str]) -> Result<UpsyncSpec, ConfError> {
         zone_size: zone_size.unwrap_or(DEFAULT_ZONE_SIZE),
         token_file,
         tls,
+        nacos,
     })
 }
 

@@ -4,6 +4,7 @@
 pub mod consul;
 pub mod etcd_v2;
 pub mod etcd_v3;
+pub mod nacos;
 
 use crate::conf::{Credential, SourceKind, UpsyncSpec};
 use crate::http::Head;
@@ -180,6 +181,9 @@ pub trait Source: Send {
     fn next_request(&self) -> Request;
     /// A new exchange begins (its response is a new stream).
     fn start(&mut self) {}
+    /// The poller's monotonic clock in milliseconds, given before each exchange (before
+    /// `start`), for sources that keep time-bound state (the Nacos token's lifetime).
+    fn set_now(&mut self, _now_ms: u64) {}
     /// Turns a complete response into a snapshot, updating the position (index/revision).
     /// `Ok(None)`: nothing to apply, ask again at once (a watch fired; re-read).
     fn handle(&mut self, head: &Head, body: &[u8]) -> Result<Option<Snapshot>, RegistryError>;
@@ -309,7 +313,7 @@ fn hide_cut_prefix(text: &str, secret: &str) -> String {
 }
 
 /// Builds the protocol for a parsed `upsync` directive; `cred` is the credential read
-/// from `token_file=` (Consul: an ACL token; etcd: user and password).
+/// from `token_file=` (Consul: an ACL token; etcd and Nacos: user and password).
 pub fn source_for(spec: &UpsyncSpec, cred: Option<&Credential>) -> Box<dyn Source> {
     match spec.kind {
         SourceKind::ConsulKv | SourceKind::ConsulServices | SourceKind::ConsulHealth => {
@@ -317,6 +321,7 @@ pub fn source_for(spec: &UpsyncSpec, cred: Option<&Credential>) -> Box<dyn Sourc
         }
         SourceKind::EtcdV2 => Box::new(etcd_v2::EtcdV2::new(spec).with_credential(cred)),
         SourceKind::EtcdV3 => Box::new(etcd_v3::EtcdV3::new(spec).with_credential(cred)),
+        SourceKind::Nacos => Box::new(nacos::Nacos::new(spec).with_credential(cred)),
     }
 }
 
