@@ -180,6 +180,10 @@ unsafe extern "C" fn cmd_upsync(
         (*shm).init = Some(crate::bootstrap::init_zone);
         (*shm).data = conf as *mut SrvConf as *mut c_void;
     }
+    // SAFETY: `uscf` is the upstream being parsed; its server list exists.
+    if unsafe { add_placeholder(cf, uscf, conf) }.is_err() {
+        return NGX_CONF_ERROR;
+    }
     conf.upsync = Some(spec);
     conf.addrs = addrs;
     conf.credential = credential;
@@ -188,6 +192,51 @@ unsafe extern "C" fn cmd_upsync(
     conf.name = name;
     conf.shm_zone = shm;
     NGX_CONF_OK
+}
+
+/// nginx refuses an upstream block without a `server` line, but an upsync upstream may
+/// start from the registry alone: `upsync` adds a stand-in server (127.0.0.1:1,
+/// `down`), which `peer::init_upstream` removes again when the block has servers of
+/// its own and otherwise keeps out of the set (nginx's round robin, which the `zone`
+/// directive copies, then holds one server that is never picked).
+///
+/// # Safety
+/// `uscf` is the stream upstream being parsed (its `servers` array exists).
+unsafe fn add_placeholder(
+    cf: *mut ngx_conf_t,
+    uscf: *mut ngx_stream_upstream_srv_conf_t,
+    conf: &mut SrvConf,
+) -> Result<(), ()> {
+    // SAFETY: per the contract; everything is allocated in the configuration pool and
+    // written whole before nginx reads it.
+    unsafe {
+        let pool = (*cf).pool;
+        let sin = ngx_pcalloc(pool, size_of::<libc::sockaddr_in>()) as *mut libc::sockaddr_in;
+        let addr = ngx_pcalloc(pool, size_of::<ngx_addr_t>()) as *mut ngx_addr_t;
+        let server = ngx_array_push((*uscf).servers) as *mut ngx_stream_upstream_server_t;
+        let name = pool_str(pool, "127.0.0.1:1");
+        let (false, false, false, Some(name)) =
+            (sin.is_null(), addr.is_null(), server.is_null(), name)
+        else {
+            return Err(());
+        };
+        (*sin).sin_family = libc::AF_INET as libc::sa_family_t;
+        (*sin).sin_port = 1u16.to_be();
+        (*sin).sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+        *addr = ngx_addr_t {
+            sockaddr: sin as *mut sockaddr,
+            socklen: size_of::<libc::sockaddr_in>() as socklen_t,
+            name,
+        };
+        ptr::write_bytes(server, 0, 1);
+        (*server).name = name;
+        (*server).addrs = addr;
+        (*server).naddrs = 1;
+        (*server).weight = 1;
+        (*server).down = 1;
+        conf.placeholder = addr;
+    }
+    Ok(())
 }
 
 unsafe extern "C" fn cmd_dump_path(
@@ -205,16 +254,20 @@ unsafe extern "C" fn cmd_dump_path(
     if path.is_empty() || path.ends_with('/') {
         conf_err!(cf, "upsync_dump_path: \"{path}\" is not a file path");
     }
-    let dir_ok = match std::path::Path::new(&path).parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.is_dir(),
-        _ => true,
-    };
-    if !dir_ok {
-        ngx_conf_log_error!(
-            NGX_LOG_WARN,
-            cf,
-            "upsync_dump_path: directory of \"{path}\" does not exist; the dump cannot be written until it does"
-        );
+    // A first start needs no hand-made file: a missing dump (and its directory) is
+    // created empty, so an `include` of it that follows works; the registry fills it.
+    match upsync_core::dump::create_if_missing(std::path::Path::new(&path)) {
+        Ok(made) => conf.created_dump = made,
+        Err(e) => {
+            ngx_conf_log_error!(
+                NGX_LOG_WARN,
+                cf,
+                "upsync_dump_path: cannot create \"{path}\": {e}; the dump cannot be written until it can"
+            );
+        }
+    }
+    for warning in upsync_core::dump::path_warnings(std::path::Path::new(&path)) {
+        ngx_conf_log_error!(NGX_LOG_WARN, cf, "upsync_dump_path: {warning}");
     }
     conf.dump_path = Some(path);
     NGX_CONF_OK

@@ -121,10 +121,6 @@ unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
 /// rejected; also for `nginx -t`, where it does nothing). Fails only a first start whose
 /// `strong_dependency` read fails: a reload never takes the master down.
 unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
-    // SAFETY: a process-global nginx sets before configurations are read.
-    if unsafe { ngx_test_config } != 0 {
-        return NGX_OK as ngx_int_t;
-    }
     // SAFETY: nginx passes the cycle being committed; `old_cycle` is the running one (an
     // init cycle without configuration at first start), and the core module's
     // configuration is in conf_ctx.
@@ -134,6 +130,15 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
             .then(|| ((*ccf).user as u32, (*ccf).group as u32));
         ((*cycle).log, (*(*cycle).old_cycle).conf_ctx.is_null(), user)
     };
+    // SAFETY: a process-global nginx sets before configurations are read.
+    if unsafe { ngx_test_config } != 0 {
+        // `nginx -t` may have created dump files: they belong to the worker user too
+        // SAFETY: the cycle's upstreams, one configuration at a time.
+        for conf in unsafe { upsync_confs(cycle) } {
+            bootstrap::hand_over_created(log, conf, user);
+        }
+        return NGX_OK as ngx_int_t;
+    }
     // SAFETY: the cycle's upstreams, one configuration at a time.
     for conf in unsafe { upsync_confs(cycle) } {
         if bootstrap::commit(log, conf, first_start, user).is_err() {

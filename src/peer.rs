@@ -73,27 +73,57 @@ pub unsafe extern "C" fn init_upstream(
     // SAFETY: per the contract; nginx's round robin sets up `us.peer.data`, and our
     // SrvConf of the upstream is not borrowed elsewhere during this call.
     let conf = unsafe {
+        let Some(conf) = upstream_conf(us) else {
+            return NGX_ERROR as ngx_int_t;
+        };
+        drop_placeholder(us, conf.placeholder);
         if ngx_stream_upstream_init_round_robin(cf, us) != NGX_OK as ngx_int_t {
             return NGX_ERROR as ngx_int_t;
         }
         (*us).peer.init = Some(init_peer);
-        let Some(conf) = upstream_conf(us) else {
-            return NGX_ERROR as ngx_int_t;
-        };
         conf
     };
     // SAFETY: `us` is the parsed upstream.
-    conf.initial = unsafe { configured_servers(us) };
+    conf.initial = unsafe { configured_servers(us, conf.placeholder) };
     upsync_core::servers::normalize(&mut conf.initial);
     conf.initialized = true;
     NGX_OK as ngx_int_t
 }
 
-/// The `server` lines of an upstream block, one spec per resolved address.
+/// Removes the stand-in server `upsync` added (see `directives::add_placeholder`) when
+/// the block has servers of its own.
 ///
 /// # Safety
 /// `us` is a parsed stream upstream.
-unsafe fn configured_servers(us: *mut ngx_stream_upstream_srv_conf_t) -> Vec<ServerSpec> {
+unsafe fn drop_placeholder(us: *mut ngx_stream_upstream_srv_conf_t, placeholder: *mut ngx_addr_t) {
+    if placeholder.is_null() {
+        return;
+    }
+    // SAFETY: per the contract `servers` is an array of `nelts` servers; removing one
+    // shifts the rest down within the array.
+    unsafe {
+        let arr = (*us).servers;
+        let n = (*arr).nelts;
+        let elts = (*arr).elts as *mut ngx_stream_upstream_server_t;
+        if n < 2 {
+            return; // only the stand-in: it stays, and is never picked
+        }
+        if let Some(i) = (0..n).find(|&i| (*elts.add(i)).addrs == placeholder) {
+            ptr::copy(elts.add(i + 1), elts.add(i), n - i - 1);
+            (*arr).nelts = n - 1;
+        }
+    }
+}
+
+/// The `server` lines of an upstream block, one spec per resolved address, without the
+/// stand-in `placeholder`.
+///
+/// # Safety
+/// `us` is a parsed stream upstream.
+unsafe fn configured_servers(
+    us: *mut ngx_stream_upstream_srv_conf_t,
+    placeholder: *mut ngx_addr_t,
+) -> Vec<ServerSpec> {
     let mut out = Vec::new();
     // SAFETY: per the contract `servers` is null or an array of parsed servers.
     let servers: &[ngx_stream_upstream_server_t] = unsafe {
@@ -102,7 +132,7 @@ unsafe fn configured_servers(us: *mut ngx_stream_upstream_srv_conf_t) -> Vec<Ser
         }
         (*(*us).servers).as_slice()
     };
-    for s in servers {
+    for s in servers.iter().filter(|s| s.addrs != placeholder) {
         for i in 0..s.naddrs {
             // SAFETY: a parsed server has `naddrs` resolved addresses.
             let a = unsafe { &*s.addrs.add(i) };
@@ -251,6 +281,33 @@ unsafe extern "C" fn init_peer(
     NGX_OK as ngx_int_t
 }
 
+thread_local! {
+    /// When this worker last said that an upstream had no servers (monotonic ms).
+    static EMPTY_SAID: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// A connection came while the upstream has no servers at all (it started without any
+/// and the registry has not answered yet): says so, at most once a second per worker,
+/// next to nginx's own "no live upstreams" line.
+fn no_servers_yet(log: *mut ngx_log_t, upstream: &ngx_str_t, never_synced: bool) {
+    let now = mono_ms();
+    if EMPTY_SAID.with(|c| now.saturating_sub(c.get()) < 1000 && c.get() != 0) {
+        return;
+    }
+    EMPTY_SAID.with(|c| c.set(now));
+    let name = crate::ngx_util::str_of(upstream);
+    let why = if never_synced {
+        "waiting for the registry's first answer (or use strong_dependency=on, so nginx starts with the registry's servers)"
+    } else {
+        "the registry lists none"
+    };
+    ngx::ngx_log_error!(
+        NGX_LOG_ERR,
+        log,
+        "upsync: upstream \"{name}\" has no servers yet: {why}"
+    );
+}
+
 impl PeerData {
     fn is_tried(&self, i: usize) -> bool {
         // SAFETY: `tried` holds `tried_words` words (allocated in init_peer).
@@ -346,7 +403,15 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         })
     };
     let Some(i) = chosen else {
+        let (empty, never_synced) = (
+            locked.slots().is_empty(),
+            locked.status_ref().last_sync_ms == 0,
+        );
         drop(locked);
+        if empty {
+            // SAFETY: the session's live peer connection and its upstream's name.
+            unsafe { no_servers_yet((*pc).log, &*pd.upstream_name, never_synced) };
+        }
         // SAFETY: `pc` is the session's live peer connection.
         let log = unsafe {
             (*pc).name = pd.upstream_name;

@@ -41,6 +41,12 @@ pub struct SrvConf {
     pub switch_plan: Option<Plan>,
     /// `upstream_show` is set in this (stream server) block.
     pub show: bool,
+    /// The address of the stand-in `server` that lets an upsync upstream have no
+    /// `server` line (see `directives::add_placeholder`); null when there is none.
+    pub placeholder: *mut ngx_addr_t,
+    /// The dump file (and directories) this configuration created, handed over to the
+    /// worker user when the configuration is committed.
+    pub created_dump: Vec<std::path::PathBuf>,
 }
 
 impl SrvConf {
@@ -62,6 +68,8 @@ impl SrvConf {
             outcome: None,
             switch_plan: None,
             show: false,
+            placeholder: ptr::null_mut(),
+            created_dump: Vec::new(),
         }
     }
 

@@ -167,6 +167,67 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Creates an empty dump file (and its missing directories, 0755) when there is none,
+/// so that an `include` of it works before the registry has ever answered. The file is
+/// created exclusively and never through a symlink, mode 0644. Returns what it made:
+/// the directories (outermost first), then the file; empty when the file was there.
+pub fn create_if_missing(path: &Path) -> io::Result<Vec<PathBuf>> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if fs::symlink_metadata(path).is_ok() {
+        return Ok(Vec::new());
+    }
+    let mut made: Vec<PathBuf> = dir_of(path)
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && fs::symlink_metadata(d).is_err())
+        .map(Path::to_path_buf)
+        .collect();
+    made.reverse();
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir_of(path))?;
+    match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(_) => {
+            made.push(path.to_path_buf());
+            Ok(made)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// What is unsafe about where a dump is written: a dump path that is a symlink (the
+/// dump would go wherever it points), or a directory others may write to without the
+/// sticky bit (anyone could replace the file nginx `include`s).
+pub fn path_warnings(path: &Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        out.push(format!(
+            "\"{}\" is a symlink: the dump replaces the link itself (never its target); point upsync_dump_path at the real file",
+            path.display()
+        ));
+    }
+    let dir = dir_of(path);
+    if let Ok(m) = fs::metadata(dir) {
+        let mode = m.permissions().mode();
+        if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+            out.push(format!(
+                "the directory \"{}\" is writable by everyone and not sticky (mode {:o}): anyone could replace the dump nginx includes",
+                dir.display(),
+                mode & 0o7777
+            ));
+        }
+    }
+    out
+}
+
 /// Removes temp files a killed writer left beside `path` (`.NAME.tmp.PID` whose PID is
 /// gone). Returns how many were removed.
 pub fn remove_stale_temps(path: &Path, pid_alive: impl Fn(u32) -> bool) -> usize {
@@ -221,6 +282,46 @@ mod tests {
         // found by fuzzing: 2^32 s used to wrap to 0
         assert!(parse("server 127.0.0.1:8080 fail_timeout=4294967296s;\n").is_err());
         assert_eq!(parse("# only a comment\n").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn missing_dumps_are_created_safely() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("upsync-dump-new-{}", std::process::id()));
+        let p = dir.join("sub/servers_x.conf");
+        assert_eq!(
+            create_if_missing(&p).unwrap(),
+            [dir.clone(), dir.join("sub"), p.clone()]
+        );
+        assert_eq!(fs::read(&p).unwrap(), b"");
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        assert!(create_if_missing(&p).unwrap().is_empty(), "kept");
+        // a symlink planted at the path is neither followed nor replaced
+        let target = dir.join("target");
+        fs::write(&target, "secret").unwrap();
+        let link = dir.join("sub/link.conf");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(create_if_missing(&link).unwrap().is_empty());
+        assert_eq!(fs::read_to_string(&target).unwrap(), "secret");
+        assert!(path_warnings(&link)[0].contains("is a symlink"));
+        // a dump over a planted symlink replaces the link, never writes the target
+        write_atomic(&link, b"server 127.0.0.1:1;\n").unwrap();
+        assert_eq!(fs::read_to_string(&target).unwrap(), "secret");
+        assert!(!fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        // a world-writable directory without the sticky bit is reported
+        let open = dir.join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(path_warnings(&open.join("x.conf"))[0].contains("writable by everyone"));
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(path_warnings(&open.join("x.conf")).is_empty());
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -67,6 +67,7 @@ pub fn commit(
     let (Some(spec), Some(zone)) = (conf.upsync.clone(), conf.zone) else {
         return Ok(());
     };
+    hand_over_created(log, conf, user);
     if let Some((uid, gid)) = user {
         check_dump_dir(log, conf, uid, gid);
     }
@@ -121,6 +122,26 @@ pub fn commit(
         strong_dependency_read(log, conf, zone)?;
     }
     Ok(())
+}
+
+/// What the configuration created for the dump (directories, the empty file) belongs
+/// to the worker user, which rewrites the dump there.
+pub fn hand_over_created(log: *mut ngx_log_t, conf: &mut SrvConf, user: Option<(u32, u32)>) {
+    let made = std::mem::take(&mut conf.created_dump);
+    let Some((uid, gid)) = user else {
+        return;
+    };
+    for p in made {
+        if let Err(e) = std::os::unix::fs::lchown(&p, Some(uid), Some(gid)) {
+            ngx_log_error!(
+                NGX_LOG_WARN,
+                log,
+                "{}: cannot give \"{}\" to the worker user (uid {uid}): {e}",
+                conf.log_prefix(),
+                p.display()
+            );
+        }
+    }
 }
 
 /// A reload kept the zone but changed `upsync_lb`: the running set gets a plan for the

@@ -38,7 +38,16 @@ struct Exchange {
     timeout_ms: u64,
     /// A watch the server never ends: reaching the timeout is normal.
     timeout_is_normal: bool,
+    /// Bytes of the response received so far, and when the last of them came.
+    received: usize,
+    last_byte: u64,
+    /// Sent on a kept-alive connection (which the registry may have closed meanwhile).
+    reused: bool,
 }
+
+/// A long poll closed with no answer after at least this long is an idle cut (a
+/// proxy, load balancer or NAT that drops quiet connections), not a failure.
+const IDLE_CUT_MIN_MS: u64 = 1_000;
 
 pub struct Poller {
     conf: *const SrvConf,
@@ -71,6 +80,9 @@ pub struct Poller {
     duplicates: usize,
     empty_warned: bool,
     rng: Rng,
+    /// The durations (ms) of the last idle cuts, and the cap they set on long polls.
+    cuts: Vec<u64>,
+    poll_cap: Option<u64>,
 }
 
 static mut POLLERS: Vec<*mut Poller> = Vec::new();
@@ -111,6 +123,8 @@ pub unsafe fn start(conf: &SrvConf) {
         duplicates: 0,
         empty_warned: false,
         rng: Rng::new(pid << 32 ^ mono_ms()),
+        cuts: Vec::new(),
+        poll_cap: None,
     }));
     // SAFETY: `p` was just boxed and is never freed (pollers live until the process
     // exits); its timers are cancelable, so they never hold up an exit.
@@ -232,6 +246,11 @@ impl Poller {
                 .hosts[self.target().host]
                 .authority()
         };
+        // a watch the client ends itself ends before an idle cut would
+        let timeout_ms = match self.poll_cap {
+            Some(cap) if req.timeout_is_normal => req.timeout_ms.min(cap),
+            _ => req.timeout_ms,
+        };
         self.exchange = Some(Exchange {
             out: build_request(
                 req.method,
@@ -243,8 +262,11 @@ impl Poller {
             sent: 0,
             parser: ResponseParser::new(BODY_LIMIT),
             started: now,
-            timeout_ms: req.timeout_ms,
+            timeout_ms,
             timeout_is_normal: req.timeout_is_normal,
+            received: 0,
+            last_byte: now,
+            reused: self.conn.is_some(),
         });
         self.debug(&format!(
             "{} {} to {}",
@@ -329,18 +351,27 @@ impl Poller {
                 return;
             };
             match conn.recv(&mut buf) {
-                Recv::Data(n) => match x.parser.feed(&buf[..n]) {
-                    Ok(true) => return self.complete(),
-                    Ok(false) => {
-                        // A streaming response (etcd v3 watch) may be done before it ends.
-                        if let Some(head) = x.parser.head() {
-                            if self.source.on_partial(head, x.parser.body()) {
-                                return self.complete();
+                Recv::Data(n) => {
+                    x.received += n;
+                    x.last_byte = mono_ms();
+                    match x.parser.feed(&buf[..n]) {
+                        Ok(true) => return self.complete(),
+                        Ok(false) => {
+                            // A streaming response (etcd v3 watch) may be done before it
+                            // ends.
+                            if let Some(head) = x.parser.head() {
+                                if self.source.on_partial(head, x.parser.body()) {
+                                    return self.complete();
+                                }
                             }
                         }
+                        Err(e) => return self.fail(format!("bad response: {e}")),
                     }
-                    Err(e) => return self.fail(format!("bad response: {e}")),
-                },
+                }
+                // no answer yet, or a watch stream that went quiet
+                Recv::Closed if x.received == 0 || x.timeout_is_normal => {
+                    return self.closed_unanswered()
+                }
                 Recv::Closed => {
                     return match x.parser.eof() {
                         Ok(()) => self.complete(),
@@ -382,9 +413,10 @@ impl Poller {
                 let advanced = snap.advanced;
                 self.apply(snap);
                 let elapsed = mono_ms().saturating_sub(x.started);
-                // A change: ask again at once. No change and a quick answer (the registry
-                // does not block, or timed out early): wait out the interval.
-                let delay = if advanced {
+                // A change, or a long poll that ran its course: ask again at once. No
+                // change and a quick answer (a registry that does not block): wait out
+                // the interval.
+                let delay = if advanced || elapsed >= IDLE_CUT_MIN_MS {
                     0
                 } else {
                     self.interval_ms.saturating_sub(elapsed)
@@ -397,6 +429,55 @@ impl Poller {
                 self.fail(e.to_string());
             }
         }
+    }
+
+    /// The registry side closed the connection before any byte of an answer, or while a
+    /// watch stream was quiet. On a kept-alive connection closed at once, the registry
+    /// had closed it while idle: ask again on a new one. A long poll or watch closed
+    /// after a quiet while is an idle cut by something in between (a proxy, a load
+    /// balancer, NAT): ask again at once with the same position, and once cuts repeat,
+    /// keep long polls shorter than the cut.
+    fn closed_unanswered(&mut self) {
+        let Some(x) = self.exchange.take() else {
+            return;
+        };
+        self.conn = None;
+        let now = mono_ms();
+        let elapsed = now.saturating_sub(x.last_byte);
+        if x.received == 0 && x.reused && elapsed < IDLE_CUT_MIN_MS {
+            self.debug("the kept-alive connection was closed by the registry; asking again");
+            return self.schedule(0);
+        }
+        if elapsed < IDLE_CUT_MIN_MS {
+            let addr = self.target().addr;
+            return self.fail(if x.received == 0 {
+                format!("the registry at {addr} closed the connection without answering")
+            } else {
+                "bad response: connection closed before the response was complete (truncated)"
+                    .to_string()
+            });
+        }
+        self.log(
+            NGX_LOG_INFO,
+            &format!("the long poll was closed after {elapsed}ms without an answer (an idle cut by a proxy, load balancer or NAT?); asking again"),
+        );
+        self.cuts.push(elapsed);
+        if self.cuts.len() > 3 {
+            self.cuts.remove(0);
+        }
+        if self.cuts.len() >= 2 {
+            let shortest = self.cuts.iter().copied().min().unwrap_or(elapsed);
+            let cap = (shortest / 4 * 3).max(IDLE_CUT_MIN_MS / 2);
+            if self.poll_cap.map_or(true, |c| cap < c) {
+                self.poll_cap = Some(cap);
+                self.source.set_poll_cap(cap);
+                self.log(
+                    NGX_LOG_NOTICE,
+                    &format!("quiet registry connections are cut after about {shortest}ms: long polls now last at most {cap}ms"),
+                );
+            }
+        }
+        self.schedule(0);
     }
 
     /// A good exchange with bad data (not a listing, a missing header): the registry and

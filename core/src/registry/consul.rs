@@ -177,6 +177,11 @@ impl Source for Consul {
         Ok(Some(Snapshot::of(listing, advanced)))
     }
 
+    fn set_poll_cap(&mut self, cap_ms: u64) {
+        // Consul answers up to wait/16 late: the whole long poll stays within the cap
+        self.wait_ms = self.wait_ms.min((cap_ms / 17 * 16).max(1_000));
+    }
+
     fn reset(&mut self) {
         self.index = 0;
         self.last_returned = 0;
@@ -482,6 +487,26 @@ mod tests {
         // moving forward again ends the episode
         let s = d.handle(&head(200, Some("41")), b"[]").unwrap().unwrap();
         assert!(s.advanced);
+    }
+
+    #[test]
+    fn a_poll_cap_shortens_the_wait() {
+        let mut c = kv_source();
+        c.handle(&head(200, Some("5")), b"[]").unwrap();
+        assert!(c.next_request().path_and_query.contains("&wait="));
+        c.set_poll_cap(1_500);
+        assert!(
+            c.next_request()
+                .path_and_query
+                .contains("index=5&wait=1408ms"),
+            "{}",
+            c.next_request().path_and_query
+        );
+        c.set_poll_cap(100);
+        assert!(
+            c.next_request().path_and_query.contains("wait=1000ms"),
+            "at least 1 s"
+        );
     }
 
     #[test]

@@ -198,6 +198,11 @@ pub trait Source: Send {
     fn take_note(&mut self) -> Option<String> {
         None
     }
+    /// Long polls must end within `cap_ms` (something between nginx and the registry
+    /// cuts connections that stay idle longer): a source whose server ends its long
+    /// polls itself asks for a shorter wait. Sources whose watches the client ends
+    /// (etcd) need nothing: the poller ends them at the cap.
+    fn set_poll_cap(&mut self, _cap_ms: u64) {}
     /// Forgets the position, so the next request reads everything (after errors).
     fn reset(&mut self);
     /// The position, for status output (Consul index, etcd index).

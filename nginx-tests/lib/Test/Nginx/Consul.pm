@@ -50,6 +50,9 @@ sub start {
 	return $self;
 }
 
+# stop(): ends the registry (start it again with start()).
+sub stop { $_[0]{t}->kill_spawned('consul') }
+
 sub is_emulator { !$_[0]{real} }
 sub port { $_[0]{port} }
 sub url { "http://127.0.0.1:$_[0]{port}$_[1]" }
