@@ -4,6 +4,7 @@
 pub mod consul;
 pub mod etcd_v2;
 pub mod etcd_v3;
+pub mod kubernetes;
 
 use std::fmt;
 
@@ -80,6 +81,11 @@ pub enum RegistryError {
     AclFiltered,
     /// The registry refused the credentials (or wants some).
     Auth(String),
+    /// An object of the answer is not usable (Kubernetes: a slice or an endpoint).
+    Object {
+        what: String,
+        why: String,
+    },
 }
 
 impl fmt::Display for RegistryError {
@@ -100,6 +106,7 @@ impl fmt::Display for RegistryError {
             RegistryError::Json(e) => write!(f, "invalid JSON in response: {e}"),
             RegistryError::Entry { key, err } => write!(f, "entry \"{key}\": {err}"),
             RegistryError::Auth(why) => write!(f, "authentication failed: {why}"),
+            RegistryError::Object { what, why } => write!(f, "{what}: {why}"),
             RegistryError::AclFiltered => write!(
                 f,
                 "the ACL token may not read every entry (X-Consul-Results-Filtered-By-ACLs); a partial list is not applied"
@@ -128,6 +135,12 @@ pub trait Source: Send {
     /// `handle`.
     fn on_partial(&mut self, _head: &Head, _body: &[u8]) -> bool {
         false
+    }
+    /// After `on_partial` returned false: a new server set that the part of the stream
+    /// read so far produced, to apply now while the exchange goes on (a Kubernetes watch
+    /// stays open across changes). The poller calls it after every `on_partial`.
+    fn take_streamed(&mut self) -> Option<Snapshot> {
+        None
     }
     /// A notable recovery the source made on its own (history cleared, watch compacted),
     /// for the poller to log once.
@@ -249,7 +262,8 @@ fn hide_cut_prefix(text: &str, secret: &str) -> String {
 }
 
 /// Builds the protocol for a parsed `upsync` directive; `cred` is the credential read
-/// from `token_file=` (Consul: an ACL token; etcd: user and password).
+/// from `token_file=` (Consul: an ACL token; etcd: user and password; Kubernetes: a
+/// bearer token, read again when the file changes).
 pub fn source_for(spec: &UpsyncSpec, cred: Option<&Credential>) -> Box<dyn Source> {
     match spec.kind {
         SourceKind::ConsulKv | SourceKind::ConsulServices | SourceKind::ConsulHealth => {
@@ -257,6 +271,9 @@ pub fn source_for(spec: &UpsyncSpec, cred: Option<&Credential>) -> Box<dyn Sourc
         }
         SourceKind::EtcdV2 => Box::new(etcd_v2::EtcdV2::new(spec).with_credential(cred)),
         SourceKind::EtcdV3 => Box::new(etcd_v3::EtcdV3::new(spec).with_credential(cred)),
+        SourceKind::Kubernetes => {
+            Box::new(kubernetes::Kubernetes::new(spec).with_credential(spec, cred))
+        }
     }
 }
 
