@@ -681,6 +681,13 @@ impl Poller {
                                 return self.complete();
                             }
                         }
+                        // A watch that stays open (Kubernetes) may carry a new set now.
+                        if let Some(snap) = self.source.take_streamed() {
+                            if let Some(note) = self.source.take_note() {
+                                self.log(NGX_LOG_NOTICE, &redact(&note, self.source.as_ref()));
+                            }
+                            self.apply(snap);
+                        }
                         continue;
                     }
                     Err(e) => return self.fail(format!("bad response: {e}")),

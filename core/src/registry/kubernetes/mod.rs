@@ -359,6 +359,11 @@ impl Source for Kubernetes {
     }
 
     fn start(&mut self) {
+        // A watch the client gave up on (upsync_timeout) starts again from the last
+        // version seen, like one the server ended.
+        if self.watch_from.is_some() {
+            self.watch_from = Some(self.resource_version.clone());
+        }
         self.scanned = 0;
         self.events = 0;
         self.pending = None;

@@ -126,6 +126,16 @@ fn events_apply_as_they_arrive_and_the_stream_stays_open() {
         .next_request()
         .path_and_query
         .contains("resourceVersion=153&"));
+    // the client's deadline ends a watch without handle(): the next one starts from
+    // the last version seen too
+    s.start();
+    let bm = event("BOOKMARK", json!({"metadata": {"resourceVersion": "170"}}));
+    assert!(!s.on_partial(&head(200), &bm));
+    s.start();
+    assert!(s
+        .next_request()
+        .path_and_query
+        .contains("resourceVersion=170&"));
 }
 
 #[test]
