@@ -22,7 +22,9 @@ What is emulated
 ----------------
 * ``/apis/discovery.k8s.io/v1/namespaces/NS/endpointslices``: GET (list), GET with
   ``watch=1`` or ``watch=true`` (watch), POST (create; ``metadata.name`` or
-  ``generateName``), and ``.../endpointslices/NAME``: GET, PUT (replace; a
+  ``generateName``), DELETE (delete collection, with ``labelSelector``: one DELETED
+  event per slice, written to each watch in one piece), and
+  ``.../endpointslices/NAME``: GET, PUT (replace; a
   ``metadata.resourceVersion`` that is not the current one gets 409 Conflict), DELETE.
   Writes are validated as the API server does for the fields a reader uses
   (addressType IPv4/IPv6/FQDN, 1-100 addresses of that type per endpoint, port numbers
@@ -450,6 +452,14 @@ class State:
             self._emit(ns, "DELETED", gone)
             return gone
 
+    def delete_collection(self, ns: str, reqs) -> dict:
+        """Deletes every matching slice at once (their events reach a watch together)."""
+        with self.lock:
+            out = self.list(ns, reqs)
+            for item in out["items"]:
+                self.delete(ns, item["metadata"]["name"])
+            return out
+
     def get(self, ns: str, name: str) -> dict:
         with self.lock:
             have = self.objects.get((ns, name))
@@ -695,6 +705,9 @@ class Handler(BaseHTTPRequestHandler):
                 obj = self.read_body()
                 validate_slice(obj, name)
                 return self.send_json(200, self.state.replace(ns, name, obj))
+            if method == "DELETE" and name is None:
+                self.count("DELETE")
+                return self.send_json(200, self.state.delete_collection(ns, parse_selector(q.get("labelSelector", ""))))
             if method == "DELETE" and name:
                 self.count("DELETE")
                 gone = self.state.delete(ns, name)
@@ -867,12 +880,17 @@ class Handler(BaseHTTPRequestHandler):
                     events, w.queue = w.queue, []
                     end = w.end
                     current = st.rv
+                # the events of one wake-up leave in one write, as one burst
+                out = b""
                 for ev in events:
                     if abort_after is not None and sent >= abort_after:
-                        self.drop()
-                        return
-                    self.chunk(json.dumps(ev, separators=(",", ":")).encode() + b"\n")
+                        break
+                    data = json.dumps(ev, separators=(",", ":")).encode() + b"\n"
+                    out += b"%x\r\n%s\r\n" % (len(data), data)
                     sent += 1
+                if out:
+                    self.wfile.write(out)
+                    self.wfile.flush()
                 if abort_after is not None and sent >= abort_after:
                     self.drop()
                     return

@@ -232,6 +232,16 @@ class TestObjects(EmulatorCase):
         self.assertEqual((status, b["metadata"]["uid"]), (200, a["metadata"]["uid"]))
         self.assertEqual(self.call("GET", f"{SLICES}/web-a")[1]["endpoints"][0]["addresses"], ["10.0.0.2"])
         self.assertEqual(self.call("POST", SLICES, slice_obj("web-a", 1, []))[0], 409)
+        # delete collection: every selected slice, their events in one burst
+        w = self.watch(self.list_rv(), "&timeoutSeconds=10")
+        self.call("POST", SLICES, slice_obj("web-b", 8080, [("10.0.0.3", True)]))
+        self.assertEqual(w.events(1)[0]["type"], "ADDED")
+        status, out = self.call("DELETE", f"{SLICES}?{SELECTOR}")
+        self.assertEqual(status, 200)
+        self.assertEqual(sorted(i["metadata"]["name"] for i in out["items"]),
+                         sorted(["web-a", "web-b", g["metadata"]["name"]]))
+        self.assertEqual([e["type"] for e in w.events(3)], ["DELETED"] * 3)
+        self.call("POST", SLICES, slice_obj("web-a", 8080, [("10.0.0.2", True)]))
         status, out = self.call("DELETE", f"{SLICES}/web-a")
         self.assertEqual((status, out["status"]), (200, "Success"))
         self.assertEqual(self.call("DELETE", f"{SLICES}/web-a")[0], 404)
