@@ -682,10 +682,11 @@ impl Poller {
                             }
                         }
                         // A watch that stays open (Kubernetes) may carry a new set now.
-                        if let Some(snap) = self.source.take_streamed() {
-                            if let Some(note) = self.source.take_note() {
-                                self.log(NGX_LOG_NOTICE, &redact(&note, self.source.as_ref()));
-                            }
+                        let streamed = self.source.take_streamed();
+                        if let Some(note) = self.source.take_note() {
+                            self.log(NGX_LOG_NOTICE, &redact(&note, self.source.as_ref()));
+                        }
+                        if let Some(snap) = streamed {
                             self.apply(snap);
                         }
                         continue;

@@ -73,7 +73,8 @@ statistics (the harness writes slices there).
 ``GET /_emu/stats``
     ``{"requests": {"LIST": n, "WATCH": n, "GET": n, "POST": n, "PUT": n, "DELETE": n},
     "requests_total", "watches_open", "watches_total", "watch_starts": [RV, ...] (last 50,
-    "" for none), "tokens": {token: n}, "last_token", "unauthorized", "forbidden",
+    "" for none), "watch_log": [{"labelSelector", "resourceVersion", "token"}, ...] (last 50),
+    "tokens": {token: n}, "last_token", "unauthorized", "forbidden",
     "expired_status", "expired_event", "resource_version", "compacted",
     "connections_open", "connections_total"}`` for requests on the main listener.
 ``POST /_emu/reset_stats``
@@ -326,6 +327,7 @@ class State:
             self.requests_total = 0
             self.watches_total = 0
             self.watch_starts: list[str] = []
+            self.watch_log: list[dict] = []
             self.token_counts: dict[str, int] = {}
             self.last_token = ""
             self.unauthorized = 0
@@ -342,6 +344,9 @@ class State:
             if what == "WATCH":
                 self.watches_total += 1
                 self.watch_starts = (self.watch_starts + [kw.get("rv", "")])[-50:]
+                self.watch_log = (self.watch_log + [{"labelSelector": kw.get("selector", ""),
+                                                     "resourceVersion": kw.get("rv", ""),
+                                                     "token": kw.get("bearer")}])[-50:]
             if "token" in kw and kw["token"] is not None:
                 self.token_counts[kw["token"]] = self.token_counts.get(kw["token"], 0) + 1
                 self.last_token = kw["token"]
@@ -358,7 +363,8 @@ class State:
         with self.stats_lock:
             return {"requests": dict(self.counts), "requests_total": self.requests_total,
                     "watches_open": open_watches, "watches_total": self.watches_total,
-                    "watch_starts": list(self.watch_starts), "tokens": dict(self.token_counts),
+                    "watch_starts": list(self.watch_starts), "watch_log": list(self.watch_log),
+                    "tokens": dict(self.token_counts),
                     "last_token": self.last_token, "unauthorized": self.unauthorized,
                     "forbidden": self.forbidden_count, "expired_status": self.expired_status,
                     "expired_event": self.expired_event, "resource_version": str(rv),
@@ -726,12 +732,15 @@ class Handler(BaseHTTPRequestHandler):
         if not self.backdoor:
             self.state.count(what, **kw)
 
+    bearer = None
+
     def authenticate(self, verb: str, ns: str) -> None:
         st = self.state
         if self.backdoor or not st.auth:
             return
         auth = self.headers.get("Authorization", "")
         token = auth[7:].strip() if auth[:7].lower() == "bearer " else None
+        self.bearer = token
         with st.lock:
             ok = token is not None and (token in st.tokens or token == st.admin)
             forbidden = token in st.forbidden
@@ -781,7 +790,7 @@ class Handler(BaseHTTPRequestHandler):
             return True
         if f.mode == "malformed":
             if verb == "watch":
-                self.count("WATCH", rv=q.get("resourceVersion", ""))
+                self.count("WATCH", rv=q.get("resourceVersion", ""), selector=q.get("labelSelector", ""), bearer=self.bearer)
                 self.start_chunked()
                 self.chunk(b'{"type":"ADDED","object":{"metadata":\n')
                 self.end_chunked()
@@ -810,7 +819,7 @@ class Handler(BaseHTTPRequestHandler):
             self.watch(ns, q, end_after=float(s.get("after_ms", 0)) / 1000)
             return True
         if f.mode == "gone" and verb == "watch":
-            self.count("WATCH", rv=q.get("resourceVersion", ""))
+            self.count("WATCH", rv=q.get("resourceVersion", ""), selector=q.get("labelSelector", ""), bearer=self.bearer)
             self.too_old(q.get("resourceVersion", ""), s.get("form", "status"))
             return True
         return False
@@ -849,7 +858,7 @@ class Handler(BaseHTTPRequestHandler):
     def watch(self, ns: str, q: dict, abort_after: int | None = None, end_after: float | None = None) -> None:
         st = self.state
         rv = q.get("resourceVersion", "")
-        self.count("WATCH", rv=rv)
+        self.count("WATCH", rv=rv, selector=q.get("labelSelector", ""), bearer=self.bearer)
         reqs = parse_selector(q.get("labelSelector", ""))
         try:
             timeout = float(q.get("timeoutSeconds") or st.default_watch_timeout)

@@ -152,7 +152,7 @@ sub _curl {
 	die "fork: $!\n" unless defined $pid;
 	if (!$pid) {
 		open STDIN, '<', $in;
-		exec @cmd, "$self->{url}$path";
+		{ no warnings 'exec'; exec @cmd, "$self->{url}$path"; }
 		POSIX::_exit(127);
 	}
 	local $/;
