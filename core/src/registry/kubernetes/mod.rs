@@ -71,6 +71,8 @@ pub struct Kubernetes {
     /// Watches in a row that ended without sending anything.
     quiet_ends: u32,
     token: Option<TokenFile>,
+    /// Why the token file could not be read again, as last noted (noted once).
+    token_failure: Option<String>,
     notes: Vec<String>,
 }
 
@@ -101,6 +103,7 @@ impl Kubernetes {
             end: None,
             quiet_ends: 0,
             token: None,
+            token_failure: None,
             notes: Vec::new(),
         }
     }
@@ -371,14 +374,23 @@ impl Source for Kubernetes {
         if let Some(t) = self.token.as_mut() {
             match t.refresh(Instant::now(), false) {
                 Refresh::Unchanged => {}
-                Refresh::Changed => self.notes.push(format!(
-                    "token_file \"{}\" changed on disk; requests from now on carry the new token",
-                    t.path()
-                )),
-                Refresh::Failed(e) => self.notes.push(format!(
-                    "cannot read token_file \"{}\" again: {e}; still using the token read before",
-                    t.path()
-                )),
+                Refresh::Changed => {
+                    self.token_failure = None;
+                    self.notes.push(format!(
+                        "token_file \"{}\" changed on disk; requests from now on carry the new token",
+                        t.path()
+                    ));
+                }
+                // Once per distinct reason, not once per request (a worker user that
+                // may not read the file would otherwise log at every watch).
+                Refresh::Failed(e) if self.token_failure.as_ref() != Some(&e) => {
+                    self.notes.push(format!(
+                        "cannot read token_file \"{}\" again: {e}; still using the token read before",
+                        t.path()
+                    ));
+                    self.token_failure = Some(e);
+                }
+                Refresh::Failed(_) => {}
             }
         }
     }

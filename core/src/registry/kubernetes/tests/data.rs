@@ -399,6 +399,8 @@ fn token_rotation_on_disk_and_after_401() {
         .take_note()
         .unwrap()
         .contains("still using the token read before"));
+    s.start();
+    assert_eq!(s.take_note(), None, "noted once, not at every request");
     assert_eq!(
         auth_header(&s),
         "Authorization: Bearer eyJhbGciOiJSUzI1NiJ9.three.sig"
