@@ -83,12 +83,13 @@ sub emerg {
 	return qr/\[emerg\] \Q$text\E in \S+:\d+$/m;
 }
 
-my $ACC_TYPES = 'accepted: consul, consul_services, consul_health, etcd, etcdv3, nacos';
+my $ACC_TYPES = 'accepted: consul, consul_services, consul_health, etcd, etcdv3, nacos, kubernetes';
 my $ACC_PARAMS = 'accepted: upsync_type=, upsync_interval=, '
 	. 'upsync_timeout=, strong_dependency=, zone_size=, token_file=, '
 	. 'ssl_verify=, ssl_trusted_certificate=, ssl_certificate=, '
 	. 'ssl_certificate_key=, ssl_name=; with upsync_type=nacos also '
-	. 'nacos_namespace=, nacos_group=, nacos_clusters=, nacos_api=';
+	. 'nacos_namespace=, nacos_group=, nacos_clusters=, nacos_api=; '
+	. 'with upsync_type=kubernetes also k8s_port=, k8s_protocol=, k8s_address_type=';
 my $EXAMPLE = 'expected [https://]HOST[:PORT][,HOST[:PORT]...]/PATH, for example '
 	. '127.0.0.1:8500/v1/kv/upstreams/NAME/';
 my $PORT = 'expected a number from 1 to 65535';

@@ -364,6 +364,14 @@ impl Poller {
                                     return self.complete();
                                 }
                             }
+                            // A watch that stays open (Kubernetes) may carry a new set now.
+                            let streamed = self.source.take_streamed();
+                            if let Some(note) = self.source.take_note() {
+                                self.log(NGX_LOG_NOTICE, &redact(&note, self.source.as_ref()));
+                            }
+                            if let Some(snap) = streamed {
+                                self.apply(snap);
+                            }
                         }
                         Err(e) => return self.fail(format!("bad response: {e}")),
                     }

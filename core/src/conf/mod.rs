@@ -1,6 +1,7 @@
 //! Directive values, parsed into plain Rust types. No nginx symbols here: the directive
 //! handlers in `module.rs` pass strings in and turn `ConfError`s into `nginx -t` messages.
 
+pub mod kubernetes;
 pub mod nacos;
 pub mod time;
 
@@ -26,11 +27,13 @@ pub enum SourceKind {
     EtcdV3,
     /// Nacos naming: the instance list of one service, polled.
     Nacos,
+    /// Kubernetes EndpointSlices of a Service: list, then watch.
+    Kubernetes,
 }
 
 impl SourceKind {
     pub const ACCEPTED: &'static str =
-        "consul, consul_services, consul_health, etcd, etcdv3, nacos";
+        "consul, consul_services, consul_health, etcd, etcdv3, nacos, kubernetes";
 
     pub fn parse(s: &str) -> Option<SourceKind> {
         match s {
@@ -40,6 +43,7 @@ impl SourceKind {
             "etcd" => Some(SourceKind::EtcdV2),
             "etcdv3" => Some(SourceKind::EtcdV3),
             "nacos" => Some(SourceKind::Nacos),
+            "kubernetes" => Some(SourceKind::Kubernetes),
             _ => None,
         }
     }
@@ -52,6 +56,7 @@ impl SourceKind {
             SourceKind::EtcdV2 => "etcd",
             SourceKind::EtcdV3 => "etcdv3",
             SourceKind::Nacos => "nacos",
+            SourceKind::Kubernetes => "kubernetes",
         }
     }
 }
@@ -138,7 +143,7 @@ pub struct TlsSpec {
 /// The registry credential read from `token_file=`.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Credential {
-    /// A Consul ACL token, sent as `X-Consul-Token`.
+    /// A Consul ACL token, sent as `X-Consul-Token`; for Kubernetes a bearer token.
     Token(String),
     /// etcd or Nacos user and password (`USER:PASSWORD` in the file): HTTP basic auth
     /// for etcd v2, a token from `/v3/auth/authenticate` for etcd v3, a token from the
@@ -173,9 +178,10 @@ pub fn parse_credential(kind: SourceKind, content: &str) -> Result<Credential, C
         return Err(CredentialError::NotOneLine);
     }
     match kind {
-        SourceKind::ConsulKv | SourceKind::ConsulServices | SourceKind::ConsulHealth => {
-            Ok(Credential::Token(line.to_string()))
-        }
+        SourceKind::ConsulKv
+        | SourceKind::ConsulServices
+        | SourceKind::ConsulHealth
+        | SourceKind::Kubernetes => Ok(Credential::Token(line.to_string())),
         SourceKind::EtcdV2 | SourceKind::EtcdV3 | SourceKind::Nacos => match line.split_once(':') {
             Some((u, p)) if !u.is_empty() && !p.is_empty() => Ok(Credential::UserPassword {
                 user: u.to_string(),
@@ -208,6 +214,8 @@ pub struct UpsyncSpec {
     pub tls: Option<TlsSpec>,
     /// The service and API of `upsync_type=nacos`.
     pub nacos: Option<nacos::NacosSpec>,
+    /// The Service and port of `upsync_type=kubernetes`.
+    pub kubernetes: Option<kubernetes::K8sSpec>,
 }
 
 pub const DEFAULT_INTERVAL_MS: u64 = 5_000;
@@ -233,7 +241,7 @@ pub enum ConfError {
     Time(String),
     #[error("invalid value \"{0}\": it must be \"on\" or \"off\"")]
     OnOff(String),
-    #[error("unknown parameter \"{0}\"; accepted: upsync_type=, upsync_interval=, upsync_timeout=, strong_dependency=, zone_size=, token_file=, ssl_verify=, ssl_trusted_certificate=, ssl_certificate=, ssl_certificate_key=, ssl_name=; with upsync_type=nacos also nacos_namespace=, nacos_group=, nacos_clusters=, nacos_api=")]
+    #[error("unknown parameter \"{0}\"; accepted: upsync_type=, upsync_interval=, upsync_timeout=, strong_dependency=, zone_size=, token_file=, ssl_verify=, ssl_trusted_certificate=, ssl_certificate=, ssl_certificate_key=, ssl_name=; with upsync_type=nacos also nacos_namespace=, nacos_group=, nacos_clusters=, nacos_api=; with upsync_type=kubernetes also k8s_port=, k8s_protocol=, k8s_address_type=")]
     UnknownParam(String),
     #[error("invalid zone_size \"{0}\": expected a size of at least 64k, such as 8m")]
     ZoneSize(String),
@@ -274,6 +282,18 @@ pub enum ConfError {
     TooManyHosts(String),
     #[error("unknown method \"{0}\"; accepted: {accepted}", accepted = LbSpec::ACCEPTED)]
     UnknownLb(String),
+    #[error("invalid Kubernetes Service \"{0}\": expected [https://]HOST[:PORT][,HOST[:PORT]...]/NAMESPACE/SERVICE or in-cluster/[NAMESPACE/]SERVICE, names in lower case (letters, digits, '-'), such as https://10.0.0.1:6443/default/web")]
+    K8sService(String),
+    #[error("\"{0}\" applies to upsync_type=kubernetes only")]
+    K8sOnly(&'static str),
+    #[error("invalid k8s_port \"{0}\": expected the Service port's name (lower-case letters, digits, '-') or the endpoints' port number (1-65535)")]
+    K8sPort(String),
+    #[error("invalid k8s_protocol \"{0}\": expected TCP or UDP")]
+    K8sProtocol(String),
+    #[error("invalid k8s_address_type \"{0}\": expected IPv4, IPv6 or any")]
+    K8sAddressType(String),
+    #[error("in-cluster/: {0}")]
+    InCluster(String),
 }
 
 /// Most registry addresses in one failover list.
@@ -397,6 +417,8 @@ fn normalize_path(kind: SourceKind, ep: &mut Endpoint) -> Result<(), ConfError> 
         SourceKind::EtcdV3 => (&["/"], "/ (the key prefix, such as /upstreams/NAME/)"),
         // checked by nacos::parse, which knows both forms
         SourceKind::Nacos => return Ok(()),
+        // checked by kubernetes_service() instead
+        SourceKind::Kubernetes => (&["/"], "/NAMESPACE/SERVICE"),
     };
     let ok = needles
         .iter()
@@ -414,7 +436,7 @@ fn normalize_path(kind: SourceKind, ep: &mut Endpoint) -> Result<(), ConfError> 
                 ep.path.push('/');
             }
         }
-        SourceKind::ConsulServices | SourceKind::ConsulHealth => {
+        SourceKind::ConsulServices | SourceKind::ConsulHealth | SourceKind::Kubernetes => {
             while ep.path.ends_with('/') {
                 ep.path.pop();
             }
@@ -425,11 +447,29 @@ fn normalize_path(kind: SourceKind, ep: &mut Endpoint) -> Result<(), ConfError> 
 }
 
 /// Parses the arguments of `upsync` (everything after the directive name).
+/// `in-cluster/` addresses read the process environment and the service account files.
 pub fn parse_upsync(args: &[&str]) -> Result<UpsyncSpec, ConfError> {
+    parse_upsync_in(args, &kubernetes::SystemEnv)
+}
+
+/// `parse_upsync` with the environment `in-cluster/` reads from given.
+pub fn parse_upsync_in(
+    args: &[&str],
+    env: &dyn kubernetes::ClusterEnv,
+) -> Result<UpsyncSpec, ConfError> {
     let first = args
         .first()
         .ok_or_else(|| ConfError::Address(String::new()))?;
-    let mut endpoint = parse_endpoint(first)?;
+    // `in-cluster/...` becomes an address once the type is known (Kubernetes only).
+    let in_cluster = first.starts_with(kubernetes::IN_CLUSTER);
+    let mut endpoint = if in_cluster {
+        parse_endpoint("in-cluster/x/x")?
+    } else {
+        parse_endpoint(first)?
+    };
+    let mut k8s_port = None;
+    let mut k8s_protocol = None;
+    let mut k8s_family = None;
     let mut kind = None;
     let mut interval = None;
     let mut timeout = None;
@@ -502,6 +542,26 @@ pub fn parse_upsync(args: &[&str]) -> Result<UpsyncSpec, ConfError> {
                 }
                 ssl_name = Some(v.to_string());
             }
+            "k8s_port" => {
+                dup(k8s_port.is_some(), "k8s_port")?;
+                k8s_port = Some(
+                    kubernetes::parse_port(v).ok_or_else(|| ConfError::K8sPort(v.to_string()))?,
+                );
+            }
+            "k8s_protocol" => {
+                dup(k8s_protocol.is_some(), "k8s_protocol")?;
+                k8s_protocol = Some(
+                    kubernetes::parse_protocol(v)
+                        .ok_or_else(|| ConfError::K8sProtocol(v.to_string()))?,
+                );
+            }
+            "k8s_address_type" => {
+                dup(k8s_family.is_some(), "k8s_address_type")?;
+                k8s_family = Some(
+                    kubernetes::parse_family(v)
+                        .ok_or_else(|| ConfError::K8sAddressType(v.to_string()))?,
+                );
+            }
             "zone_size" => {
                 dup(zone_size.is_some(), "zone_size")?;
                 zone_size = Some(
@@ -515,7 +575,36 @@ pub fn parse_upsync(args: &[&str]) -> Result<UpsyncSpec, ConfError> {
         }
     }
     let kind = kind.ok_or(ConfError::MissingType)?;
-    normalize_path(kind, &mut endpoint)?;
+    let k8s = if kind == SourceKind::Kubernetes {
+        let (ep, k8s) = kubernetes_service(first, endpoint, in_cluster, env)?;
+        endpoint = ep;
+        if in_cluster {
+            // The Pod's own credentials, unless given explicitly.
+            let sa = kubernetes::SERVICE_ACCOUNT_DIR;
+            token_file.get_or_insert_with(|| format!("{sa}/token"));
+            ssl_trusted.get_or_insert_with(|| format!("{sa}/ca.crt"));
+        }
+        Some(kubernetes::K8sSpec {
+            port: k8s_port.unwrap_or(kubernetes::PortSel::Default),
+            protocol: k8s_protocol.unwrap_or(kubernetes::Protocol::Tcp),
+            family: k8s_family.unwrap_or(kubernetes::Family::Any),
+            ..k8s
+        })
+    } else {
+        if in_cluster {
+            return Err(ConfError::K8sOnly("in-cluster/"));
+        }
+        let given = [
+            (k8s_port.is_some(), "k8s_port="),
+            (k8s_protocol.is_some(), "k8s_protocol="),
+            (k8s_family.is_some(), "k8s_address_type="),
+        ];
+        if let Some((_, name)) = given.iter().find(|(set, _)| *set) {
+            return Err(ConfError::K8sOnly(name));
+        }
+        normalize_path(kind, &mut endpoint)?;
+        None
+    };
     let nacos = if kind == SourceKind::Nacos {
         Some(nacos::parse(&endpoint, &nacos_params)?)
     } else if let Some((k, _)) = nacos_params.first() {
@@ -558,7 +647,57 @@ pub fn parse_upsync(args: &[&str]) -> Result<UpsyncSpec, ConfError> {
         token_file,
         tls,
         nacos,
+        kubernetes: k8s,
     })
+}
+
+/// The address and Service of `upsync_type=kubernetes`: `/NAMESPACE/SERVICE` after the
+/// API server's address, or `in-cluster/[NAMESPACE/]SERVICE` with the address from
+/// the environment (always https) and the namespace, when not given, from the
+/// service account.
+fn kubernetes_service(
+    arg: &str,
+    mut endpoint: Endpoint,
+    in_cluster: bool,
+    env: &dyn kubernetes::ClusterEnv,
+) -> Result<(Endpoint, kubernetes::K8sSpec), ConfError> {
+    let bad = || ConfError::K8sService(arg.to_string());
+    let (namespace, service) = if in_cluster {
+        let rest = &arg[kubernetes::IN_CLUSTER.len()..];
+        let (ns, svc) = kubernetes::parse_service_path(rest, true).ok_or_else(bad)?;
+        let authority = kubernetes::in_cluster_authority(env).map_err(ConfError::InCluster)?;
+        let ns = match ns {
+            Some(ns) => ns,
+            None => kubernetes::in_cluster_namespace(env).map_err(ConfError::InCluster)?,
+        };
+        endpoint = parse_endpoint(&format!("https://{authority}/{ns}/{svc}")).map_err(|_| {
+            ConfError::InCluster(format!(
+                "KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT give the invalid address \"{}\"",
+                crate::servers::printable(&authority, 128)
+            ))
+        })?;
+        (ns, svc)
+    } else {
+        if !endpoint.query.is_empty() {
+            return Err(bad());
+        }
+        match kubernetes::parse_service_path(&endpoint.path, false).ok_or_else(bad)? {
+            (Some(ns), svc) => (ns, svc),
+            (None, _) => return Err(bad()),
+        }
+    };
+    endpoint.path = format!("/{namespace}/{service}");
+    Ok((
+        endpoint,
+        kubernetes::K8sSpec {
+            namespace,
+            service,
+            port: kubernetes::PortSel::Default,
+            protocol: kubernetes::Protocol::Tcp,
+            family: kubernetes::Family::Any,
+            in_cluster,
+        },
+    ))
 }
 
 /// A parsed `upsync_lb`: the method, and the hash key when one was given (the hash

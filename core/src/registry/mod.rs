@@ -4,6 +4,7 @@
 pub mod consul;
 pub mod etcd_v2;
 pub mod etcd_v3;
+pub mod kubernetes;
 pub mod nacos;
 
 use crate::conf::{Credential, SourceKind, UpsyncSpec};
@@ -126,7 +127,6 @@ pub enum RegistryError {
     Json(String),
     #[error("entry \"{key}\": {err}")]
     Entry { key: String, err: SpecError },
-
     /// Consul hid entries this token may not read: applying the rest would drop servers.
     #[error("the ACL token may not read every entry (X-Consul-Results-Filtered-By-ACLs); a partial list is not applied")]
     AclFiltered,
@@ -137,6 +137,9 @@ pub enum RegistryError {
     /// The registry refused the credentials (or wants some).
     #[error("authentication failed: {0}")]
     Auth(String),
+    /// An object of the answer is not usable (Kubernetes: a slice or an endpoint).
+    #[error("{what}: {why}")]
+    Object { what: String, why: String },
 }
 
 impl RegistryError {
@@ -149,6 +152,7 @@ impl RegistryError {
                 | RegistryError::MissingHeader(_)
                 | RegistryError::BadHeader(..)
                 | RegistryError::Entry { .. }
+                | RegistryError::Object { .. }
         )
     }
 }
@@ -192,6 +196,12 @@ pub trait Source: Send {
     /// `handle`.
     fn on_partial(&mut self, _head: &Head, _body: &[u8]) -> bool {
         false
+    }
+    /// After `on_partial` returned false: a new server set that the part of the stream
+    /// read so far produced, to apply now while the exchange goes on (a Kubernetes watch
+    /// stays open across changes). The poller calls it after every `on_partial`.
+    fn take_streamed(&mut self) -> Option<Snapshot> {
+        None
     }
     /// A notable recovery the source made on its own (history cleared, watch compacted),
     /// for the poller to log once.
@@ -318,7 +328,8 @@ fn hide_cut_prefix(text: &str, secret: &str) -> String {
 }
 
 /// Builds the protocol for a parsed `upsync` directive; `cred` is the credential read
-/// from `token_file=` (Consul: an ACL token; etcd and Nacos: user and password).
+/// from `token_file=` (Consul: an ACL token; etcd and Nacos: user and password;
+/// Kubernetes: a bearer token, read again when the file changes).
 pub fn source_for(spec: &UpsyncSpec, cred: Option<&Credential>) -> Box<dyn Source> {
     match spec.kind {
         SourceKind::ConsulKv | SourceKind::ConsulServices | SourceKind::ConsulHealth => {
@@ -327,6 +338,9 @@ pub fn source_for(spec: &UpsyncSpec, cred: Option<&Credential>) -> Box<dyn Sourc
         SourceKind::EtcdV2 => Box::new(etcd_v2::EtcdV2::new(spec).with_credential(cred)),
         SourceKind::EtcdV3 => Box::new(etcd_v3::EtcdV3::new(spec).with_credential(cred)),
         SourceKind::Nacos => Box::new(nacos::Nacos::new(spec).with_credential(cred)),
+        SourceKind::Kubernetes => {
+            Box::new(kubernetes::Kubernetes::new(spec).with_credential(spec, cred))
+        }
     }
 }
 

