@@ -4,6 +4,7 @@
 pub mod consul;
 pub mod etcd_v2;
 pub mod etcd_v3;
+pub mod zookeeper;
 
 use std::fmt;
 
