@@ -196,6 +196,9 @@ impl Session {
                     self.reset_session();
                     return Err(ZkError::SessionExpired { id });
                 }
+                if Code(hdr.err) == Code::SESSION_MOVED {
+                    return Err(ZkError::SessionMoved);
+                }
                 self.on_result(what, Code(hdr.err), &mut r, now)
             }
         }

@@ -172,6 +172,7 @@ impl Code {
     pub const NO_AUTH: Code = Code(-102);
     pub const SESSION_EXPIRED: Code = Code(-112);
     pub const AUTH_FAILED: Code = Code(-115);
+    pub const SESSION_MOVED: Code = Code(-118);
 
     pub fn name(self) -> &'static str {
         match self.0 {
@@ -239,6 +240,8 @@ pub enum ZkError {
     SessionLost { id: i64, timeout_ms: u32 },
     #[error("the server refused digest authentication as \"{user}\" ({code})")]
     AuthFailed { user: String, code: Code },
+    #[error("the session moved to another server (SessionMoved); reconnecting")]
+    SessionMoved,
     #[error("no answer from the server for {ms} ms (read timeout: 2/3 of the session timeout)")]
     ReadTimeout { ms: u64 },
     #[error("no answer to the session handshake within {ms} ms")]

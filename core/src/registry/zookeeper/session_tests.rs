@@ -844,6 +844,34 @@ fn hostile_replies_to_reads() {
 }
 
 #[test]
+fn session_expired_or_moved_in_a_reply_closes_the_connection() {
+    for (code, want) in [
+        (-112, ZkError::SessionExpired { id: 0x101 }),
+        (-118, ZkError::SessionMoved),
+    ] {
+        let mut r = established();
+        r.f.set("/svc/10.0.0.1:80", b"x");
+        let note = r.f.serve(&[]);
+        r.s.on_data(&note, r.now).unwrap();
+        let mut d = jute::FrameDecoder::new(1 << 20);
+        d.push(&r.s.take_output());
+        let f = d.next_frame().unwrap().unwrap();
+        let xid = jute::RequestHeader::decode(&mut Reader::new(&f))
+            .unwrap()
+            .xid;
+        let mut b = Vec::new();
+        ReplyHeader {
+            xid,
+            zxid: 0,
+            err: code,
+        }
+        .encode(&mut b);
+        assert_eq!(r.s.on_data(&frame(&b), r.now), Err(want.clone()));
+        assert_eq!(r.s.session_id().is_some(), code == -118, "{want}");
+    }
+}
+
+#[test]
 fn a_connect_response_without_a_session_is_refused() {
     let mut s = Session::new(cfg(WatchMode::Auto));
     s.on_connected(0);
