@@ -156,7 +156,10 @@ pub enum SessionEvent {
     /// answered within the session timeout); the next connect opens a new one and
     /// reads everything again.
     Expired { id: i64, by_client: bool },
-    /// The server refused the digest credentials and closed the connection.
+    /// The server refused the digest credentials (AuthFailed) and closed the
+    /// connection. The session id is kept, so a retry (paced by the caller) resumes it
+    /// rather than leaving a new session behind on the server each time. A stock
+    /// server accepts any digest credential; wrong ones show as NoAuth errors on reads.
     AuthFailed,
     /// What `WatchMode::Auto` found the server supports.
     ModeDetected(WatchMode),
