@@ -20,6 +20,7 @@ use lib 'nginx-tests/lib';
 use lib 'lib';
 
 use Test::More;
+use Time::HiRes ();
 
 use Test::Nginx qw/ :DEFAULT port wait_for /;
 use Test::Nginx::ZooKeeper;
