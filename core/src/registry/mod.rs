@@ -6,6 +6,7 @@ pub mod etcd_v2;
 pub mod etcd_v3;
 pub mod kubernetes;
 pub mod nacos;
+pub mod zookeeper;
 
 use crate::conf::{Credential, SourceKind, UpsyncSpec};
 use crate::http::Head;
