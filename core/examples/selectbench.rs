@@ -1,17 +1,21 @@
 //! Microbenchmark of server selection (scripts/bench/select): nanoseconds per pick for
 //! each method at 10 and 10,000 servers, using the module's own balancer code.
+//! least_conn is measured as connections come and go (each pick opens a session, the
+//! oldest of the open ones closes; both update the state the next pick reads): with
+//! the module's tree, and with the linear scan nginx uses, as the baseline.
 //! Usage: selectbench [PICKS]
 
 use std::hint::black_box;
 use std::time::Instant;
 
-use upsync_core::balancer::{pick, Method, PeerState, Plan, PlanPeer};
+use std::collections::VecDeque;
 
-fn run(n: usize, method: Method, picks: u64) -> f64 {
-    let names: Vec<String> = (0..n)
-        .map(|i| format!("127.0.0.{}:{}", 1 + i / 60000, 1024 + i % 60000))
-        .collect();
-    let mut peers: Vec<PeerState> = (0..n)
+use upsync_core::balancer::{
+    pick, pick_least_conn, LcNode, LcTree, Method, PeerState, Plan, PlanPeer,
+};
+
+fn peers_of(n: usize) -> Vec<PeerState> {
+    (0..n)
         .map(|i| {
             let w = 1 + (i % 5) as i64;
             PeerState {
@@ -22,7 +26,49 @@ fn run(n: usize, method: Method, picks: u64) -> f64 {
                 ..Default::default()
             }
         })
+        .collect()
+}
+
+/// least_conn with sessions: each pick opens one, and once `n` are open the oldest
+/// closes; ns per pick (with its open and close). `tree`: the module's tree, else the
+/// linear scan.
+fn run_least_conn(n: usize, tree: bool, picks: u64) -> f64 {
+    let mut peers = peers_of(n);
+    let mut nodes = vec![LcNode::EMPTY; LcTree::nodes_for(n)];
+    let mut lc = LcTree::new(&mut nodes, n).expect("sized for n");
+    lc.build(peers.as_mut_slice(), 0);
+    let mut open: VecDeque<usize> = VecDeque::with_capacity(n + 1);
+    let mut cursor = 0u64;
+    let no = |_: usize| false;
+    let start = Instant::now();
+    for _ in 0..picks {
+        let i = if tree {
+            lc.pick(peers.as_mut_slice(), 0, &no, &mut cursor)
+        } else {
+            pick_least_conn(peers.as_mut_slice(), 0, &no)
+        };
+        let i = black_box(i).expect("a server");
+        peers[i].conns += 1;
+        if tree {
+            lc.update(i, &peers[i], 0);
+        }
+        open.push_back(i);
+        if open.len() > n {
+            let j = open.pop_front().expect("open sessions");
+            peers[j].conns -= 1;
+            if tree {
+                lc.update(j, &peers[j], 0);
+            }
+        }
+    }
+    start.elapsed().as_nanos() as f64 / picks as f64
+}
+
+fn run(n: usize, method: Method, picks: u64) -> f64 {
+    let names: Vec<String> = (0..n)
+        .map(|i| format!("127.0.0.{}:{}", 1 + i / 60000, 1024 + i % 60000))
         .collect();
+    let mut peers = peers_of(n);
     let pp: Vec<PlanPeer> = names
         .iter()
         .zip(&peers)
@@ -63,6 +109,7 @@ fn run(n: usize, method: Method, picks: u64) -> f64 {
             method,
             key,
             &mut cursors,
+            None,
             0,
             0,
             &no,
@@ -85,22 +132,28 @@ fn main() {
         ("hash_ketama", Method::HashKetama),
         ("random", Method::Random { two: false }),
         ("random two", Method::Random { two: true }),
-        ("least_conn", Method::LeastConn),
     ];
     println!("| method | ns/pick, 10 servers | ns/pick, 10,000 servers | ratio |");
     println!("|---|---|---|---|");
     for (name, m) in methods {
-        // least_conn scans every server, as nginx's does: fewer picks keep it bounded
-        let p = if m == Method::LeastConn {
-            picks / 100
-        } else {
-            picks
-        };
-        let small = run(10, m, p);
-        let large = run(10_000, m, p);
+        let small = run(10, m, picks);
+        let large = run(10_000, m, picks);
         println!(
             "| {name} | {small:.0} | {large:.0} | {:.2} |",
             large / small
         );
     }
+    let small = run_least_conn(10, true, picks);
+    let large = run_least_conn(10_000, true, picks);
+    println!(
+        "| least_conn (tree; pick + session open/close) | {small:.0} | {large:.0} | {:.2} |",
+        large / small
+    );
+    // the scan visits every server: fewer picks keep it bounded
+    let small = run_least_conn(10, false, picks / 100);
+    let large = run_least_conn(10_000, false, picks / 100);
+    println!(
+        "| least_conn (nginx's scan, baseline) | {small:.0} | {large:.0} | {:.2} |",
+        large / small
+    );
 }

@@ -2,11 +2,15 @@
 //! where the peers live (plain slices in tests, the shared zone in nginx). The per-set
 //! structures are in `plan` (built once per change), the methods in `picks`.
 
+#[cfg(test)]
+mod lc_tests;
+mod lc_tree;
 mod picks;
 mod plan;
 #[cfg(test)]
 mod tests;
 
+pub use lc_tree::{LcNode, LcTree, FEW_TIES};
 pub use picks::{
     pick_hash_modula, pick_ip_hash, pick_ketama, pick_least_conn, pick_random, pick_round_robin,
     smooth_wrr,
@@ -39,6 +43,11 @@ pub struct PeerState {
 }
 
 impl PeerState {
+    /// Whether a `slow_start` ramp may be under way (`ramp` says how far it is).
+    pub fn ramping(&self) -> bool {
+        self.slow_start_ms != 0 && self.ramp_start_ms != 0
+    }
+
     /// While ramping after `slow_start`: the fraction of its share the peer gets now.
     pub fn ramp(&self, now_ms: u64) -> Option<f64> {
         let elapsed = now_ms.saturating_sub(self.ramp_start_ms);
@@ -152,27 +161,57 @@ pub enum Method {
 /// Picks a server with `method`; hash and random methods fall back to round robin (as
 /// nginx does) when they find nothing, and backups serve when no primary can. A server
 /// in its `slow_start` ramp is passed over with probability 1 - ramp (a few times at
-/// most, so a lone ramping server still serves).
+/// most, so a lone ramping server still serves). `lc` is the set's least_conn tree,
+/// when it has one (least_conn then picks in O(log n); without it, by a scan).
 #[allow(clippy::too_many_arguments)]
-pub fn pick<P: Peers + ?Sized>(
+#[inline]
+pub fn pick<P, T, R>(
     peers: &mut P,
     plan: &PlanView<'_>,
     method: Method,
     key: &[u8],
     cursors: &mut [u64; 2],
+    lc: Option<&mut LcTree<'_>>,
     now: i64,
     now_ms: u64,
-    tried: &dyn Fn(usize) -> bool,
-    rand: &mut dyn FnMut() -> u64,
-) -> Option<usize> {
+    tried: &T,
+    rand: &mut R,
+) -> Option<usize>
+where
+    P: Peers + ?Sized,
+    T: Fn(usize) -> bool + ?Sized,
+    R: FnMut() -> u64 + ?Sized,
+{
+    let mut lc = lc;
+    let first = pick_once(
+        peers,
+        plan,
+        method,
+        key,
+        cursors,
+        lc.as_deref_mut(),
+        now,
+        tried,
+        rand,
+    )?;
+    if !peers.peer(first).ramping() {
+        return Some(first);
+    }
+    // a ramping server: passed over with probability 1 - ramp, at most three times
     let mut skipped: [usize; 3] = [usize::MAX; 3];
-    let mut last = None;
+    let mut last = first;
+    let mut chosen = Some(first);
     for attempt in 0..=skipped.len() {
-        let skip = skipped;
-        let excluded = |i: usize| tried(i) || skip.contains(&i);
-        let chosen = pick_once(peers, plan, method, key, cursors, now, &excluded, rand);
-        let Some(i) = chosen else { return last };
-        last = Some(i);
+        if attempt > 0 {
+            let skip = skipped;
+            let excluded = |i: usize| tried(i) || skip.contains(&i);
+            let lc = lc.as_deref_mut();
+            chosen = pick_once(peers, plan, method, key, cursors, lc, now, &excluded, rand);
+        }
+        let Some(i) = chosen else {
+            return Some(last);
+        };
+        last = i;
         match peers.peer(i).ramp(now_ms) {
             Some(frac)
                 if attempt < skipped.len() && (rand() % 10_000) as f64 >= frac * 10_000.0 =>
@@ -182,23 +221,35 @@ pub fn pick<P: Peers + ?Sized>(
             _ => return Some(i),
         }
     }
-    last
+    Some(last)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn pick_once<P: Peers + ?Sized>(
+#[inline]
+fn pick_once<P, T, R>(
     peers: &mut P,
     plan: &PlanView<'_>,
     method: Method,
     key: &[u8],
     cursors: &mut [u64; 2],
+    lc: Option<&mut LcTree<'_>>,
     now: i64,
-    tried: &dyn Fn(usize) -> bool,
-    rand: &mut dyn FnMut() -> u64,
-) -> Option<usize> {
+    tried: &T,
+    rand: &mut R,
+) -> Option<usize>
+where
+    P: Peers + ?Sized,
+    T: Fn(usize) -> bool + ?Sized,
+    R: FnMut() -> u64 + ?Sized,
+{
     let chosen = match method {
         Method::RoundRobin => None,
-        Method::LeastConn => return pick_least_conn(peers, now, tried),
+        Method::LeastConn => {
+            return match lc {
+                Some(tree) => tree.pick(peers, now, tried, &mut cursors[0]),
+                None => pick_least_conn(peers, now, tried),
+            }
+        }
         Method::IpHash => pick_ip_hash(peers, plan, key, now, tried),
         Method::HashModula => pick_hash_modula(peers, plan, key, now, tried),
         Method::HashKetama => pick_ketama(peers, plan, key, now, tried),

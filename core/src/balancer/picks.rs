@@ -11,7 +11,7 @@ pub fn pick_round_robin<P: Peers + ?Sized>(
     backup: bool,
     cursor: &mut u64,
     now: i64,
-    tried: &dyn Fn(usize) -> bool,
+    tried: &(impl Fn(usize) -> bool + ?Sized),
 ) -> Option<usize> {
     let sched = &plan.schedule[backup as usize];
     let len = sched.len() as u64;
@@ -63,7 +63,7 @@ pub fn smooth_wrr<P: Peers + ?Sized>(
 pub fn pick_least_conn<P: Peers + ?Sized>(
     peers: &mut P,
     now: i64,
-    tried: &dyn Fn(usize) -> bool,
+    tried: &(impl Fn(usize) -> bool + ?Sized),
 ) -> Option<usize> {
     for backup in [false, true] {
         let ok = |i: usize, p: &PeerState| p.backup == backup && !tried(i) && p.available(now);
@@ -113,7 +113,7 @@ pub fn pick_hash_modula<P: Peers + ?Sized>(
     plan: &PlanView<'_>,
     key: &[u8],
     now: i64,
-    tried: &dyn Fn(usize) -> bool,
+    tried: &(impl Fn(usize) -> bool + ?Sized),
 ) -> Option<usize> {
     if plan.primaries.len() < 2 || key.is_empty() || plan.total_weight == 0 {
         return None;
@@ -138,7 +138,7 @@ fn first_usable_by_weight<P: Peers + ?Sized>(
     plan: &PlanView<'_>,
     hashes: impl Iterator<Item = u64>,
     now: i64,
-    tried: &dyn Fn(usize) -> bool,
+    tried: &(impl Fn(usize) -> bool + ?Sized),
 ) -> Option<usize> {
     for hash in hashes {
         let i = plan.by_weight(hash % plan.total_weight);
@@ -155,7 +155,7 @@ pub fn pick_ip_hash<P: Peers + ?Sized>(
     plan: &PlanView<'_>,
     addr: &[u8],
     now: i64,
-    tried: &dyn Fn(usize) -> bool,
+    tried: &(impl Fn(usize) -> bool + ?Sized),
 ) -> Option<usize> {
     if plan.primaries.len() < 2 || plan.total_weight == 0 {
         return None;
@@ -178,7 +178,7 @@ pub fn pick_ketama<P: Peers + ?Sized>(
     plan: &PlanView<'_>,
     key: &[u8],
     now: i64,
-    tried: &dyn Fn(usize) -> bool,
+    tried: &(impl Fn(usize) -> bool + ?Sized),
 ) -> Option<usize> {
     if plan.ring.is_empty() || plan.primaries.len() < 2 || key.is_empty() {
         return None;
@@ -201,8 +201,8 @@ pub fn pick_random<P: Peers + ?Sized>(
     plan: &PlanView<'_>,
     two: bool,
     now: i64,
-    tried: &dyn Fn(usize) -> bool,
-    rand: &mut dyn FnMut() -> u64,
+    tried: &(impl Fn(usize) -> bool + ?Sized),
+    rand: &mut (impl FnMut() -> u64 + ?Sized),
 ) -> Option<usize> {
     if plan.total_weight == 0 {
         return None;
