@@ -2,9 +2,14 @@
 //!
 //! `connbench serve PORT ID`: a TCP backend on 127.0.0.1:PORT that writes "ID\n" to
 //! every connection and closes it.
-//! `connbench load PORT SECONDS MAX_CONNS THREADS`: opens connections to
-//! 127.0.0.1:PORT (connect, read one line, close) from THREADS threads until SECONDS
+//! `connbench load PORT SECONDS MAX_CONNS THREADS [send]`: opens connections to
+//! 127.0.0.1:PORT (connect, [send a line,] read one line, close) from THREADS threads until SECONDS
 //! pass or MAX_CONNS are done; prints `conns=N secs=S rate=R failed=F`.
+//! `connbench reply PORT ID`: a TCP backend that reads one line from each connection,
+//! then writes "ID\n" and closes it (one thread per connection).
+//! `connbench serial PORT COUNT`: COUNT connections one after another, each sending
+//! one line and read to its end (nginx has closed the session before the next one
+//! starts, so every connection meets the same idle server); prints `conns=N failed=F`.
 //! `connbench first PORT ID TIMEOUT_MS`: connects repeatedly until a connection greets
 //! with ID; prints the milliseconds it took (or `timeout`).
 //! `connbench serve-many FIRST_PORT COUNT OUTFILE`: binds COUNT free ports on 127.0.0.1
@@ -18,8 +23,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn greet(port: u16) -> Option<String> {
-    let s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    greet_after(port, false)
+}
+
+/// `greet`, sending a line first when `send` (for `reply` backends).
+fn greet_after(port: u16, send: bool) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    if send {
+        s.write_all(b"x\n").ok()?;
+    }
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line).ok()?;
     if line.is_empty() {
@@ -42,6 +55,7 @@ fn main() {
         }
         Some("load") => {
             let (port, secs, max, threads) = (num(2) as u16, num(3), num(4), num(5));
+            let send = args.get(6).map(String::as_str) == Some("send");
             let done = Arc::new(AtomicU64::new(0));
             let failed = Arc::new(AtomicU64::new(0));
             let start = Instant::now();
@@ -53,7 +67,7 @@ fn main() {
                         while Instant::now() < deadline
                             && done.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) < max
                         {
-                            match greet(port) {
+                            match greet_after(port, send) {
                                 Some(_) => done.fetch_add(1, Ordering::Relaxed),
                                 None => failed.fetch_add(1, Ordering::Relaxed),
                             };
@@ -71,6 +85,39 @@ fn main() {
                 n as f64 / el,
                 failed.load(Ordering::Relaxed)
             );
+        }
+        Some("reply") => {
+            let l = TcpListener::bind(("127.0.0.1", num(2) as u16)).expect("bind");
+            let msg = format!("{}\n", args[3]);
+            for c in l.incoming().flatten() {
+                let msg = msg.clone();
+                std::thread::spawn(move || {
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(60)));
+                    let mut r = BufReader::new(&c);
+                    let mut line = String::new();
+                    if r.read_line(&mut line).is_ok() {
+                        let _ = (&c).write_all(msg.as_bytes());
+                    }
+                });
+            }
+        }
+        Some("serial") => {
+            let (port, count) = (num(2) as u16, num(3));
+            let (mut done, mut failed) = (0u64, 0u64);
+            for _ in 0..count {
+                let ok = TcpStream::connect(("127.0.0.1", port)).and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+                    s.write_all(b"x\n")?;
+                    let mut all = Vec::new();
+                    std::io::Read::read_to_end(&mut s, &mut all)?;
+                    Ok(!all.is_empty())
+                });
+                match ok {
+                    Ok(true) => done += 1,
+                    _ => failed += 1,
+                }
+            }
+            println!("conns={done} failed={failed}");
         }
         Some("first") => {
             let (port, id, timeout) = (num(2) as u16, args[3].clone(), num(4));

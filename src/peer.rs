@@ -13,36 +13,49 @@ use ngx::ngx_log_debug_mask;
 use crate::ngx_util::now_sec;
 
 use crate::ngx_util::mono_ms;
-use crate::srv_conf::upstream_conf;
-use crate::zone::{Ticket, Zone, NAME_MAX};
+use crate::srv_conf::{upstream_conf, SrvConf};
+use crate::zone::Ticket;
 use upsync_core::balancer::{pick, Method};
 use upsync_core::policy::Rng;
 use upsync_core::servers::ServerSpec;
 
-/// Per-session state, allocated from the session's pool.
+/// Per-session state, allocated from the session's pool. Small (48 bytes, like the
+/// few words stock round robin takes, so nginx serves it from the pool's current block)
+/// and written once: what the upstream's configuration holds is read from there. The
+/// hash methods get a `KeyedPeerData` that adds the key.
+#[repr(C)]
 struct PeerData {
-    zone: Zone,
-    method: Method,
+    conf: *const SrvConf,
     pool: *mut ngx_pool_t,
-    upstream_name: *mut ngx_str_t,
-    /// The hash key (hash methods) or the client address bytes (ip_hash).
-    key: ngx_str_t,
-    addr: [u8; 16],
-    addr_len: u8,
     /// The slot this session holds, while it holds one.
     ticket: Option<Ticket>,
-    /// Generation of the set `tried` refers to.
-    generation: u64,
-    tried: *mut u64,
-    tried_words: usize,
-    /// Attempts made so far: the first one's name lives in `name_buf`, later ones in the
-    /// session pool, so `$upstream_addr` keeps every attempt's address.
-    attempts: u32,
-    sockaddr: libc::sockaddr_storage,
-    name: ngx_str_t,
-    name_buf: [u8; NAME_MAX],
+    /// Servers tried in `generation`: the bits themselves for sets of up to 64 servers
+    /// (`tried_words` 1), else the address of `tried_words` words in the session's
+    /// pool; no tracking when `tried_words` is 0.
+    tried: u64,
+    /// Generation of the set `tried` refers to (its low half).
+    generation: u32,
+    tried_words: u16,
+    method: Method,
 }
 
+const _: () = assert!(size_of::<PeerData>() == 48);
+
+/// `PeerData` of the methods that hash a key (hash, hash_ketama, ip_hash).
+#[repr(C)]
+struct KeyedPeerData {
+    base: PeerData,
+    /// The hash key, or the client's address bytes (ip_hash), in the session's or the
+    /// connection's memory.
+    key: ngx_str_t,
+}
+
+fn keyed(method: Method) -> bool {
+    matches!(
+        method,
+        Method::IpHash | Method::HashModula | Method::HashKetama
+    )
+}
 thread_local! {
     /// This worker's generator for `random` (not for anything secret).
     static RNG: std::cell::RefCell<Option<Rng>> = const { std::cell::RefCell::new(None) };
@@ -198,8 +211,6 @@ unsafe extern "C" fn init_peer(
     // upstream use of this data.
     let (c, pool) = unsafe { ((*s).connection, (*(*s).connection).pool) };
     let mut key = ngx_str_t::empty();
-    let mut addr = [0u8; 16];
-    let mut addr_len = 0;
     match method {
         Method::HashModula | Method::HashKetama => {
             if conf.lb_key.is_null() {
@@ -212,58 +223,50 @@ unsafe extern "C" fn init_peer(
                 return NGX_ERROR as ngx_int_t;
             }
         }
-        Method::IpHash => {
-            // SAFETY: the client connection's address.
-            if let Some(a) = unsafe { socket_addr((*c).sockaddr, (*c).socklen) } {
-                let bytes = match a.ip() {
-                    std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
-                    std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
-                };
-                addr[..bytes.len()].copy_from_slice(&bytes);
-                addr_len = bytes.len() as u8;
-            }
-        }
+        // SAFETY: the client connection's address, which lives as long as the session.
+        Method::IpHash => key = unsafe { ip_bytes((*c).sockaddr, (*c).socklen) },
         _ => {}
     }
-    let (generation, n) = {
-        let locked = zone.lock();
-        (locked.generation(), locked.slots().len())
-    };
+    let (n, generation) = zone.set_hint();
     let words = n.div_ceil(64).max(1);
-    // SAFETY: allocations from the session's pool, zeroed (tried) or written whole
-    // (PeerData) before use.
-    let (pd, tried) = unsafe {
-        let tried = ngx_pcalloc(pool, words * 8) as *mut u64;
-        let pd = ngx_palloc(pool, size_of::<PeerData>()) as *mut PeerData;
-        if tried.is_null() || pd.is_null() {
-            return NGX_ERROR as ngx_int_t;
+    // SAFETY: allocations from the session's pool: the bitmap zeroed, the data written
+    // whole before use (nginx pools align to the word).
+    let pd = unsafe {
+        let tried = if words > 1 {
+            let t = ngx_pcalloc(pool, words * 8) as *mut u64;
+            if t.is_null() {
+                return NGX_ERROR as ngx_int_t;
+            }
+            t as u64
+        } else {
+            0
+        };
+        let base = PeerData {
+            conf,
+            pool,
+            ticket: None,
+            tried,
+            // the bitmap is clear: no need to clear it again for this generation
+            generation: generation as u32,
+            tried_words: words.min(u16::MAX as usize) as u16,
+            method,
+        };
+        if keyed(method) {
+            let pd = ngx_palloc(pool, size_of::<KeyedPeerData>()) as *mut KeyedPeerData;
+            if pd.is_null() {
+                return NGX_ERROR as ngx_int_t;
+            }
+            ptr::write(pd, KeyedPeerData { base, key });
+            pd as *mut PeerData
+        } else {
+            let pd = ngx_palloc(pool, size_of::<PeerData>()) as *mut PeerData;
+            if pd.is_null() {
+                return NGX_ERROR as ngx_int_t;
+            }
+            ptr::write(pd, base);
+            pd
         }
-        (pd, tried)
     };
-    // SAFETY: `pd` is a fresh allocation of PeerData's size and alignment (nginx pools
-    // align to the word).
-    unsafe {
-        ptr::write(
-            pd,
-            PeerData {
-                zone,
-                method,
-                pool,
-                upstream_name: &mut (*us).host,
-                key,
-                addr,
-                addr_len,
-                ticket: None,
-                generation,
-                tried,
-                tried_words: words,
-                attempts: 0,
-                sockaddr: std::mem::zeroed(),
-                name: ngx_str_t::empty(),
-                name_buf: [0; NAME_MAX],
-            },
-        );
-    }
     // SAFETY: the session's upstream is set up by nginx before init_peer.
     unsafe {
         let u = (*s).upstream;
@@ -279,6 +282,30 @@ unsafe extern "C" fn init_peer(
         }
     }
     NGX_OK as ngx_int_t
+}
+
+/// The address bytes of a client (ip_hash's key), pointing into `sa`.
+///
+/// # Safety
+/// `sa` is null or points at `len` readable bytes of a socket address.
+unsafe fn ip_bytes(sa: *const sockaddr, len: socklen_t) -> ngx_str_t {
+    if sa.is_null() {
+        return ngx_str_t::empty();
+    }
+    // SAFETY: per the contract, and each cast is checked against `len` first.
+    unsafe {
+        match (*sa).sa_family as i32 {
+            libc::AF_INET if len as usize >= size_of::<libc::sockaddr_in>() => ngx_str_t {
+                len: 4,
+                data: &(*(sa as *mut libc::sockaddr_in)).sin_addr as *const _ as *mut u8,
+            },
+            libc::AF_INET6 if len as usize >= size_of::<libc::sockaddr_in6>() => ngx_str_t {
+                len: 16,
+                data: &(*(sa as *mut libc::sockaddr_in6)).sin6_addr as *const _ as *mut u8,
+            },
+            _ => ngx_str_t::empty(),
+        }
+    }
 }
 
 thread_local! {
@@ -309,70 +336,96 @@ fn no_servers_yet(log: *mut ngx_log_t, upstream: &ngx_str_t, never_synced: bool)
 }
 
 impl PeerData {
+    fn tried_bits(&mut self) -> &mut [u64] {
+        match self.tried_words {
+            0 => &mut [],
+            1 => std::slice::from_mut(&mut self.tried),
+            // SAFETY: `tried` holds the address of `tried_words` words of the session's
+            // pool (allocated in init_peer).
+            n => unsafe { std::slice::from_raw_parts_mut(self.tried as *mut u64, n as usize) },
+        }
+    }
+
     fn is_tried(&self, i: usize) -> bool {
-        // SAFETY: `tried` holds `tried_words` words (allocated in init_peer).
-        i / 64 < self.tried_words && unsafe { *self.tried.add(i / 64) } & (1u64 << (i % 64)) != 0
+        let w = match self.tried_words {
+            0 => return false,
+            1 if i < 64 => self.tried,
+            1 => return false,
+            // SAFETY: as in `tried_bits`, the index checked against the length.
+            n if i / 64 < n as usize => unsafe { *(self.tried as *const u64).add(i / 64) },
+            _ => return false,
+        };
+        w & (1u64 << (i % 64)) != 0
     }
 
     fn mark_tried(&mut self, i: usize) {
-        if i / 64 < self.tried_words {
-            // SAFETY: as in `is_tried`.
-            unsafe { *self.tried.add(i / 64) |= 1u64 << (i % 64) };
+        if let Some(w) = self.tried_bits().get_mut(i / 64) {
+            *w |= 1u64 << (i % 64);
         }
     }
 
-    /// The set changed between two tries of this session: start the tried list over.
+    /// The set changed between two tries of this session (or this is the first): start
+    /// the tried list over.
     fn new_generation(&mut self, generation: u64, servers: usize) {
-        self.generation = generation;
-        if servers.div_ceil(64) > self.tried_words {
+        self.generation = generation as u32;
+        if servers > self.tried_words as usize * 64 {
             // The set grew past the bitmap: track nothing for the rest of this session
             // (retries may revisit a server; sets rarely grow mid-session).
             self.tried_words = 0;
-        } else {
-            // SAFETY: as in `is_tried`.
-            unsafe { ptr::write_bytes(self.tried, 0, self.tried_words) };
         }
+        self.tried_bits().fill(0);
     }
 
     fn key(&self) -> &[u8] {
-        match self.method {
-            Method::IpHash => &self.addr[..self.addr_len as usize],
-            // SAFETY: the key string lives in the session's pool (or the connection).
-            _ if self.key.len > 0 => unsafe {
-                std::slice::from_raw_parts(self.key.data, self.key.len)
-            },
-            _ => &[],
+        if !keyed(self.method) {
+            return &[];
         }
+        // SAFETY: a keyed method's data is a KeyedPeerData (init_peer), whose first
+        // field is this PeerData.
+        let key = unsafe { &(*(self as *const PeerData as *const KeyedPeerData)).key };
+        if key.len == 0 {
+            return &[];
+        }
+        // SAFETY: the key lives in the session's pool or the client connection.
+        unsafe { std::slice::from_raw_parts(key.data, key.len) }
     }
 
-    /// The name nginx keeps for this attempt (`$upstream_addr`, log lines): the
-    /// session's own buffer for the first attempt, a copy in the session pool for each
-    /// retry, so every attempt's address stays valid for the life of the session.
-    fn attempt_name(&mut self, name: &[u8]) -> *mut ngx_str_t {
-        self.attempts += 1;
-        if self.attempts > 1 {
-            // SAFETY: allocations from the live session pool, written whole.
-            unsafe {
-                let s = ngx_palloc(self.pool, size_of::<ngx_str_t>()) as *mut ngx_str_t;
-                let data = ngx_pnalloc(self.pool, name.len()) as *mut u8;
-                if !s.is_null() && !data.is_null() {
-                    ptr::copy_nonoverlapping(name.as_ptr(), data, name.len());
-                    *s = ngx_str_t {
-                        len: name.len(),
-                        data,
-                    };
-                    return s;
-                }
-            }
-            // out of memory: fall back to the session buffer (the last name wins)
-        }
-        self.name_buf[..name.len()].copy_from_slice(name);
-        self.name = ngx_str_t {
-            len: name.len(),
-            data: self.name_buf.as_mut_ptr(),
-        };
-        &mut self.name
+    /// The upstream's configuration (not borrowed from the session's data: it lives in
+    /// the cycle's pool).
+    fn conf<'c>(&self) -> &'c SrvConf {
+        // SAFETY: the upstream's configuration outlives every session of its cycle.
+        unsafe { &*self.conf }
     }
+}
+
+/// A copy of `name` in the session's pool: nginx keeps the pointer for
+/// `$upstream_addr` and log lines after the server is released (and maybe freed).
+///
+/// # Safety
+/// `pool` is the session's live pool.
+unsafe fn pool_name(pool: *mut ngx_pool_t, name: &[u8]) -> *mut ngx_str_t {
+    // SAFETY: per the contract; the string header and its bytes are one allocation,
+    // written whole.
+    unsafe {
+        let s = ngx_palloc(pool, size_of::<ngx_str_t>() + name.len()) as *mut ngx_str_t;
+        if s.is_null() {
+            return s;
+        }
+        let data = s.add(1) as *mut u8;
+        ptr::copy_nonoverlapping(name.as_ptr(), data, name.len());
+        *s = ngx_str_t {
+            len: name.len(),
+            data,
+        };
+        s
+    }
+}
+
+/// The event loop's clock (CLOCK_MONOTONIC ms, like `mono_ms`, as of the last event
+/// loop iteration): precise enough for slow_start ramps, at no cost per connection.
+fn loop_ms() -> u64 {
+    // SAFETY: a process-global nginx updates between event loop iterations.
+    unsafe { ptr::read_volatile(ptr::addr_of!(ngx_current_msec)) as u64 }
 }
 
 unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
@@ -380,23 +433,27 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     // peer callback at a time.
     let pd = unsafe { &mut *(data as *mut PeerData) };
     let now = now_sec();
-    let zone = pd.zone;
+    let conf = pd.conf();
+    let Some(zone) = conf.zone else {
+        return NGX_ERROR as ngx_int_t;
+    };
     let mut locked = zone.lock();
     let generation = locked.generation();
-    if generation != pd.generation {
+    if generation as u32 != pd.generation {
         pd.new_generation(generation, locked.slots().len());
     }
     let chosen = {
-        let (mut peers, plan, cursors) = locked.pick_parts();
+        let (mut peers, plan, cursors, mut lc) = locked.pick_parts();
         plan.and_then(|plan| {
             pick(
                 &mut peers,
-                &plan,
+                plan,
                 pd.method,
                 pd.key(),
                 cursors,
+                lc.as_mut(),
                 now,
-                mono_ms(),
+                loop_ms(),
                 &|i| pd.is_tried(i),
                 &mut random,
             )
@@ -408,13 +465,15 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             locked.status_ref().last_sync_ms == 0,
         );
         drop(locked);
+        // SAFETY: the upstream configuration of a live session.
+        let upstream_name = unsafe { &mut (*conf.uscf).host as *mut ngx_str_t };
         if empty {
             // SAFETY: the session's live peer connection and its upstream's name.
-            unsafe { no_servers_yet((*pc).log, &*pd.upstream_name, never_synced) };
+            unsafe { no_servers_yet((*pc).log, &*upstream_name, never_synced) };
         }
         // SAFETY: `pc` is the session's live peer connection.
         let log = unsafe {
-            (*pc).name = pd.upstream_name;
+            (*pc).name = upstream_name;
             (*pc).log
         };
         ngx_log_debug_mask!(
@@ -425,34 +484,40 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         return NGX_BUSY as ngx_int_t;
     };
     let ticket = locked.acquire(i, now);
-    pd.mark_tried(i);
-    // Copy the address into session memory: the slot may be freed before the session's
-    // log line is written.
-    let slot = locked.slot(i);
-    pd.sockaddr = slot.sockaddr;
-    let socklen = slot.socklen;
-    let mut name = [0u8; NAME_MAX];
-    let name_len = slot.name().len();
-    name[..name_len].copy_from_slice(slot.name());
     drop(locked);
-    pd.ticket = Some(ticket);
-    let name = pd.attempt_name(&name[..name_len]);
-    // SAFETY: `pc` is the session's live peer connection; the address and name point
-    // into session memory that outlives the attempt.
+    pd.mark_tried(i);
+    let (sockaddr, socklen, name) = ticket.server();
+    // SAFETY: the session's pool is live.
+    let name = unsafe { pool_name(pd.pool, name) };
+    if name.is_null() {
+        pd.zone_release(ticket, false, now);
+        return NGX_ERROR as ngx_int_t;
+    }
+    // SAFETY: `pc` is the session's live peer connection. The address points into the
+    // slot, which the ticket keeps alive until `free_peer` (after which nginx clears
+    // `sockaddr`); the name is the session's copy.
     let log = unsafe {
         (*pc).connection = ptr::null_mut();
-        (*pc).sockaddr = &mut pd.sockaddr as *mut _ as *mut sockaddr;
+        (*pc).sockaddr = sockaddr as *mut sockaddr;
         (*pc).socklen = socklen;
         (*pc).name = name;
         (*pc).log
     };
+    pd.ticket = Some(ticket);
     ngx_log_debug_mask!(
         DebugMask::Stream,
         log,
-        "upsync: get peer #{i} of generation {generation}, attempt {}",
-        pd.attempts
+        "upsync: get peer #{i} of generation {generation}"
     );
     NGX_OK as ngx_int_t
+}
+
+impl PeerData {
+    fn zone_release(&self, ticket: Ticket, failed: bool, now: i64) {
+        if let Some(zone) = self.conf().zone {
+            zone.lock().release(ticket, failed, now);
+        }
+    }
 }
 
 unsafe extern "C" fn free_peer(
@@ -464,7 +529,7 @@ unsafe extern "C" fn free_peer(
     let pd = unsafe { &mut *(data as *mut PeerData) };
     let failed = state & NGX_PEER_FAILED as ngx_uint_t != 0;
     if let Some(ticket) = pd.ticket.take() {
-        pd.zone.lock().release(ticket, failed, now_sec());
+        pd.zone_release(ticket, failed, now_sec());
     }
     // SAFETY: the session's live peer connection.
     let log = unsafe {
@@ -485,17 +550,22 @@ unsafe extern "C" fn notify_peer(
     data: *mut c_void,
     kind: ngx_uint_t,
 ) {
+    if kind != NGX_STREAM_UPSTREAM_NOTIFY_CONNECT as ngx_uint_t {
+        return;
+    }
     // SAFETY: as in `get_peer`; the connection, when set, is the session's upstream one.
     let (pd, tcp) = unsafe {
         (
-            &mut *(data as *mut PeerData),
+            &*(data as *mut PeerData),
             !(*pc).connection.is_null() && (*(*pc).connection).type_ == libc::SOCK_STREAM,
         )
     };
-    if kind == NGX_STREAM_UPSTREAM_NOTIFY_CONNECT as ngx_uint_t && tcp {
-        if let Some(ticket) = &pd.ticket {
-            pd.zone.lock().connected(ticket, mono_ms());
-        }
+    // a connect only matters to a server with failures on record
+    let Some(ticket) = pd.ticket.as_ref().filter(|t| tcp && t.failing()) else {
+        return;
+    };
+    if let Some(zone) = pd.conf().zone {
+        zone.lock().connected(ticket, mono_ms());
     }
 }
 
@@ -505,11 +575,11 @@ unsafe extern "C" fn notify_peer(
 unsafe extern "C" fn set_session(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
     // SAFETY: as in `get_peer`.
     let pd = unsafe { &mut *(data as *mut PeerData) };
-    let Some(ticket) = &pd.ticket else {
+    let (Some(ticket), Some(zone)) = (&pd.ticket, pd.conf().zone) else {
         return NGX_OK as ngx_int_t;
     };
     let mut der = Vec::new();
-    if !pd.zone.lock().session(ticket, &mut der) {
+    if !zone.lock().session(ticket, &mut der) {
         return NGX_OK as ngx_int_t;
     }
     // SAFETY: nginx calls this with the session's TLS connection set up, before the
@@ -527,7 +597,7 @@ unsafe extern "C" fn save_session(pc: *mut ngx_peer_connection_t, data: *mut c_v
             crate::driver::tls::session_der((*pc).connection),
         )
     };
-    if let (Some(ticket), Some(der)) = (&pd.ticket, der) {
-        pd.zone.lock().store_session(ticket, &der);
+    if let (Some(ticket), Some(der), Some(zone)) = (&pd.ticket, der, pd.conf().zone) {
+        zone.lock().store_session(ticket, &der);
     }
 }

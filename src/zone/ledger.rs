@@ -7,7 +7,8 @@
 //! A ledger is an array of entries with a free list: an entry is a slot pointer (even)
 //! or `next_free << 1 | 1` (odd). Taking and giving back a ticket is O(1).
 
-use std::ptr;
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use nginx_sys::{ngx_slab_alloc_locked, ngx_slab_free_locked};
 
@@ -34,10 +35,34 @@ pub(super) struct Ledger {
 /// A session's hold on a slot, recorded in its process's ledger. Made only by
 /// `Locked::acquire`, consumed by `Locked::release`.
 pub struct Ticket {
-    slot: *mut Slot,
-    serial: u64,
+    slot: NonNull<Slot>,
+    /// The ledger's serial (its low half: enough to tell a later ledger from this one).
+    serial: u32,
     /// Index in the ledger; `u32::MAX` when the ledger could not record it.
     index: u32,
+}
+
+impl Ticket {
+    /// The server's address and name. They never change for a slot, and the ticket
+    /// keeps the slot alive: valid, without the lock, until the ticket is released.
+    pub fn server(&self) -> (*const libc::sockaddr_storage, u32, &[u8]) {
+        // SAFETY: the ticket holds a reference on the slot; these fields are written
+        // once, before the slot is published.
+        let s = unsafe { self.slot.as_ref() };
+        (&s.sockaddr, s.socklen, s.name())
+    }
+
+    /// Whether the server has failures on record, read without the lock: when it has
+    /// none, a successful connect changes nothing (`Locked::connected`).
+    pub fn failing(&self) -> bool {
+        // SAFETY: the ticket keeps the slot alive; `fails` is a u32 other processes
+        // write under the zone's lock: read atomically, a stale value only means the
+        // caller takes the lock to look again.
+        unsafe {
+            let fails = ptr::addr_of_mut!((*self.slot.as_ptr()).state.fails);
+            AtomicU32::from_ptr(fails).load(Ordering::Relaxed) != 0
+        }
+    }
 }
 
 const UNTRACKED: u32 = u32::MAX;
@@ -110,13 +135,15 @@ impl Locked<'_> {
             (*slot).state.conns += 1;
             (*slot).state.total += 1;
         }
+        self.lc_touch(slot);
         let (index, serial) = match self.ledger_push(slot) {
             // SAFETY: `ledger_push` only succeeds with this process's live ledger.
-            Some(k) => (k, unsafe { (*self.ledger).serial }),
+            Some(k) => (k, unsafe { (*self.ledger).serial } as u32),
             None => (UNTRACKED, 0),
         };
         Ticket {
-            slot,
+            // SAFETY: slots of a set are never null.
+            slot: unsafe { NonNull::new_unchecked(slot) },
             serial,
             index,
         }
@@ -134,10 +161,12 @@ impl Locked<'_> {
             // SAFETY: the ticket's index was handed out by this live ledger.
             unsafe { self.ledger_remove(t.index) };
         }
+        let slot = t.slot.as_ptr();
         // SAFETY: the ticket holds a reference on `slot`, so it is live.
         unsafe {
-            (*t.slot).state.release(failed, now);
-            self.unref(t.slot);
+            (*slot).state.release(failed, now);
+            self.lc_touch(slot);
+            self.unref(slot);
         }
     }
 
@@ -148,23 +177,24 @@ impl Locked<'_> {
             return;
         }
         // SAFETY: the ticket holds a reference on its slot (checked by `holds`).
-        let st = unsafe { &mut (*t.slot).state };
+        let st = unsafe { &mut (*t.slot.as_ptr()).state };
         let was_failed = st.max_fails > 0 && st.fails >= st.max_fails;
         st.connected();
         if was_failed && st.fails == 0 {
             st.ramp_start_ms = now_ms;
         }
+        self.lc_touch(t.slot.as_ptr());
     }
 
     /// The TLS session kept for the ticket's server (DER) into `out`; false when none.
     pub fn session(&self, t: &Ticket, out: &mut Vec<u8>) -> bool {
-        self.holds(t) && self.slot_session(t.slot, out)
+        self.holds(t) && self.slot_session(t.slot.as_ptr(), out)
     }
 
     /// Keeps a TLS session (DER) for the ticket's server, for the next connection.
     pub fn store_session(&mut self, t: &Ticket, der: &[u8]) {
         if self.holds(t) {
-            self.store_slot_session(t.slot, der);
+            self.store_slot_session(t.slot.as_ptr(), der);
         }
     }
 
@@ -172,7 +202,7 @@ impl Locked<'_> {
     fn holds(&self, t: &Ticket) -> bool {
         // SAFETY: `self.ledger` is null or this process's live ledger.
         t.index == UNTRACKED
-            || (!self.ledger.is_null() && unsafe { (*self.ledger).serial } == t.serial)
+            || (!self.ledger.is_null() && unsafe { (*self.ledger).serial } as u32 == t.serial)
     }
 
     /// Records `slot` in this process's ledger; None when there is none or it cannot
@@ -266,6 +296,7 @@ impl Locked<'_> {
                 if e & 1 == 0 && e != 0 {
                     let slot = e as *mut Slot;
                     (*slot).session_ended();
+                    self.lc_touch(slot);
                     self.unref(slot);
                     n += 1;
                 }

@@ -8,6 +8,7 @@
 //! ```text
 //! ZoneHeader ── set ───> SharedSet { generation, len, [*mut Slot; len] } ──> Slot
 //!            ── plan ──> [u64] (balancer::Plan in flat form, built once per set)
+//!            ── lc ────> [LcNode] (least_conn's tree over the set, kept up to date)
 //!            ── ledgers ──> Ledger (one per process: the slots its sessions hold)
 //!            ── reserve ──> memory the master set aside for a reload (see `init`)
 //! ```
@@ -25,21 +26,23 @@ mod ledger;
 mod set;
 
 use std::ptr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nginx_sys::{
     ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc_locked, ngx_slab_free_locked, ngx_slab_pool_t,
 };
-use upsync_core::balancer::{Plan, PlanView};
+use upsync_core::balancer::{LcNode, LcTree, Method, Plan, PlanView};
 use upsync_core::policy::Lease;
 use upsync_core::servers::ServerSpec;
 
 pub use ledger::Ticket;
+
 pub use set::{sockaddr_of, Slot, NAME_MAX};
 
 use ledger::Ledger;
 use set::SharedSet;
 
-const MAGIC: u64 = 0x7570_7379_6e63_0004; // "upsync", layout v4
+const MAGIC: u64 = 0x7570_7379_6e63_0005; // "upsync", layout v5
 
 /// Why the zone could not take a set.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,6 +100,16 @@ pub struct ZoneHeader {
     set_foreign: bool,
     set: *mut SharedSet,
     plan: PlanRef,
+    /// `plan` parsed (slices into its block: the zone is mapped at the same address in
+    /// every process), replaced with it.
+    plan_view: Option<PlanView<'static>>,
+    /// least_conn's tree over the set (`words` is its node count), when the method is
+    /// least_conn.
+    lc: PlanRef,
+    /// The current set's length and generation, readable without the lock (hints: a
+    /// session sizes its bookkeeping with them, the pick reads the set under the lock).
+    set_len: AtomicU64,
+    set_generation: AtomicU64,
     next_generation: u64,
     /// Worker pid that polls the registry (0: nobody), and until when (CLOCK_MONOTONIC
     /// ms; the same clock in every process).
@@ -192,9 +205,11 @@ impl Zone {
                 });
             }
             // SAFETY: `h` is a fresh allocation of the header's size; all-zero is a valid
-            // header (null pointers, zero counters) before `magic` is set.
+            // header (null pointers, zero counters) once the plan view is set to None,
+            // before `magic` is set.
             unsafe {
                 ptr::write_bytes(h as *mut u8, 0, size_of::<ZoneHeader>());
+                ptr::addr_of_mut!((*h).plan_view).write(None);
                 (*h).magic = MAGIC;
                 (*pool).data = h as *mut _;
             }
@@ -270,6 +285,18 @@ impl Zone {
         }
     }
 
+    /// The current set's (length, generation) without taking the lock (see
+    /// `ZoneHeader::set_len`).
+    pub fn set_hint(&self) -> (usize, u64) {
+        // SAFETY: the header is ours and mapped; the fields are only written atomically.
+        unsafe {
+            (
+                (*self.hdr).set_len.load(Ordering::Relaxed) as usize,
+                (*self.hdr).set_generation.load(Ordering::Relaxed),
+            )
+        }
+    }
+
     /// Pool usage for status output: (used pages, total pages).
     pub fn usage(&self) -> (usize, usize) {
         // SAFETY: reads two counters of a live pool; a torn read only skews a statistic.
@@ -316,42 +343,127 @@ impl Locked<'_> {
             .collect()
     }
 
-    /// The current plan (a plan with no servers before the first publish).
+    /// The current plan (None before the first publish).
     pub fn plan(&self) -> Option<PlanView<'_>> {
-        let p = self.hdr.plan;
-        if p.ptr.is_null() {
-            return None;
-        }
-        // SAFETY: the block was allocated with `words` words and filled by
-        // `Plan::write_flat` before it was published; it is freed only under the lock.
-        let words = unsafe { std::slice::from_raw_parts(p.ptr, p.words) };
-        PlanView::from_flat(words)
+        self.hdr.plan_view
     }
 
-    /// The parts a pick needs at once: the set's per-server state, the plan and the
-    /// shared round-robin cursors. Disjoint memory, so one may be mutated while the
-    /// other is read.
-    pub fn pick_parts(&mut self) -> (SetPeers<'_>, Option<PlanView<'_>>, &mut [u64; 2]) {
+    /// The parts a pick needs at once: the set's per-server state, the plan, the shared
+    /// round-robin cursors and the least_conn tree. Disjoint memory, so one may be
+    /// mutated while another is read.
+    pub fn pick_parts(
+        &mut self,
+    ) -> (
+        SetPeers<'_>,
+        Option<&PlanView<'_>>,
+        &mut [u64; 2],
+        Option<LcTree<'_>>,
+    ) {
         let slots: *const [*mut Slot] = self.slots();
-        let plan = self.hdr.plan;
-        // SAFETY: the slot list, the slots, the plan block and the header's cursors are
-        // four separate allocations owned by the zone; the lock is held for the borrows'
-        // lifetime ('_ of `self`), and `SetPeers` only hands out one `&mut PeerState` at
-        // a time through `&mut self`.
+        let lc = self.hdr.lc;
+        let len = self.slots().len();
+        // SAFETY: the slot list, the slots, the tree and the header's cursors and plan
+        // view are separate memory owned by the zone; the lock is held for the borrows'
+        // lifetime ('_ of `self`), and `SetPeers` only hands out one `&mut PeerState`
+        // at a time through `&mut self`.
         unsafe {
-            let plan = if plan.ptr.is_null() {
+            let tree = if lc.ptr.is_null() {
                 None
             } else {
-                PlanView::from_flat(std::slice::from_raw_parts(plan.ptr, plan.words))
+                LcTree::new(
+                    std::slice::from_raw_parts_mut(lc.ptr as *mut LcNode, lc.words),
+                    len,
+                )
             };
+            let hdr: *mut ZoneHeader = &mut *self.hdr;
             (
                 SetPeers {
                     slots: &*slots,
                     _lock: std::marker::PhantomData,
                 },
-                plan,
-                &mut self.hdr.cursors,
+                (*hdr).plan_view.as_ref(),
+                &mut (*hdr).cursors,
+                tree,
             )
+        }
+    }
+
+    /// Makes `plan` the current plan (freeing the previous block).
+    fn set_plan(&mut self, plan: PlanRef) {
+        let old = std::mem::replace(&mut self.hdr.plan, plan);
+        // SAFETY: the block holds `words` words written by `Plan::write_flat`; it stays
+        // allocated, at this address in every process, until the next `set_plan`
+        // replaces the view with it.
+        self.hdr.plan_view =
+            unsafe { PlanView::from_flat(std::slice::from_raw_parts(plan.ptr, plan.words)) };
+        if !old.ptr.is_null() {
+            // SAFETY: the previous plan block is this pool's and referenced from nowhere
+            // else now; the lock is held.
+            unsafe { ngx_slab_free_locked(self.pool, old.ptr as *mut _) };
+        }
+    }
+
+    /// Nodes of least_conn's tree for the current plan and a set of `len` servers (0
+    /// for other methods).
+    fn lc_nodes_for(&self, method: Option<Method>, len: usize) -> usize {
+        match method {
+            Some(Method::LeastConn) => LcTree::nodes_for(len),
+            _ => 0,
+        }
+    }
+
+    /// Gives the current set the least_conn tree its plan calls for, built from the
+    /// servers' state now: in `tree` (a block of the right size from `alloc_lc`), or
+    /// none. Frees the previous tree.
+    fn install_lc(&mut self, tree: PlanRef) {
+        let old = std::mem::replace(&mut self.hdr.lc, tree);
+        if !old.ptr.is_null() {
+            // SAFETY: the previous tree is this pool's, no longer referenced; lock held.
+            unsafe { ngx_slab_free_locked(self.pool, old.ptr as *mut _) };
+        }
+        if tree.ptr.is_null() {
+            return;
+        }
+        let now = crate::ngx_util::now_sec();
+        let (mut peers, _, _, lc) = self.pick_parts();
+        if let Some(mut lc) = lc {
+            lc.build(&mut peers, now);
+        }
+    }
+
+    /// A block for a least_conn tree of `nodes` nodes (null for 0 nodes); None when the
+    /// zone has no room.
+    fn alloc_lc(&mut self, nodes: usize) -> Option<PlanRef> {
+        if nodes == 0 {
+            return Some(PlanRef::NONE);
+        }
+        // SAFETY: the lock is held; the block is filled by `install_lc` before any pick
+        // reads it.
+        let ptr = unsafe { ngx_slab_alloc_locked(self.pool, nodes * size_of::<LcNode>()) };
+        (!ptr.is_null()).then_some(PlanRef {
+            ptr: ptr as *mut u64,
+            words: nodes,
+        })
+    }
+
+    /// A server's state changed: its leaf in least_conn's tree follows.
+    fn lc_touch(&mut self, slot: *mut Slot) {
+        let lc = self.hdr.lc;
+        if lc.ptr.is_null() {
+            return;
+        }
+        let len = self.slots().len();
+        // SAFETY: the caller holds a reference on `slot`; the tree is the current set's
+        // (lock held); a slot out of the set has no leaf.
+        unsafe {
+            let s = &*slot;
+            if !s.in_set() {
+                return;
+            }
+            let nodes = std::slice::from_raw_parts_mut(lc.ptr as *mut LcNode, lc.words);
+            if let Some(mut tree) = LcTree::new(nodes, len) {
+                tree.update(s.index(), &s.state, crate::ngx_util::now_sec());
+            }
         }
     }
 

@@ -14,6 +14,10 @@ use nginx_sys::{ngx_slab_alloc_locked, ngx_slab_free_locked, ngx_slab_pool_t};
 use upsync_core::balancer::PeerState;
 use upsync_core::servers::ServerSpec;
 
+use std::sync::atomic::Ordering;
+
+use upsync_core::balancer::PlanView;
+
 use super::{Locked, PlanBlock, PlanRef, ZoneError};
 
 /// Longest address text: `[ffff:...:ffff%scope]:65535` fits easily.
@@ -23,6 +27,8 @@ pub const NAME_MAX: usize = 64;
 pub struct Slot {
     refs: u32,
     in_set: bool,
+    /// Its position in the current set (while `in_set`).
+    index: u32,
     pub state: PeerState,
     pub addr: SocketAddr,
     pub spec_weight: u32,
@@ -44,6 +50,14 @@ pub struct Slot {
 }
 
 impl Slot {
+    pub fn in_set(&self) -> bool {
+        self.in_set
+    }
+
+    pub fn index(&self) -> usize {
+        self.index as usize
+    }
+
     pub fn name(&self) -> &[u8] {
         &self.name[..self.name_len as usize]
     }
@@ -205,6 +219,11 @@ impl Locked<'_> {
     ) -> Result<u64, ZoneError> {
         let old: Vec<*mut Slot> = self.slots().to_vec();
         let pool = self.pool;
+        // SAFETY: the block was filled by its owner before publishing.
+        let method = unsafe {
+            PlanView::from_flat(std::slice::from_raw_parts(plan.ptr, plan.words)).map(|v| v.method)
+        };
+        let tree = self.alloc_lc(self.lc_nodes_for(method, specs.len()));
         // SAFETY: the lock is held for the whole body; every pointer below is a slot or
         // list of this pool (the old set's, or allocated here).
         unsafe {
@@ -217,10 +236,16 @@ impl Locked<'_> {
                 if !set.is_null() {
                     ngx_slab_free_locked(pool, set as *mut _);
                 }
+                if let Some(t) = tree.filter(|t| !t.ptr.is_null()) {
+                    ngx_slab_free_locked(pool, t.ptr as *mut _);
+                }
                 ngx_slab_free_locked(pool, plan.ptr as *mut _);
                 Err(ZoneError::Full {
                     servers: specs.len(),
                 })
+            };
+            let Some(tree) = tree else {
+                return fail(&created, set, plan);
             };
             if set.is_null() {
                 return fail(&created, set, plan);
@@ -250,11 +275,12 @@ impl Locked<'_> {
             for &s in &old {
                 (*s).in_set = false;
             }
-            for (&s, spec) in (*set).slots().iter().zip(specs) {
+            for (k, (&s, spec)) in (*set).slots().iter().zip(specs).enumerate() {
                 if (*s).refs == 0 {
                     (*s).refs = 1;
                 }
                 (*s).in_set = true;
+                (*s).index = k as u32;
                 (*s).set_spec(spec, now_ms);
             }
             for &s in &old {
@@ -268,35 +294,45 @@ impl Locked<'_> {
                 ngx_slab_free_locked(pool, self.hdr.set as *mut _);
             }
             self.hdr.set = set;
-            let old_plan = std::mem::replace(
-                &mut self.hdr.plan,
-                PlanRef {
-                    ptr: plan.ptr,
-                    words: plan.words,
-                },
-            );
-            if !old_plan.ptr.is_null() {
-                ngx_slab_free_locked(pool, old_plan.ptr as *mut _);
-            }
+            self.hdr
+                .set_len
+                .store(specs.len() as u64, Ordering::Relaxed);
+            self.hdr
+                .set_generation
+                .store((*set).generation, Ordering::Relaxed);
+            self.set_plan(PlanRef {
+                ptr: plan.ptr,
+                words: plan.words,
+            });
+            self.install_lc(tree);
             Ok((*set).generation)
         }
     }
 
     /// Gives the current set a new plan (built for its servers, in set order).
     pub fn replace_plan(&mut self, plan: &upsync_core::balancer::Plan) -> Result<(), ZoneError> {
-        let block = self.alloc_plan(plan)?;
-        let old = std::mem::replace(
-            &mut self.hdr.plan,
-            PlanRef {
-                ptr: block.ptr,
-                words: block.words,
-            },
-        );
-        if !old.ptr.is_null() {
-            // SAFETY: the previous plan block is this pool's, no longer referenced; the
-            // lock is held.
-            unsafe { ngx_slab_free_locked(self.pool, old.ptr as *mut _) };
-        }
+        let full = ZoneError::Full {
+            servers: plan.primaries.len(),
+        };
+        let len = self.slots().len();
+        let tree = self
+            .alloc_lc(self.lc_nodes_for(Some(plan.method), len))
+            .ok_or(full.clone())?;
+        let block = match self.alloc_plan(plan) {
+            Ok(b) => b,
+            Err(e) => {
+                if !tree.ptr.is_null() {
+                    // SAFETY: allocated above, never published; the lock is held.
+                    unsafe { ngx_slab_free_locked(self.pool, tree.ptr as *mut _) };
+                }
+                return Err(e);
+            }
+        };
+        self.set_plan(PlanRef {
+            ptr: block.ptr,
+            words: block.words,
+        });
+        self.install_lc(tree);
         Ok(())
     }
 
