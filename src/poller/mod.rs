@@ -370,7 +370,7 @@ impl Poller {
                                 self.log(NGX_LOG_NOTICE, &redact(&note, self.source.as_ref()));
                             }
                             if let Some(snap) = streamed {
-                                self.apply(snap);
+                                self.apply(snap, std::time::Instant::now());
                             }
                         }
                         Err(e) => return self.fail(format!("bad response: {e}")),
@@ -393,6 +393,7 @@ impl Poller {
     }
 
     fn complete(&mut self) {
+        let answered = std::time::Instant::now();
         let Some(x) = self.exchange.take() else {
             return;
         };
@@ -419,7 +420,7 @@ impl Poller {
             Ok(None) => self.schedule(0),
             Ok(Some(snap)) => {
                 let advanced = snap.advanced;
-                self.apply(snap);
+                self.apply(snap, answered);
                 let elapsed = mono_ms().saturating_sub(x.started);
                 // A change, or a long poll that ran its course: ask again at once. No
                 // change and a quick answer (a registry that does not block): wait out

@@ -3,6 +3,7 @@
 //! while this worker may (`Poller::may_publish`).
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use ngx::ffi::*;
 
@@ -14,8 +15,33 @@ use upsync_core::dump;
 use upsync_core::registry::{Skipped, Snapshot};
 use upsync_core::servers::{Diff, ServerSpec};
 
+/// How long the zone's lock was held, at most, while a change was applied: a connection
+/// in any worker waits at most that long for it.
+#[derive(Default)]
+struct LockTimes {
+    max: Duration,
+    since: Option<Instant>,
+}
+
+impl LockTimes {
+    fn taken(&mut self) {
+        self.since = Some(Instant::now());
+    }
+
+    fn released(&mut self) {
+        if let Some(t) = self.since.take() {
+            self.max = self.max.max(t.elapsed());
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 impl Poller {
-    pub(super) fn apply(&mut self, snap: Snapshot) {
+    /// Applies a registry's answer (parsed; the last byte arrived at `answered`).
+    pub(super) fn apply(&mut self, snap: Snapshot, answered: Instant) {
         let failures = self.failover.succeeded();
         if failures > 0 {
             let at = if self.failover.is_list() {
@@ -52,15 +78,19 @@ impl Poller {
         }
         let position = self.source.position();
         let in_use = self.target().addr.to_string();
+        let mut held = LockTimes::default();
         let mut l = self.zone.lock();
+        held.taken();
         if !self.may_publish(&l) {
             return; // lost the lease, or exiting, or the zone serves another source now
         }
         if snap.skipped != self.skipped {
             l.set_skipped(&snap.skipped);
             drop(l);
+            held.released();
             self.report_skipped(&snap.skipped);
             l = self.zone.lock();
+            held.taken();
             if !self.may_publish(&l) {
                 return;
             }
@@ -73,6 +103,7 @@ impl Poller {
         l.set_error("");
         let current = l.specs();
         drop(l);
+        held.released();
         if snap.servers.is_empty() {
             if !current.is_empty() && !self.empty_warned {
                 self.empty_warned = true;
@@ -90,8 +121,16 @@ impl Poller {
         }
         // The plan is built here, once per change and outside the lock: connections in
         // every worker keep picking from the current set meanwhile.
+        let plan_start = Instant::now();
         let plan = Plan::for_servers(&snap.servers, self.method);
-        let block = self.zone.lock().alloc_plan_block(plan.flat_words());
+        let block = {
+            let mut l = self.zone.lock();
+            held.taken();
+            let b = l.alloc_plan_block(plan.flat_words());
+            drop(l);
+            held.released();
+            b
+        };
         let Some(mut block) = block else {
             return self.log(
                 NGX_LOG_ERR,
@@ -105,7 +144,9 @@ impl Poller {
             );
         };
         block.fill(&plan);
+        let plan_time = plan_start.elapsed();
         let mut l = self.zone.lock();
+        held.taken();
         if !self.may_publish(&l) {
             l.free_plan_block(block);
             return;
@@ -127,16 +168,21 @@ impl Poller {
         st.updates += 1;
         st.last_change_ms = wall_ms();
         drop(l);
+        held.released();
+        let live = answered.elapsed();
         self.debug(&format!("set switched to generation {generation}"));
         let (used, total) = self.zone.usage();
         self.log(
             NGX_LOG_NOTICE,
             &format!(
-                "{} servers now (+{} -{} ~{}), index {position}, generation {generation}, zone {used}/{total} pages",
+                "{} servers now (+{} -{} ~{}), index {position}, generation {generation}, zone {used}/{total} pages; live {:.2} ms after the answer (plan {:.2} ms, lock held at most {:.3} ms)",
                 snap.servers.len(),
                 diff.added,
                 diff.removed,
-                diff.changed
+                diff.changed,
+                ms(live),
+                ms(plan_time),
+                ms(held.max),
             ),
         );
         self.write_dump(&snap.servers, generation);
