@@ -34,6 +34,18 @@ fn hold_member(m: &Member, me: i64, until: u64) -> (Option<u64>, bool) {
 }
 
 impl ZkOwner {
+    /// Whether this worker still holds the lead zone's lease under the epoch it runs
+    /// the session with (a stalled worker finds out before it reconnects).
+    pub(super) fn holds_lead(&self) -> bool {
+        let m = &self.members[0];
+        let l = m.publisher.zone.lock();
+        self.epoch.is_some()
+            && self.epoch == Some(l.lease_epoch())
+            && l.lease().holder == Self::me()
+            && l.fingerprint() == m.publisher.fingerprint
+            && !exiting()
+    }
+
     fn on_tick(&mut self) {
         if exiting() {
             return self.shutdown();

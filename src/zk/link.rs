@@ -8,7 +8,6 @@ use ngx::ffi::*;
 use super::ZkOwner;
 use crate::driver::{Conn, ConnError, ConnEvent, ConnOwner, Recv};
 use crate::ngx_util::mono_ms;
-use crate::process::exiting;
 use upsync_core::policy::Retry;
 use upsync_core::registry::zookeeper::ZkError;
 
@@ -53,7 +52,7 @@ pub(super) unsafe extern "C" fn timer_handler(ev: *mut ngx_event_t) {
 pub(super) unsafe extern "C" fn retry_handler(ev: *mut ngx_event_t) {
     // SAFETY: the retry event's data is its owner (set in `start`).
     let o = unsafe { &mut *((*ev).data as *mut ZkOwner) };
-    if o.epoch.is_some() && o.conn.is_none() && o.session.is_some() && !exiting() {
+    if o.conn.is_none() && o.session.is_some() && o.holds_lead() {
         o.connect();
     }
 }

@@ -182,7 +182,15 @@ pub fn parse(arg: &str, params: &[(&str, &str)]) -> Result<(Endpoint, ZkSpec), C
         .find('/')
         .map(|i| plain.split_at(i))
         .ok_or_else(|| ConfError::Address(arg.to_string()))?;
-    let endpoint = parse_endpoint(&format!("{}{path}", with_default_ports(hostlist)))?;
+    // errors quote the address as configured, not with the ports added
+    let endpoint = parse_endpoint(&format!("{}{path}", with_default_ports(hostlist))).map_err(
+        |e| match e {
+            ConfError::Address(_) => ConfError::Address(arg.to_string()),
+            ConfError::Port(_) => ConfError::Port(arg.to_string()),
+            ConfError::TooManyHosts(_) => ConfError::TooManyHosts(arg.to_string()),
+            other => other,
+        },
+    )?;
     let bad = |why| ZkConfError::Path {
         path: format!("{}{}", endpoint.path, query_part(&endpoint)),
         why,
@@ -330,6 +338,8 @@ mod tests {
         assert!(e.starts_with("invalid port"), "{e}");
         let e = err(&["h:1", "upsync_type=zookeeper"]);
         assert!(e.starts_with("invalid address"), "{e}");
+        let e = err(&["h,,g/a", "upsync_type=zookeeper"]);
+        assert!(e.starts_with("invalid address \"h,,g/a\""), "{e}");
         let e = err(&["h:1/a", "upsync_type=zookeeper", "nacos_group=x"]);
         assert!(e.contains("nacos"), "{e}");
     }
