@@ -8,6 +8,7 @@ OPS_JSON is a list of operations, run in order over one session:
   ["create", PATH, DATA]                create (parents too); DATA is text
   ["create_acl", PATH, DATA, "U:P"]     create with an ACL giving only digest U:P access
   ["set", PATH, DATA]                   change data
+  ["acl_open", PATH]                    give everyone every right on PATH (world:anyone)
   ["put", PATH, DATA]                   create (parents too) or change data
   ["delete", PATH]                      delete (missing is fine)
   ["rdelete", PATH]                     delete recursively (missing is fine)
@@ -76,6 +77,9 @@ def main(argv):
                 zk.retry(zk.create, path, str(rest[1]).encode(), acl=acl, makepath=True)
             elif name == "set":
                 zk.retry(zk.set, path, str(rest[1]).encode())
+            elif name == "acl_open":
+                from kazoo.security import OPEN_ACL_UNSAFE
+                zk.retry(zk.set_acls, path, OPEN_ACL_UNSAFE)
             elif name == "put":
                 data = str(rest[1]).encode()
                 if zk.retry(zk.exists, path):
