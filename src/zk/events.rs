@@ -13,8 +13,13 @@ use upsync_core::registry::zookeeper::{
 };
 use upsync_core::registry::Snapshot;
 
-/// How long a listing waits for the notifications that follow it at once.
-const SETTLE_MS: u64 = 5;
+/// How long a listing waits for the notifications that follow it at once (those of
+/// one transaction come back to back).
+const SETTLE_MS: u64 = 1;
+/// After a publish that took T, the next waits PUBLISH_SHARE x T: publishing (a plan
+/// and a dump of the whole set each time) takes at most about a fifth of the worker
+/// however fast the registrations come, and costs an isolated change nothing.
+const PUBLISH_SHARE: u64 = 4;
 /// How long a steady stream of changes may hold listings back.
 const MAX_SETTLE_MS: u64 = 100;
 
@@ -50,9 +55,12 @@ impl ZkOwner {
         self.members.iter().position(|m| m.watch == Some(id))
     }
 
-    /// A listing is kept for a few milliseconds before it is published: ZooKeeper
-    /// sends one notification per node, so a transaction (or a burst of registrations)
-    /// would otherwise be published one node at a time, each with its plan and dump.
+    /// A listing is kept for a moment before it is published: ZooKeeper sends one
+    /// notification per node, so a transaction (or a burst of registrations) would
+    /// otherwise be published one node at a time, each with its plan and dump. It
+    /// waits `SETTLE_MS` for the notifications that follow at once, and after a burst
+    /// for a pause proportional to the last publish's cost (`PUBLISH_SHARE`), never
+    /// more than `MAX_SETTLE_MS` in all.
     fn on_listing(&mut self, id: WatchId, exists: bool, children: &[Child]) {
         let Some(i) = self.member_of(id) else {
             return;
@@ -65,13 +73,16 @@ impl ZkOwner {
         if self.settle.timer_set() == 0 {
             self.settle_since = now;
         }
-        if now.saturating_sub(self.settle_since) < MAX_SETTLE_MS || self.settle.timer_set() == 0 {
-            Self::schedule(&mut self.settle, SETTLE_MS);
-        }
+        let pause_ms = (self.publish_cost_us * PUBLISH_SHARE).div_ceil(1000);
+        let due = (now + SETTLE_MS)
+            .max(self.published_at.saturating_add(pause_ms))
+            .min(self.settle_since.saturating_add(MAX_SETTLE_MS));
+        Self::schedule(&mut self.settle, due.saturating_sub(now));
     }
 
     /// Publishes the listings kept by `on_listing`.
     pub(super) fn publish_pending(&mut self) {
+        let started = std::time::Instant::now();
         let position = self
             .session
             .as_ref()
@@ -104,6 +115,8 @@ impl ZkOwner {
             let m = &mut self.members[i];
             m.publisher.publish(m.epoch, snap, position, &in_use);
         }
+        self.publish_cost_us = started.elapsed().as_micros() as u64;
+        self.published_at = mono_ms();
     }
 
     fn on_watch_error(&mut self, id: WatchId, err: &ZkError) {

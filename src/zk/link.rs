@@ -215,7 +215,9 @@ impl ZkOwner {
         }
         self.handle_events();
         if healthy {
+            // the outage before this connection is over: a new one starts now
             self.failover.succeeded();
+            self.errors.clear();
         }
         let msg = why.text(addr);
         match &why {

@@ -64,6 +64,9 @@ pub struct ZkOwner {
     /// Publishing the listings that came in (`events`), and since when they wait.
     settle: ngx_event_t,
     settle_since: u64,
+    /// When listings were last published, and what that took (microseconds).
+    published_at: u64,
+    publish_cost_us: u64,
     conn: Option<Conn>,
     /// The connection is up (and the session handshake under way or done).
     ready: bool,
@@ -156,6 +159,8 @@ pub unsafe fn start(confs: &[*const SrvConf]) {
             // SAFETY: as above.
             settle: unsafe { std::mem::zeroed() },
             settle_since: 0,
+            published_at: 0,
+            publish_cost_us: 0,
             conn: None,
             ready: false,
             established_at: 0,
