@@ -83,13 +83,14 @@ sub emerg {
 	return qr/\[emerg\] \Q$text\E in \S+:\d+$/m;
 }
 
-my $ACC_TYPES = 'accepted: consul, consul_services, consul_health, etcd, etcdv3, nacos, kubernetes';
+my $ACC_TYPES = 'accepted: consul, consul_services, consul_health, etcd, etcdv3, nacos, kubernetes, zookeeper';
 my $ACC_PARAMS = 'accepted: upsync_type=, upsync_interval=, '
 	. 'upsync_timeout=, strong_dependency=, zone_size=, token_file=, '
 	. 'ssl_verify=, ssl_trusted_certificate=, ssl_certificate=, '
 	. 'ssl_certificate_key=, ssl_name=; with upsync_type=nacos also '
 	. 'nacos_namespace=, nacos_group=, nacos_clusters=, nacos_api=; '
-	. 'with upsync_type=kubernetes also k8s_port=, k8s_protocol=, k8s_address_type=';
+	. 'with upsync_type=kubernetes also k8s_port=, k8s_protocol=, k8s_address_type=; '
+	. 'with upsync_type=zookeeper also zk_chroot=, zk_layout=, zk_session_timeout=';
 my $EXAMPLE = 'expected [https://]HOST[:PORT][,HOST[:PORT]...]/PATH, for example '
 	. '127.0.0.1:8500/v1/kv/upstreams/NAME/';
 my $PORT = 'expected a number from 1 to 65535';
@@ -284,8 +285,8 @@ my @bad = (
 ['missing upsync_type', upsync('127.0.0.1:8500/v1/kv/a/'),
 	emerg(qq{upsync: missing upsync_type=; $ACC_TYPES $IN})],
 ['unknown upsync_type',
-	upsync('127.0.0.1:8500/v1/kv/a/ upsync_type=zookeeper'),
-	emerg(qq{upsync: unknown upsync_type "zookeeper"; $ACC_TYPES $IN})],
+	upsync('127.0.0.1:8500/v1/kv/a/ upsync_type=eureka'),
+	emerg(qq{upsync: unknown upsync_type "eureka"; $ACC_TYPES $IN})],
 ['empty upsync_type', upsync('127.0.0.1:8500/v1/kv/a/ upsync_type='),
 	emerg(qq{upsync: unknown upsync_type ""; $ACC_TYPES $IN})],
 ['bad upsync_interval',

@@ -33,6 +33,8 @@ mod srv_conf;
 #[cfg(not(test))]
 mod status;
 #[cfg(not(test))]
+mod zk;
+#[cfg(not(test))]
 pub mod zone;
 
 #[cfg(not(test))]

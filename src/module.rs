@@ -12,8 +12,9 @@ use crate::ngx_util::mono_ms;
 use crate::ngx_util::str_of;
 use crate::srv_conf::{
     create_srv_conf, cycle_upstreams, server_conf, upstream_conf, upstreams_of, upsync_confs,
+    SrvConf,
 };
-use crate::{bootstrap, directives, poller, show_handler};
+use crate::{bootstrap, directives, poller, show_handler, zk};
 
 static mut MODULE_CTX: ngx_stream_module_t = ngx_stream_module_t {
     preconfiguration: Some(preconfiguration),
@@ -148,7 +149,8 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     NGX_OK as ngx_int_t
 }
 
-/// Worker start: a session ledger in every upsync zone, and the upstream's poller.
+/// Worker start: a session ledger in every upsync zone, the upstream's poller, and one
+/// ZooKeeper owner per ensemble (shared by the upstreams that watch it).
 unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     // SAFETY: process-globals nginx sets before init_process.
     let (process, pid) = unsafe { (ngx_process, ngx_pid as i64) };
@@ -156,21 +158,29 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         return NGX_OK as ngx_int_t;
     }
     let now = mono_ms();
+    let mut zookeeper = Vec::new();
     // SAFETY: the running cycle's upstreams, one configuration at a time.
     for conf in unsafe { upsync_confs(cycle) } {
         if let Some(zone) = conf.zone.as_mut() {
             zone.attach_process(pid, now);
+            if conf.upsync.as_ref().is_some_and(|u| u.zookeeper.is_some()) {
+                zookeeper.push(conf as *const SrvConf);
+                continue;
+            }
             // SAFETY: called from init_process with the running cycle, whose
             // configuration outlives the worker's pollers.
             unsafe { poller::start(conf) };
         }
     }
+    // SAFETY: as above; every one of them has its zone.
+    unsafe { zk::start(&zookeeper) };
     NGX_OK as ngx_int_t
 }
 
 /// Worker exit: pollers give their leases back, and the ledger what sessions still hold.
 unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
     poller::stop_all();
+    zk::stop_all();
     // SAFETY: the running cycle's upstreams, one configuration at a time.
     for &uscf in unsafe { cycle_upstreams(cycle) } {
         // SAFETY: an upstream of the running cycle.

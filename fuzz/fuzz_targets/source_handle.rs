@@ -74,7 +74,7 @@ fuzz_target!(|data: &[u8]| {
         }),
         (true, _) => Some(Credential::Token("fuzz-secret".into())),
     };
-    let mut source = source_for(&spec, cred.as_ref());
+    let Some(mut source) = source_for(&spec, cred.as_ref()) else { return };
     for (n, step) in split_steps(rest).into_iter().take(16).enumerate() {
         source.set_now(n as u64 * 100_000);
         source.start();

@@ -8,8 +8,12 @@ OPS_JSON is a list of operations, run in order over one session:
   ["create", PATH, DATA]                create (parents too); DATA is text
   ["create_acl", PATH, DATA, "U:P"]     create with an ACL giving only digest U:P access
   ["set", PATH, DATA]                   change data
+  ["acl_open", PATH]                    give everyone every right on PATH (world:anyone)
+  ["put", PATH, DATA]                   create (parents too) or change data
   ["delete", PATH]                      delete (missing is fine)
   ["rdelete", PATH]                     delete recursively (missing is fine)
+  ["delete_tree", PATH]                 delete PATH and its children in one transaction
+                                        (missing is fine; grandchildren are not allowed)
   ["bulk", PATH, N, DATA]               create N children 10.A.B.C:80 under PATH (async)
   ["children", PATH]                    print the children (JSON list)
   ["get", PATH]                         print the data
@@ -73,6 +77,15 @@ def main(argv):
                 zk.retry(zk.create, path, str(rest[1]).encode(), acl=acl, makepath=True)
             elif name == "set":
                 zk.retry(zk.set, path, str(rest[1]).encode())
+            elif name == "acl_open":
+                from kazoo.security import OPEN_ACL_UNSAFE
+                zk.retry(zk.set_acls, path, OPEN_ACL_UNSAFE)
+            elif name == "put":
+                data = str(rest[1]).encode()
+                if zk.retry(zk.exists, path):
+                    zk.retry(zk.set, path, data)
+                else:
+                    zk.retry(zk.create, path, data, makepath=True)
             elif name == "delete":
                 try:
                     zk.retry(zk.delete, path)
@@ -83,6 +96,20 @@ def main(argv):
                     zk.retry(zk.delete, path, recursive=True)
                 except NoNodeError:
                     pass
+            elif name == "delete_tree":
+                try:
+                    children = zk.retry(zk.get_children, path)
+                except NoNodeError:
+                    children = None
+                if children is not None:
+                    t = zk.transaction()
+                    for c in children:
+                        t.delete(path + "/" + c)
+                    t.delete(path)
+                    results = t.commit()
+                    bad = [r for r in results if isinstance(r, Exception)]
+                    if bad:
+                        raise bad[0]
             elif name == "bulk":
                 n, data = int(rest[1]), str(rest[2]).encode()
                 zk.retry(zk.ensure_path, path)

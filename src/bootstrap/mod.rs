@@ -4,6 +4,7 @@
 //! `strong_dependency=on` first read at first start.
 
 mod blocking;
+mod zk_read;
 
 use std::path::Path;
 
@@ -17,6 +18,7 @@ use crate::zone::{InitOutcome, Zone, ZoneError};
 use upsync_core::balancer::Plan;
 use upsync_core::conf::Target;
 use upsync_core::dump;
+use upsync_core::registry::zookeeper::ZkConfig;
 
 /// The zone of an upsync upstream, initialized while nginx reads a configuration (see
 /// `zone` for the two phases of a reload).
@@ -181,7 +183,6 @@ fn strong_dependency_read(
     zone: Zone,
 ) -> Result<(), StartRefused> {
     let spec = conf.upsync.as_ref().expect("upsync configured");
-    let mut source = upsync_core::registry::source_for(spec, conf.credential.as_ref());
     let timeout = std::time::Duration::from_millis(spec.timeout_ms.clamp(1_000, 5_000));
     let wrap = |sock: std::net::TcpStream,
                 t: &Target|
@@ -198,14 +199,31 @@ fn strong_dependency_read(
             }
         }
     };
-    let snap = match blocking::fetch(
-        &conf.addrs,
-        &spec.endpoint,
-        source.as_mut(),
-        3,
-        timeout,
-        &wrap,
+    let fetched = match (
+        upsync_core::registry::source_for(spec, conf.credential.as_ref()),
+        &spec.zookeeper,
     ) {
+        (Some(mut source), _) => blocking::fetch(
+            &conf.addrs,
+            &spec.endpoint,
+            source.as_mut(),
+            3,
+            timeout,
+            &wrap,
+        )
+        .map_err(|e| e.to_string()),
+        (None, Some(zk)) => zk_read::fetch(
+            &conf.addrs.iter().map(|t| t.addr).collect::<Vec<_>>(),
+            &ZkConfig::for_upsync(zk, conf.credential.as_ref()),
+            &zk.server_path,
+            zk.layout.into(),
+            3,
+            timeout,
+        )
+        .map_err(|e| e.to_string()),
+        (None, None) => Err("no source for this upsync_type".to_string()),
+    };
+    let snap = match fetched {
         Ok(snap) => snap,
         Err(e) => {
             ngx_log_error!(

@@ -7,5 +7,5 @@ pub mod io;
 mod side;
 pub mod tls;
 
-pub use conn::{Conn, ConnEvent, ConnOwner, Recv, TlsSetup};
+pub use conn::{Conn, ConnError, ConnEvent, ConnOwner, Recv, TlsSetup};
 pub use side::Side;

@@ -6,20 +6,14 @@
 
 use ngx::ffi::*;
 
-use super::Poller;
+use super::{my_pid, Poller};
 use crate::ngx_util::mono_ms;
 use crate::process::{exiting, observe, pid_alive};
-use crate::zone::Locked;
 use upsync_core::policy::{decide_lease, LeaseDecision};
 
 pub(super) unsafe extern "C" fn tick_handler(ev: *mut ngx_event_t) {
     // SAFETY: the tick event's data is its poller (set in `start`).
     unsafe { (*((*ev).data as *mut Poller)).on_tick() };
-}
-
-fn my_pid() -> i64 {
-    // SAFETY: a process-global written before any poller runs.
-    unsafe { ngx_pid as i64 }
 }
 
 impl Poller {
@@ -101,15 +95,5 @@ impl Poller {
         if self.epoch.take().is_some() {
             self.zone.lock().release_lease(my_pid());
         }
-    }
-
-    /// Whether this worker may write the zone's set, status and dump now: it holds the
-    /// lease under the epoch it polls with, the zone still serves its source, and it is
-    /// not exiting. Checked under the same lock as the write it allows.
-    pub(super) fn may_publish(&self, l: &Locked<'_>) -> bool {
-        self.epoch == Some(l.lease_epoch())
-            && l.lease().holder == my_pid()
-            && l.fingerprint() == self.fingerprint
-            && !exiting()
     }
 }

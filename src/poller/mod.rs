@@ -7,6 +7,8 @@
 mod lease;
 mod publish;
 
+pub use publish::{my_pid, Publisher};
+
 use std::ffi::c_void;
 use std::ptr;
 use std::rc::Rc;
@@ -20,11 +22,10 @@ use crate::ngx_util::mono_ms;
 use crate::process::exiting;
 use crate::srv_conf::SrvConf;
 use crate::zone::Zone;
-use upsync_core::balancer::Method;
 use upsync_core::conf::Target;
 use upsync_core::http::{build_request, ResponseParser};
 use upsync_core::policy::{self, ErrorDedup, Failover, Pacer, Retry, Rng};
-use upsync_core::registry::{redact, source_for, RegistryError, Skipped, Source};
+use upsync_core::registry::{redact, source_for, RegistryError, Snapshot, Source};
 
 /// Largest registry response accepted (a 10,000-server KV listing is about 2 MB).
 const BODY_LIMIT: usize = 8 * 1024 * 1024;
@@ -55,7 +56,8 @@ pub struct Poller {
     /// The source this poller reads (`SrvConf::fingerprint`): it publishes only while
     /// the zone serves the same one.
     fingerprint: u64,
-    method: Method,
+    /// Writes what the registry answered into the zone and the dump.
+    publisher: Publisher,
     source: Box<dyn Source>,
     interval_ms: u64,
     tick_ms: u64,
@@ -74,11 +76,6 @@ pub struct Poller {
     /// The data error of the current spell of bad answers (logged once; its end is
     /// logged too).
     data_error: Option<String>,
-    /// The entries skipped in the last answer, and its duplicate count (each change
-    /// is logged once).
-    skipped: Vec<Skipped>,
-    duplicates: usize,
-    empty_warned: bool,
     rng: Rng,
     /// The durations (ms) of the last idle cuts, and the cap they set on long polls.
     cuts: Vec<u64>,
@@ -98,12 +95,14 @@ pub unsafe fn start(conf: &SrvConf) {
     let interval = spec.interval_ms;
     // SAFETY: a process-global set before init_process.
     let pid = unsafe { ngx_pid } as u64;
+    let side = Side::new(conf.log_prefix());
     let p: *mut Poller = Box::into_raw(Box::new(Poller {
         conf,
         zone,
         fingerprint: conf.fingerprint(),
-        method: conf.method(),
-        source: source_for(spec, conf.credential.as_ref()),
+        publisher: Publisher::new(conf, side.clone()),
+        source: source_for(spec, conf.credential.as_ref())
+            .expect("an upsync_type with an HTTP source (ZooKeeper has its own owner)"),
         interval_ms: interval,
         tick_ms: policy::tick_ms(interval),
         lease_ms: policy::lease_ms(interval),
@@ -111,7 +110,7 @@ pub unsafe fn start(conf: &SrvConf) {
         tick: unsafe { std::mem::zeroed() },
         // SAFETY: as above.
         wake: unsafe { std::mem::zeroed() },
-        side: Side::new(conf.log_prefix()),
+        side,
         conn: None,
         exchange: None,
         epoch: None,
@@ -119,9 +118,6 @@ pub unsafe fn start(conf: &SrvConf) {
         failover: Failover::new(conf.addrs.len()),
         errors: ErrorDedup::default(),
         data_error: None,
-        skipped: Vec::new(),
-        duplicates: 0,
-        empty_warned: false,
         rng: Rng::new(pid << 32 ^ mono_ms()),
         cuts: Vec::new(),
         poll_cap: None,
@@ -502,15 +498,41 @@ impl Poller {
                 &format!("{msg}; keeping the current servers, the next change is read as soon as the registry has one"),
             );
         }
-        self.data_error = Some(msg.clone());
-        {
-            let mut l = self.zone.lock();
-            if self.may_publish(&l) {
-                l.set_error(&msg);
-            }
-        }
+        self.publisher.record_error(self.epoch, &msg, None);
+        self.data_error = Some(msg);
         let moved = self.source.position() != position_before;
         self.schedule(if moved { 0 } else { self.interval_ms });
+    }
+
+    /// A good answer (its last byte arrived at `answered`): the end of an outage or of a
+    /// spell of bad data is logged, then the snapshot is published.
+    fn apply(&mut self, snap: Snapshot, answered: std::time::Instant) {
+        let failures = self.failover.succeeded();
+        if failures > 0 {
+            let at = if self.failover.is_list() {
+                format!(" (at {})", self.target().addr)
+            } else {
+                String::new()
+            };
+            self.log(
+                NGX_LOG_NOTICE,
+                &format!(
+                    "registry answers again after {failures} failed attempt{}{at}",
+                    if failures == 1 { "" } else { "s" }
+                ),
+            );
+        }
+        self.errors.clear();
+        if let Some(e) = self.data_error.take() {
+            self.log(
+                NGX_LOG_NOTICE,
+                &format!("the registry's answer is valid again (was: {e})"),
+            );
+        }
+        let position = self.source.position();
+        let in_use = self.target().addr.to_string();
+        self.publisher
+            .publish(self.epoch, snap, position, &in_use, answered);
     }
 
     /// Records a failed exchange: logs each distinct error once per outage, keeps the
@@ -541,13 +563,8 @@ impl Poller {
             );
         }
         let failures = self.failover.failures();
-        {
-            let mut l = self.zone.lock();
-            if self.may_publish(&l) {
-                l.status().consecutive_failures = failures as u64;
-                l.set_error(&msg);
-            }
-        }
+        self.publisher
+            .record_error(self.epoch, &msg, Some(failures as u64));
         self.schedule(delay);
     }
 }

@@ -1,16 +1,23 @@
-//! Publishing what a registry answered: the new set and its plan into the zone (the
-//! plan built once, outside the lock), the sync status, and the dump file, each only
-//! while this worker may (`Poller::may_publish`).
+//! Publishing what a registry answered for one upstream: the new set and its plan into
+//! the zone (the plan built once, outside the lock), the sync status, the skipped
+//! entries and the dump file, each only while the caller may (`may_publish`: it holds
+//! the zone's lease under the epoch it read with, the zone serves its source, and this
+//! process is not exiting). Used by the HTTP poller and by the ZooKeeper session owner,
+//! which publishes for every upstream that watches its ensemble.
 
 use std::path::Path;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use ngx::ffi::*;
+use ngx::ngx_log_debug_mask;
 
-use super::Poller;
-use crate::ngx_util::{mono_ms, wall_ms};
-use crate::zone::ZoneError;
-use upsync_core::balancer::Plan;
+use crate::driver::Side;
+use crate::ngx_util::{cycle_log, mono_ms, wall_ms};
+use crate::process::exiting;
+use crate::srv_conf::SrvConf;
+use crate::zone::{Locked, Zone, ZoneError};
+use upsync_core::balancer::{Method, Plan};
 use upsync_core::dump;
 use upsync_core::registry::{Skipped, Snapshot};
 use upsync_core::servers::{Diff, ServerSpec};
@@ -39,31 +46,95 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-impl Poller {
-    /// Applies a registry's answer (parsed; the last byte arrived at `answered`).
-    pub(super) fn apply(&mut self, snap: Snapshot, answered: Instant) {
-        let failures = self.failover.succeeded();
-        if failures > 0 {
-            let at = if self.failover.is_list() {
-                format!(" (at {})", self.target().addr)
-            } else {
-                String::new()
-            };
-            self.log(
-                NGX_LOG_NOTICE,
-                &format!(
-                    "registry answers again after {failures} failed attempt{}{at}",
-                    if failures == 1 { "" } else { "s" }
-                ),
-            );
+pub fn my_pid() -> i64 {
+    // SAFETY: a process-global written before any module code runs in a worker.
+    unsafe { ngx_pid as i64 }
+}
+
+/// Whether a worker that read under lease `epoch` may write the zone's set, status and
+/// dump now: it holds the lease under that epoch, the zone still serves its source
+/// (`fingerprint`), and it is not exiting. Checked under the same lock as the write it
+/// allows.
+pub fn may_publish(l: &Locked<'_>, epoch: Option<u64>, fingerprint: u64) -> bool {
+    epoch == Some(l.lease_epoch())
+        && l.lease().holder == my_pid()
+        && l.fingerprint() == fingerprint
+        && !exiting()
+}
+
+/// One upstream's publishing side: its zone, what it last reported (skipped entries,
+/// duplicates, an empty registry), and its log lines.
+pub struct Publisher {
+    pub zone: Zone,
+    /// The source the publisher reads (`SrvConf::fingerprint`).
+    pub fingerprint: u64,
+    name: String,
+    method: Method,
+    dump_path: String,
+    side: Rc<Side>,
+    skipped: Vec<Skipped>,
+    duplicates: usize,
+    empty_warned: bool,
+}
+
+impl Publisher {
+    /// For the upstream of `conf` (which has a zone); log lines go through `side`.
+    pub fn new(conf: &SrvConf, side: Rc<Side>) -> Publisher {
+        Publisher {
+            zone: conf.zone.expect("zone initialized"),
+            fingerprint: conf.fingerprint(),
+            name: conf.name.clone(),
+            method: conf.method(),
+            dump_path: conf.dump_path(),
+            side,
+            skipped: Vec::new(),
+            duplicates: 0,
+            empty_warned: false,
         }
-        self.errors.clear();
-        if let Some(e) = self.data_error.take() {
-            self.log(
-                NGX_LOG_NOTICE,
-                &format!("the registry's answer is valid again (was: {e})"),
-            );
+    }
+
+    pub fn may_publish(&self, l: &Locked<'_>, epoch: Option<u64>) -> bool {
+        may_publish(l, epoch, self.fingerprint)
+    }
+
+    fn log(&self, level: u32, msg: &str) {
+        self.side.error_log(level, msg);
+    }
+
+    fn debug(&self, msg: &str) {
+        ngx_log_debug_mask!(
+            DebugMask::Stream,
+            cycle_log(),
+            "upsync: {}: {msg}",
+            self.name
+        );
+    }
+
+    /// Records a failed read in the status (`failures`: the count of consecutive
+    /// failures, when the caller counts them), if the caller may write the zone.
+    pub fn record_error(&self, epoch: Option<u64>, msg: &str, failures: Option<u64>) {
+        let mut l = self.zone.lock();
+        if self.may_publish(&l, epoch) {
+            if let Some(n) = failures {
+                l.status().consecutive_failures = n;
+            }
+            l.set_error(msg);
         }
+    }
+
+    /// Publishes a snapshot read under lease `epoch`: the skipped entries, the status
+    /// (`position` is the registry's index, `in_use` the address that answered), and,
+    /// when the servers changed, the set with its plan and the dump, logging the change
+    /// with how long after the answer (its last byte arrived at `answered`) the set was
+    /// live.
+    pub fn publish(
+        &mut self,
+        epoch: Option<u64>,
+        snap: Snapshot,
+        position: u64,
+        in_use: &str,
+        answered: Instant,
+    ) {
         if snap.duplicates != self.duplicates {
             self.duplicates = snap.duplicates;
             if snap.duplicates > 0 {
@@ -76,12 +147,10 @@ impl Poller {
                 );
             }
         }
-        let position = self.source.position();
-        let in_use = self.target().addr.to_string();
         let mut held = LockTimes::default();
         let mut l = self.zone.lock();
         held.taken();
-        if !self.may_publish(&l) {
+        if !self.may_publish(&l, epoch) {
             return; // lost the lease, or exiting, or the zone serves another source now
         }
         if snap.skipped != self.skipped {
@@ -91,11 +160,11 @@ impl Poller {
             self.report_skipped(&snap.skipped);
             l = self.zone.lock();
             held.taken();
-            if !self.may_publish(&l) {
+            if !self.may_publish(&l, epoch) {
                 return;
             }
         }
-        l.set_in_use(&in_use);
+        l.set_in_use(in_use);
         let st = l.status();
         st.position = position;
         st.last_sync_ms = wall_ms();
@@ -147,7 +216,7 @@ impl Poller {
         let plan_time = plan_start.elapsed();
         let mut l = self.zone.lock();
         held.taken();
-        if !self.may_publish(&l) {
+        if !self.may_publish(&l, epoch) {
             l.free_plan_block(block);
             return;
         }
@@ -185,7 +254,7 @@ impl Poller {
                 ms(held.max),
             ),
         );
-        self.write_dump(&snap.servers, generation);
+        self.write_dump(&snap.servers, generation, epoch);
     }
 
     /// Logs the entries that became invalid (and why) and those that are no longer
@@ -236,15 +305,14 @@ impl Poller {
 
     /// Writes the dump of the set published as `generation`: the file is prepared
     /// outside the lock, and renamed into place under it only if that set is still the
-    /// current one and this worker still holds the lease, so a dump never goes back to
+    /// current one and the caller still holds the lease, so a dump never goes back to
     /// an older set.
-    fn write_dump(&self, servers: &[ServerSpec], generation: u64) {
-        let path = self.conf().dump_path();
-        let path = Path::new(&path);
+    fn write_dump(&self, servers: &[ServerSpec], generation: u64, epoch: Option<u64>) {
+        let path = Path::new(&self.dump_path);
         let result =
             dump::TempDump::write(path, dump::render(servers).as_bytes()).and_then(|tmp| {
                 let l = self.zone.lock();
-                if self.may_publish(&l) && l.generation() == generation {
+                if self.may_publish(&l, epoch) && l.generation() == generation {
                     tmp.commit()
                 } else {
                     Ok(()) // superseded: the temp file is removed on drop

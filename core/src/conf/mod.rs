@@ -4,6 +4,7 @@
 pub mod kubernetes;
 pub mod nacos;
 pub mod time;
+pub mod zookeeper;
 
 use std::fmt;
 
@@ -29,11 +30,13 @@ pub enum SourceKind {
     Nacos,
     /// Kubernetes EndpointSlices of a Service: list, then watch.
     Kubernetes,
+    /// ZooKeeper: the children of a znode, watched over one session per ensemble.
+    ZooKeeper,
 }
 
 impl SourceKind {
     pub const ACCEPTED: &'static str =
-        "consul, consul_services, consul_health, etcd, etcdv3, nacos, kubernetes";
+        "consul, consul_services, consul_health, etcd, etcdv3, nacos, kubernetes, zookeeper";
 
     pub fn parse(s: &str) -> Option<SourceKind> {
         match s {
@@ -44,6 +47,7 @@ impl SourceKind {
             "etcdv3" => Some(SourceKind::EtcdV3),
             "nacos" => Some(SourceKind::Nacos),
             "kubernetes" => Some(SourceKind::Kubernetes),
+            "zookeeper" => Some(SourceKind::ZooKeeper),
             _ => None,
         }
     }
@@ -57,6 +61,7 @@ impl SourceKind {
             SourceKind::EtcdV3 => "etcdv3",
             SourceKind::Nacos => "nacos",
             SourceKind::Kubernetes => "kubernetes",
+            SourceKind::ZooKeeper => "zookeeper",
         }
     }
 }
@@ -182,16 +187,19 @@ pub fn parse_credential(kind: SourceKind, content: &str) -> Result<Credential, C
         | SourceKind::ConsulServices
         | SourceKind::ConsulHealth
         | SourceKind::Kubernetes => Ok(Credential::Token(line.to_string())),
-        SourceKind::EtcdV2 | SourceKind::EtcdV3 | SourceKind::Nacos => match line.split_once(':') {
-            Some((u, p)) if !u.is_empty() && !p.is_empty() => Ok(Credential::UserPassword {
-                user: u.to_string(),
-                password: p.to_string(),
-            }),
-            _ => Err(CredentialError::NotUserPassword(match kind {
-                SourceKind::Nacos => "Nacos",
-                _ => "etcd",
-            })),
-        },
+        SourceKind::EtcdV2 | SourceKind::EtcdV3 | SourceKind::Nacos | SourceKind::ZooKeeper => {
+            match line.split_once(':') {
+                Some((u, p)) if !u.is_empty() && !p.is_empty() => Ok(Credential::UserPassword {
+                    user: u.to_string(),
+                    password: p.to_string(),
+                }),
+                _ => Err(CredentialError::NotUserPassword(match kind {
+                    SourceKind::Nacos => "Nacos",
+                    SourceKind::ZooKeeper => "ZooKeeper digest authentication",
+                    _ => "etcd",
+                })),
+            }
+        }
     }
 }
 
@@ -216,6 +224,8 @@ pub struct UpsyncSpec {
     pub nacos: Option<nacos::NacosSpec>,
     /// The Service and port of `upsync_type=kubernetes`.
     pub kubernetes: Option<kubernetes::K8sSpec>,
+    /// The znode, chroot, layout and session timeout of `upsync_type=zookeeper`.
+    pub zookeeper: Option<zookeeper::ZkSpec>,
 }
 
 pub const DEFAULT_INTERVAL_MS: u64 = 5_000;
@@ -241,7 +251,7 @@ pub enum ConfError {
     Time(String),
     #[error("invalid value \"{0}\": it must be \"on\" or \"off\"")]
     OnOff(String),
-    #[error("unknown parameter \"{0}\"; accepted: upsync_type=, upsync_interval=, upsync_timeout=, strong_dependency=, zone_size=, token_file=, ssl_verify=, ssl_trusted_certificate=, ssl_certificate=, ssl_certificate_key=, ssl_name=; with upsync_type=nacos also nacos_namespace=, nacos_group=, nacos_clusters=, nacos_api=; with upsync_type=kubernetes also k8s_port=, k8s_protocol=, k8s_address_type=")]
+    #[error("unknown parameter \"{0}\"; accepted: upsync_type=, upsync_interval=, upsync_timeout=, strong_dependency=, zone_size=, token_file=, ssl_verify=, ssl_trusted_certificate=, ssl_certificate=, ssl_certificate_key=, ssl_name=; with upsync_type=nacos also nacos_namespace=, nacos_group=, nacos_clusters=, nacos_api=; with upsync_type=kubernetes also k8s_port=, k8s_protocol=, k8s_address_type=; with upsync_type=zookeeper also zk_chroot=, zk_layout=, zk_session_timeout=")]
     UnknownParam(String),
     #[error("invalid zone_size \"{0}\": expected a size of at least 64k, such as 8m")]
     ZoneSize(String),
@@ -294,6 +304,8 @@ pub enum ConfError {
     K8sAddressType(String),
     #[error("in-cluster/: {0}")]
     InCluster(String),
+    #[error(transparent)]
+    ZooKeeper(zookeeper::ZkConfError),
 }
 
 /// Most registry addresses in one failover list.
@@ -419,6 +431,8 @@ fn normalize_path(kind: SourceKind, ep: &mut Endpoint) -> Result<(), ConfError> 
         SourceKind::Nacos => return Ok(()),
         // checked by kubernetes_service() instead
         SourceKind::Kubernetes => (&["/"], "/NAMESPACE/SERVICE"),
+        // checked by zookeeper::parse
+        SourceKind::ZooKeeper => return Ok(()),
     };
     let ok = needles
         .iter()
@@ -441,7 +455,7 @@ fn normalize_path(kind: SourceKind, ep: &mut Endpoint) -> Result<(), ConfError> 
                 ep.path.pop();
             }
         }
-        SourceKind::Nacos => {}
+        SourceKind::Nacos | SourceKind::ZooKeeper => {}
     }
     Ok(())
 }
@@ -482,6 +496,7 @@ pub fn parse_upsync_in(
     let mut ssl_key = None;
     let mut ssl_name = None;
     let mut nacos_params: Vec<(&str, &str)> = Vec::new();
+    let mut zk_params: Vec<(&str, &str)> = Vec::new();
     for arg in &args[1..] {
         let (k, v) = arg
             .split_once('=')
@@ -571,6 +586,7 @@ pub fn parse_upsync_in(
                 );
             }
             k if nacos::PARAMS.contains(&k) => nacos_params.push((k, v)),
+            k if zookeeper::PARAMS.contains(&k) => zk_params.push((k, v)),
             _ => return Err(ConfError::UnknownParam(arg.to_string())),
         }
     }
@@ -603,6 +619,15 @@ pub fn parse_upsync_in(
             return Err(ConfError::K8sOnly(name));
         }
         normalize_path(kind, &mut endpoint)?;
+        None
+    };
+    let zk = if kind == SourceKind::ZooKeeper {
+        let (ep, zk) = zookeeper::parse(first, &zk_params)?;
+        endpoint = ep;
+        Some(zk)
+    } else if let Some((k, _)) = zk_params.first() {
+        return Err(zookeeper::ZkConfError::Only(k.to_string()).into());
+    } else {
         None
     };
     let nacos = if kind == SourceKind::Nacos {
@@ -648,6 +673,7 @@ pub fn parse_upsync_in(
         tls,
         nacos,
         kubernetes: k8s,
+        zookeeper: zk,
     })
 }
 

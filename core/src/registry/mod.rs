@@ -234,10 +234,15 @@ pub trait Source: Send {
 /// Secrets shorter than 4 bytes are hidden only where they stand as a separate word,
 /// so that they do not blank ordinary words.
 pub fn redact(text: &str, source: &dyn Source) -> String {
+    redact_secrets(text, &source.secrets())
+}
+
+/// `text` with each of `secrets` replaced by `<hidden>`, in every form [`redact`]
+/// covers (for clients that are not a [`Source`], such as the ZooKeeper session).
+pub fn redact_secrets(text: &str, secrets: &[String]) -> String {
     // Longest first across all secrets, so that hiding a short one never breaks up a
     // longer one (a 1-byte password inside a token) and leaves the rest of it showing.
-    let mut forms: Vec<String> = source
-        .secrets()
+    let mut forms: Vec<String> = secrets
         .iter()
         .filter(|s| !s.is_empty())
         .flat_map(|s| quoted_forms(s))
@@ -330,9 +335,11 @@ fn hide_cut_prefix(text: &str, secret: &str) -> String {
 
 /// Builds the protocol for a parsed `upsync` directive; `cred` is the credential read
 /// from `token_file=` (Consul: an ACL token; etcd and Nacos: user and password;
-/// Kubernetes: a bearer token, read again when the file changes).
-pub fn source_for(spec: &UpsyncSpec, cred: Option<&Credential>) -> Box<dyn Source> {
-    match spec.kind {
+/// Kubernetes: a bearer token, read again when the file changes). `None` for
+/// ZooKeeper, which is no request/response protocol: its [`zookeeper::Session`] is
+/// driven by the glue's ZooKeeper owner, one per ensemble.
+pub fn source_for(spec: &UpsyncSpec, cred: Option<&Credential>) -> Option<Box<dyn Source>> {
+    Some(match spec.kind {
         SourceKind::ConsulKv | SourceKind::ConsulServices | SourceKind::ConsulHealth => {
             Box::new(consul::Consul::new(spec).with_credential(cred))
         }
@@ -342,7 +349,8 @@ pub fn source_for(spec: &UpsyncSpec, cred: Option<&Credential>) -> Box<dyn Sourc
         SourceKind::Kubernetes => {
             Box::new(kubernetes::Kubernetes::new(spec).with_credential(spec, cred))
         }
-    }
+        SourceKind::ZooKeeper => return None,
+    })
 }
 
 #[cfg(test)]
@@ -356,7 +364,7 @@ mod tests {
             user: "upsync".into(),
             password: "hunter22".into(),
         };
-        let src = source_for(&spec, Some(&cred));
+        let src = source_for(&spec, Some(&cred)).unwrap();
         assert_eq!(
             redact(
                 "echo: {\"name\":\"upsync\",\"password\":\"hunter22\"}",
@@ -365,18 +373,28 @@ mod tests {
             "echo: {\"name\":\"upsync\",\"password\":\"<hidden>\"}"
         );
         let spec = crate::conf::parse_upsync(&["h:1/v2/keys/x/", "upsync_type=etcd"]).unwrap();
-        let src = source_for(&spec, Some(&cred));
+        let src = source_for(&spec, Some(&cred)).unwrap();
         let basic = "dXBzeW5jOmh1bnRlcjIy"; // base64("upsync:hunter22")
         assert_eq!(
             redact(&format!("got Basic {basic}"), src.as_ref()),
             "got Basic <hidden>"
         );
         let spec = crate::conf::parse_upsync(&["h:1/v1/kv/x/", "upsync_type=consul"]).unwrap();
-        let src = source_for(&spec, Some(&Credential::Token("tok-1234".into())));
+        let src = source_for(&spec, Some(&Credential::Token("tok-1234".into()))).unwrap();
         assert_eq!(
             redact("token tok-1234 denied", src.as_ref()),
             "token <hidden> denied"
         );
+    }
+
+    #[test]
+    fn secrets_of_any_client_are_redacted() {
+        let secrets = vec!["upsync:s3cret-pw".to_string(), "s3cret-pw".to_string()];
+        assert_eq!(
+            redact_secrets("auth upsync:s3cret-pw, then s3cret-pw", &secrets),
+            "auth <hidden>, then <hidden>"
+        );
+        assert_eq!(redact_secrets("nothing here", &[]), "nothing here");
     }
 
     /// An etcd v3 source for user "upsync" with `password`.
@@ -386,7 +404,7 @@ mod tests {
             user: "upsync".into(),
             password: password.into(),
         };
-        source_for(&spec, Some(&cred))
+        source_for(&spec, Some(&cred)).unwrap()
     }
 
     #[test]
@@ -434,7 +452,7 @@ mod tests {
             user: "upsync".into(),
             password: "1".into(),
         };
-        let v2 = source_for(&spec, Some(&cred));
+        let v2 = source_for(&spec, Some(&cred)).unwrap();
         let basic = "dXBzeW5jOjE="; // base64("upsync:1")
         assert_eq!(
             redact(&format!("Basic {basic} and 1"), v2.as_ref()),

@@ -31,6 +31,15 @@ pub enum Layout {
     Curator,
 }
 
+impl From<crate::conf::zookeeper::ZkLayout> for Layout {
+    fn from(l: crate::conf::zookeeper::ZkLayout) -> Layout {
+        match l {
+            crate::conf::zookeeper::ZkLayout::IpPort => Layout::IpPort,
+            crate::conf::zookeeper::ZkLayout::Curator => Layout::Curator,
+        }
+    }
+}
+
 impl Layout {
     /// `ip_port` (also `ipport`) or `curator`.
     pub fn from_name(name: &str) -> Option<Layout> {
@@ -77,6 +86,19 @@ pub fn servers_from(layout: Layout, children: &[Child]) -> (Vec<ServerSpec>, Vec
         }
     }
     (ok, bad)
+}
+
+/// The children as a registry listing: the servers, and the children that are not one
+/// as skipped entries (keyed by the child's name).
+pub fn listing(layout: Layout, children: &[Child]) -> crate::registry::Listing {
+    let (servers, bad) = servers_from(layout, children);
+    crate::registry::Listing {
+        servers,
+        skipped: bad
+            .into_iter()
+            .map(|e| crate::registry::Skipped::new(&e.child, e.err))
+            .collect(),
+    }
 }
 
 fn attr(key: &'static str, v: &Value, expected: &'static str) -> SpecError {
@@ -267,6 +289,34 @@ mod tests {
             assert_eq!(e.child, "id-1");
             assert!(e.to_string().contains(want), "{data}: {e}");
         }
+    }
+
+    #[test]
+    fn listings_skip_and_name_bad_children() {
+        let l = listing(
+            Layout::IpPort,
+            &[
+                child("127.0.0.1:1", ""),
+                child("web-1", ""),
+                child("127.0.0.1:2", r#"{"weight":-5}"#),
+            ],
+        );
+        assert_eq!(l.servers.len(), 1);
+        assert_eq!(l.skipped.len(), 2);
+        assert_eq!(l.skipped[0].key, "web-1");
+        assert!(
+            l.skipped[0].cause.starts_with("invalid server address"),
+            "{:?}",
+            l.skipped
+        );
+        assert_eq!(l.skipped[1].key, "127.0.0.1:2");
+        assert!(
+            l.skipped[1]
+                .cause
+                .starts_with("invalid value for \"weight\""),
+            "{:?}",
+            l.skipped
+        );
     }
 
     #[test]

@@ -23,8 +23,10 @@ mod fake_server;
 
 use std::fmt;
 
+use crate::conf::Credential;
+
 pub use jute::JuteError;
-pub use layout::{servers_from, ChildError, Layout};
+pub use layout::{listing, servers_from, ChildError, Layout};
 pub use session::Session;
 
 /// How changes under a watched path are followed.
@@ -89,6 +91,18 @@ impl fmt::Debug for ZkConfig {
 }
 
 impl ZkConfig {
+    /// The session settings of an `upsync_type=zookeeper` line: its session timeout
+    /// and the digest credentials of its `token_file=` (`USER:PASSWORD`). No chroot:
+    /// `zk_chroot=` is already part of the watched path, so upstreams with different
+    /// chroots can share a session.
+    pub fn for_upsync(zk: &crate::conf::zookeeper::ZkSpec, cred: Option<&Credential>) -> ZkConfig {
+        ZkConfig {
+            session_timeout_ms: zk.session_timeout_ms,
+            auth: digest_of(cred),
+            ..ZkConfig::default()
+        }
+    }
+
     /// Checks the settings (for `nginx -t`): a positive timeout, a valid chroot, and
     /// credentials of the form `user:password`.
     pub fn validate(&self) -> Result<(), ZkError> {
@@ -112,6 +126,14 @@ impl ZkConfig {
         self.auth
             .as_deref()
             .map(|a| a.split(':').next().unwrap_or(""))
+    }
+}
+
+/// The digest credentials (`user:password`) of a `token_file=` credential.
+pub fn digest_of(cred: Option<&Credential>) -> Option<String> {
+    match cred? {
+        Credential::UserPassword { user, password } => Some(format!("{user}:{password}")),
+        Credential::Token(t) => Some(t.clone()),
     }
 }
 

@@ -330,6 +330,12 @@ impl Session {
         (self.session_id != 0).then_some(self.session_id)
     }
 
+    /// The highest zxid seen in a reply of this session (0 before any): ZooKeeper's
+    /// position, shown as the upstream's index.
+    pub fn last_zxid(&self) -> i64 {
+        self.last_zxid
+    }
+
     /// The watch mode in use (`None` while `Auto` has not found out yet).
     pub fn mode(&self) -> Option<WatchMode> {
         self.mode

@@ -6,8 +6,11 @@ package Test::Nginx::Registry;
 # rnacos; it has no long poll: its upsync line polls every 100 ms (the
 # scenario's upsync_interval is replaced), and a KV-style value becomes instance
 # fields: weight W -> Nacos weight W/100 (shown as W again), down -> metadata
-# down=true, the other settings -> metadata strings), and Kubernetes
-# EndpointSlices (the emulator, or a real API server, see Test::Nginx::Kubernetes).
+# down=true, the other settings -> metadata strings), Kubernetes
+# EndpointSlices (the emulator, or a real API server, see Test::Nginx::Kubernetes),
+# and ZooKeeper (real 3.8 from Debian, Test::Nginx::ZooKeeper: one znode per
+# server, /upstreams/NAME/IP:PORT, its data the same JSON value; the member's
+# logical ports are 8500..8502 unless zk_port => N says otherwise).
 #
 #   my $r = Test::Nginx::Registry->start($t, kind => 'etcd3', version => '3.5',
 #       port => port(8500), peer_port => port(8600));
@@ -20,12 +23,16 @@ use warnings;
 
 use Test::Nginx::Consul;
 
-sub kinds { qw/consul etcd2 etcd3 nacos kubernetes/ }
+sub kinds { qw/consul etcd2 etcd3 nacos kubernetes zookeeper/ }
 
 # available($kind, $version): can this registry run here?
 sub available {
 	my ($class, $kind, $version) = @_;
 	return 1 if $kind eq 'consul' || $kind eq 'kubernetes';
+	if ($kind eq 'zookeeper') {
+		require Test::Nginx::ZooKeeper;
+		return !defined Test::Nginx::ZooKeeper->missing;
+	}
 	if ($kind eq 'nacos') {
 		require Test::Nginx::Nacos;
 		return defined Test::Nginx::Nacos->binary;
@@ -43,6 +50,11 @@ sub start {
 		require Test::Nginx::Nacos;
 		$self->{nacos} = Test::Nginx::Nacos->start($t, port => $o{port},
 			grpc_port => $o{peer_port}, console_port => $o{console_port} // Test::Nginx::port(8601));
+	} elsif ($self->{kind} eq 'zookeeper') {
+		require Test::Nginx::ZooKeeper;
+		$self->{zk} = Test::Nginx::ZooKeeper->start($t, port => $o{zk_port} // 8500,
+			name => 'zk');
+		$self->{port} = $self->{zk}->client_port(1);
 	} elsif ($self->{kind} eq 'kubernetes') {
 		require Test::Nginx::Kubernetes;
 		$self->{k8s} = Test::Nginx::Kubernetes->start($t, port => $o{port},
@@ -61,6 +73,7 @@ sub consul { $_[0]{consul} }
 sub etcd { $_[0]{etcd} }
 sub nacos { $_[0]{nacos} }
 sub k8s { $_[0]{k8s} }
+sub zk { $_[0]{zk} }
 
 # Whether the registry carries per-server settings (weight, max_fails, ...):
 # Kubernetes endpoints have none, only ready/draining.
@@ -99,6 +112,7 @@ sub label {
 	return $self->{consul}->is_emulator ? 'consul (emulator)' : 'consul (agent -dev)'
 		if $self->{consul};
 	return 'nacos (rnacos)' if $self->{nacos};
+	return 'zookeeper 3.8' if $self->{zk};
 	return $self->{k8s}->label if $self->{k8s};
 	return "etcd $self->{version} " . ($self->{kind} eq 'etcd2' ? 'v2' : 'v3');
 }
@@ -112,6 +126,7 @@ sub upsync {
 		etcd2 => "127.0.0.1:$p/v2/keys/upstreams/$name/ upsync_type=etcd",
 		etcd3 => "127.0.0.1:$p/upstreams/$name/ upsync_type=etcdv3",
 		nacos => "127.0.0.1:$p/$name upsync_type=nacos",
+		zookeeper => "127.0.0.1:$p/upstreams/$name upsync_type=zookeeper",
 	);
 	$extra =~ s/upsync_interval=\S+/upsync_interval=100ms/ if $self->{nacos} && defined $extra;
 	return "upsync $form{$self->{kind}}" . (defined $extra ? " $extra" : '');
@@ -127,6 +142,7 @@ sub put_server {
 		return $self->{k8s}->put_endpoint($name, $port, $down ? 'draining' : 'ready');
 	}
 	return $self->{consul}->put("upstreams/$name/$addr", $value) if $self->{consul};
+	return $self->{zk}->ops([['put', "/upstreams/$name/$addr", $value]]) if $self->{zk};
 	return $self->_nacos_put($name, $addr, $value) if $self->{nacos};
 	return $self->{etcd}->v2_put("upstreams/$name/$addr", $value) if $self->{kind} eq 'etcd2';
 	return $self->{etcd}->v3_put("/upstreams/$name/$addr", $value);
@@ -136,6 +152,7 @@ sub delete_server {
 	my ($self, $name, $addr) = @_;
 	return $self->{k8s}->delete_endpoint($name, ($addr =~ /:(\d+)$/)[0]) if $self->{k8s};
 	return $self->{consul}->delete("upstreams/$name/$addr") if $self->{consul};
+	return $self->{zk}->ops([['delete', "/upstreams/$name/$addr"]]) if $self->{zk};
 	return $self->{nacos}->deregister($name, split(/:(?=\d+$)/, $addr)) if $self->{nacos};
 	return $self->{etcd}->v2_delete("upstreams/$name/$addr") if $self->{kind} eq 'etcd2';
 	return $self->{etcd}->v3_delete("/upstreams/$name/$addr");
@@ -145,6 +162,8 @@ sub delete_all {
 	my ($self, $name) = @_;
 	return $self->{k8s}->delete_service($name) if $self->{k8s};
 	return $self->{consul}->delete_tree("upstreams/$name/") if $self->{consul};
+	# one transaction, as the other registries delete a prefix at once
+	return $self->{zk}->ops([['delete_tree', "/upstreams/$name"]]) if $self->{zk};
 	return $self->{nacos}->deregister_all($name) if $self->{nacos};
 	return $self->{etcd}->v2_delete_dir("upstreams/$name") if $self->{kind} eq 'etcd2';
 	return $self->{etcd}->v3_delete_prefix("/upstreams/$name/");
