@@ -13,9 +13,11 @@ use upsync_core::registry::zookeeper::{
 };
 use upsync_core::registry::Snapshot;
 
-/// How long a listing waits for the notifications that follow it at once (those of
-/// one transaction come back to back).
-const SETTLE_MS: u64 = 1;
+/// A listing is published once the event loop is done with what it read (a timer of
+/// 0 ms): notifications that arrived together go out together. A transaction is
+/// never split anyway (the list is read again after a child is created or deleted,
+/// see `registry::zookeeper::watch`).
+const SETTLE_MS: u64 = 0;
 /// After a publish that took T, the next waits PUBLISH_SHARE x T: publishing (a plan
 /// and a dump of the whole set each time) takes at most about a fifth of the worker
 /// however fast the registrations come, and costs an isolated change nothing.
@@ -55,12 +57,11 @@ impl ZkOwner {
         self.members.iter().position(|m| m.watch == Some(id))
     }
 
-    /// A listing is kept for a moment before it is published: ZooKeeper sends one
-    /// notification per node, so a transaction (or a burst of registrations) would
-    /// otherwise be published one node at a time, each with its plan and dump. It
-    /// waits `SETTLE_MS` for the notifications that follow at once, and after a burst
-    /// for a pause proportional to the last publish's cost (`PUBLISH_SHARE`), never
-    /// more than `MAX_SETTLE_MS` in all.
+    /// A listing is published once the event loop is done with what it read
+    /// (`SETTLE_MS`), and after a burst of registrations only after a pause
+    /// proportional to the last publish's cost (`PUBLISH_SHARE`), never more than
+    /// `MAX_SETTLE_MS` in all: a burst does not publish one node at a time, each with
+    /// its plan and dump.
     fn on_listing(&mut self, id: WatchId, exists: bool, children: &[Child]) {
         let Some(i) = self.member_of(id) else {
             return;

@@ -184,15 +184,24 @@ fn persistent_events_reread_only_what_changed() {
     let l = r.listings();
     assert_eq!(l.len(), 1);
     assert_eq!(l[0].2[0].1, r#"{"down":1}"#);
-    // created child: one getData
+    // created child: the list again (a transaction may hold more), and its data
     r.f.set("/svc/10.0.0.3:80", b"");
     r.run().unwrap();
-    assert_eq!(r.seen(), vec![req(op::GET_DATA, "/svc/10.0.0.3:80", false)]);
+    let seen = r.seen();
+    assert!(
+        seen.contains(&req(op::GET_CHILDREN2, "/svc", false)),
+        "{seen:?}"
+    );
+    assert!(
+        seen.contains(&req(op::GET_DATA, "/svc/10.0.0.3:80", false)),
+        "{seen:?}"
+    );
+    assert_eq!(seen.len(), 2);
     assert_eq!(r.listings()[0].2.len(), 3);
-    // deleted child: no read at all
+    // deleted child: the list again, no data read
     r.f.delete("/svc/10.0.0.2:80");
     r.run().unwrap();
-    assert!(r.seen().is_empty());
+    assert_eq!(r.seen(), vec![req(op::GET_CHILDREN2, "/svc", false)]);
     let l = r.listings();
     assert_eq!(l[0].0, w);
     assert_eq!(
@@ -210,6 +219,21 @@ fn persistent_events_reread_only_what_changed() {
     r.run().unwrap();
     assert_eq!(r.seen().len(), 1);
     assert!(r.listings().is_empty());
+}
+
+#[test]
+fn children_deleted_together_are_reported_together() {
+    // one transaction deletes both children: the server notifies one by one, and the
+    // list read after the first notification already lacks both
+    let mut r = Rig::new(WatchMode::Persistent);
+    let w = r.s.watch("/svc", r.now).unwrap();
+    r.connect().unwrap();
+    r.events();
+    r.seen();
+    r.f.delete("/svc/10.0.0.1:80");
+    r.f.delete("/svc/10.0.0.2:80");
+    r.run().unwrap();
+    assert_eq!(r.listings(), vec![(w, true, vec![])]);
 }
 
 #[test]

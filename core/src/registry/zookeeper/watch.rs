@@ -279,11 +279,18 @@ impl Watch {
                 }
                 _ => {}
             },
+            // A child created or deleted: the list is read again before anything is
+            // reported. One transaction (a multi) notifies child by child, but the
+            // server answers a read only after it applied the whole transaction, so
+            // the list read after the first notification has all of it: no
+            // intermediate set is ever reported.
             Rel::Child(name) => match event_type {
                 event::NODE_CREATED => {
-                    if self.over_limit || self.children.len() >= max {
-                        self.list_wanted = true;
-                    } else if !self.children.contains_key(name) {
+                    self.list_wanted = true;
+                    if !self.over_limit
+                        && self.children.len() < max
+                        && !self.children.contains_key(name)
+                    {
                         self.children.insert(name.to_string(), Node::default());
                         self.to_read.insert(name.to_string());
                         self.exists = true;
@@ -291,9 +298,8 @@ impl Watch {
                     }
                 }
                 event::NODE_DELETED => {
-                    if self.over_limit {
-                        self.list_wanted = true;
-                    } else if self.children.remove(name).is_some() {
+                    self.list_wanted = true;
+                    if !self.over_limit && self.children.remove(name).is_some() {
                         self.to_read.remove(name);
                         self.dirty = true;
                     }
