@@ -1,5 +1,5 @@
-//! The directives (`upsync`, `upsync_dump_path`, `upsync_lb`, `upstream_show`): their
-//! table and handlers. Values are parsed by `upsync_core::conf`; these handlers move
+//! The directives (`upsync`, `upsync_dump_path`, `upsync_lb`, `upstream_show`,
+//! `upsync_zone_size`): their table and handlers. Values are parsed by `upsync_core::conf`; these handlers move
 //! strings in, resolve names, load files, and turn errors into `nginx -t` messages.
 
 use std::ffi::{c_char, c_void};
@@ -14,7 +14,14 @@ use crate::ngx_util::{pool_str, str_of};
 use crate::srv_conf::SrvConf;
 use upsync_core::conf::{parse_credential, parse_lb, parse_upsync, Target};
 
-pub static mut COMMANDS: [ngx_command_t; 5] = [
+macro_rules! conf_err {
+    ($cf:expr, $($arg:tt)+) => {{
+        ngx_conf_log_error!(NGX_LOG_EMERG, $cf, $($arg)+);
+        return NGX_CONF_ERROR;
+    }};
+}
+
+pub static mut COMMANDS: [ngx_command_t; 6] = [
     ngx_command_t {
         name: ngx_string!("upsync"),
         type_: (NGX_STREAM_UPS_CONF | NGX_CONF_1MORE) as ngx_uint_t,
@@ -47,14 +54,93 @@ pub static mut COMMANDS: [ngx_command_t; 5] = [
         offset: 0,
         post: ptr::null_mut(),
     },
+    ngx_command_t {
+        name: ngx_string!("upsync_zone_size"),
+        type_: (NGX_STREAM_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(cmd_zone_size),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
     ngx_command_t::empty(),
 ];
 
-macro_rules! conf_err {
-    ($cf:expr, $($arg:tt)+) => {{
-        ngx_conf_log_error!(NGX_LOG_EMERG, $cf, $($arg)+);
+/// The shared zone every upsync upstream lives in.
+const SHARED_ZONE: &str = "upsync";
+
+/// The `upsync` zone of the configuration being read, declared with `size` (0: not
+/// known yet; `postconfiguration` gives it the default then). Made with the list of its
+/// users, which its `init` sets up.
+///
+/// # Safety
+/// `cf` is the configuration being parsed.
+unsafe fn shared_zone(cf: *mut ngx_conf_t, size: usize) -> *mut ngx_shm_zone_t {
+    // SAFETY: per the contract; the zone is registered under our module's tag, and its
+    // users live in the configuration's pool, as long as the zone entry.
+    unsafe {
+        let Some(mut name) = pool_str((*cf).pool, SHARED_ZONE) else {
+            return ptr::null_mut();
+        };
+        let shm = ngx_shared_memory_add(
+            cf,
+            &mut name,
+            size,
+            ptr::addr_of!(crate::srv_conf::ZONE_TAG) as *mut c_void,
+        );
+        if !shm.is_null() && (*shm).data.is_null() {
+            let users = ngx::core::Pool::from_ngx_pool((*cf).pool)
+                .allocate(crate::bootstrap::ZoneUsers::default());
+            (*shm).data = users as *mut c_void;
+            (*shm).init = Some(crate::bootstrap::init_shared);
+        }
+        shm
+    }
+}
+
+/// Gives the `upsync` zone its default size when no `upsync_zone_size` set one.
+///
+/// # Safety
+/// `cf` is the configuration just parsed (postconfiguration).
+pub unsafe fn default_shared_zone_size(cf: *mut ngx_conf_t) {
+    // SAFETY: per the contract; the cycle's zone list holds `nelts` entries per part.
+    unsafe {
+        let mut part = &mut (*(*cf).cycle).shared_memory.part as *mut ngx_list_part_t;
+        while !part.is_null() {
+            let zones =
+                std::slice::from_raw_parts_mut((*part).elts as *mut ngx_shm_zone_t, (*part).nelts);
+            for z in zones {
+                let ours = z.tag == ptr::addr_of!(crate::srv_conf::ZONE_TAG) as *mut c_void;
+                if ours && str_of(&z.shm.name) == SHARED_ZONE && z.shm.size == 0 {
+                    z.shm.size = upsync_core::conf::DEFAULT_SHARED_ZONE_SIZE;
+                }
+            }
+            part = (*part).next;
+        }
+    }
+}
+
+/// `upsync_zone_size SIZE;` (stream block): the size of the shared zone all upsync
+/// upstreams live in.
+unsafe extern "C" fn cmd_zone_size(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    _conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx calls this with the configuration positioned on the directive.
+    let a = unsafe { args(cf) };
+    let min = upsync_core::conf::MIN_SHARED_ZONE_SIZE;
+    let Some(size) = upsync_core::conf::time::parse_size(&a[0]).filter(|&n| n >= min) else {
+        conf_err!(
+            cf,
+            "upsync_zone_size: invalid size \"{}\": expected a size of at least 1m, such as 256m",
+            a[0]
+        );
+    };
+    // SAFETY: as above; nginx reports a size that conflicts with an earlier one.
+    if unsafe { shared_zone(cf, size) }.is_null() {
         return NGX_CONF_ERROR;
-    }};
+    }
+    NGX_CONF_OK
 }
 
 /// The directive's arguments, without the directive name.
@@ -157,28 +243,15 @@ unsafe extern "C" fn cmd_upsync(
         }
         (*uscf).peer.init_upstream = Some(crate::peer::init_upstream);
     }
-    // SAFETY: `cf`'s pool is live; the zone is registered under our module's tag.
-    let shm = unsafe {
-        let Some(mut zname) = pool_str((*cf).pool, &format!("upsync_{name}")) else {
-            return NGX_CONF_ERROR;
-        };
-        ngx_shared_memory_add(
-            cf,
-            &mut zname,
-            spec.zone_size,
-            ptr::addr_of!(crate::srv_conf::ZONE_TAG) as *mut c_void,
-        )
-    };
+    // SAFETY: `cf` is the configuration being parsed.
+    let shm = unsafe { shared_zone(cf, 0) };
     if shm.is_null() {
         return NGX_CONF_ERROR;
     }
-    // SAFETY: `shm` is the zone entry nginx just returned for this configuration.
+    // SAFETY: the zone's users were made with it, in the configuration's pool.
     unsafe {
-        if !(*shm).data.is_null() {
-            conf_err!(cf, "upsync: shared zone \"upsync_{name}\" is already used");
-        }
-        (*shm).init = Some(crate::bootstrap::init_zone);
-        (*shm).data = conf as *mut SrvConf as *mut c_void;
+        let users = &mut *((*shm).data as *mut crate::bootstrap::ZoneUsers);
+        users.confs.push(conf as *mut SrvConf);
     }
     // SAFETY: `uscf` is the upstream being parsed; its server list exists.
     if unsafe { add_placeholder(cf, uscf, conf) }.is_err() {

@@ -85,6 +85,8 @@ unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
             return NGX_ERROR as ngx_int_t;
         }
     }
+    // SAFETY: the configuration just parsed.
+    unsafe { directives::default_shared_zone_size(cf) };
     for &uscf in upstreams {
         // SAFETY: an upstream of this configuration; no other borrow of its SrvConf.
         let Some(conf) = (unsafe { upstream_conf(uscf) }) else {
@@ -140,11 +142,16 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         }
         return NGX_OK as ngx_int_t;
     }
+    let mut shared = None;
     // SAFETY: the cycle's upstreams, one configuration at a time.
     for conf in unsafe { upsync_confs(cycle) } {
         if bootstrap::commit(log, conf, first_start, user).is_err() {
             return NGX_ERROR as ngx_int_t;
         }
+        shared = shared.or(conf.shared);
+    }
+    if let Some(shared) = shared {
+        bootstrap::sweep(log, &shared);
     }
     NGX_OK as ngx_int_t
 }

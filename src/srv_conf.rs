@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use ngx::core::Pool;
 use ngx::ffi::*;
 
-use crate::zone::{InitOutcome, Zone};
+use crate::zone::{InitOutcome, SharedZone, Zone};
 use upsync_core::balancer::{Method, Plan};
 use upsync_core::conf::{Credential, LbSpec, Target, UpsyncSpec};
 use upsync_core::servers::ServerSpec;
@@ -35,6 +35,8 @@ pub struct SrvConf {
     pub initialized: bool,
     pub shm_zone: *mut ngx_shm_zone_t,
     pub zone: Option<Zone>,
+    /// The shared zone the domain is in (set with `zone`).
+    pub shared: Option<SharedZone>,
     /// What the zone's initialization found; committed by `init_module`.
     pub outcome: Option<InitOutcome>,
     /// The plan of the configured servers, kept for a source switch's commit.
@@ -65,6 +67,7 @@ impl SrvConf {
             initialized: false,
             shm_zone: ptr::null_mut(),
             zone: None,
+            shared: None,
             outcome: None,
             switch_plan: None,
             show: false,

@@ -39,6 +39,7 @@ pub fn snapshot() -> Vec<UpstreamView> {
 
 fn synced_view(name: String, conf: &SrvConf, now: i64) -> UpstreamView {
     let zone = conf.zone.expect("filtered on zone");
+    let mem = zone.usage();
     let l = zone.lock();
     let servers = (0..l.slots().len())
         .map(|i| {
@@ -79,6 +80,10 @@ fn synced_view(name: String, conf: &SrvConf, now: i64) -> UpstreamView {
         poller_pid: l.lease().holder,
         skipped,
         skipped_count,
+        memory_used: mem.used,
+        memory_cap: mem.budget,
+        zone_free: mem.shared_free,
+        zone_size: mem.shared_size,
     };
     UpstreamView {
         name,

@@ -59,6 +59,12 @@ pub struct SourceView {
     /// how many there were.
     pub skipped: Vec<(String, String)>,
     pub skipped_count: u64,
+    /// Shared memory: what this upstream uses (bytes), its cap (`zone_size=`, 0:
+    /// none), and the whole `upsync` zone's free bytes and size.
+    pub memory_used: u64,
+    pub memory_cap: u64,
+    pub zone_free: u64,
+    pub zone_size: u64,
 }
 
 /// One upstream as the report shows it.
@@ -224,6 +230,12 @@ pub fn render_json(upstreams: &[UpstreamView]) -> String {
                     "poller_pid": src.poller_pid,
                     "skipped_count": src.skipped_count,
                     "skipped": src.skipped.iter().map(|(k, c)| json!({"key": k, "cause": c})).collect::<Vec<_>>(),
+                    "memory": {
+                        "used": src.memory_used,
+                        "cap": if src.memory_cap > 0 { json!(src.memory_cap) } else { Value::Null },
+                        "zone_free": src.zone_free,
+                        "zone_size": src.zone_size,
+                    },
                 }),
             );
         }
@@ -299,6 +311,26 @@ pub fn render_prometheus(upstreams: &[UpstreamView]) -> String {
         "gauge",
         per_upstream(&|u| u.source.as_ref().map(|s| s.skipped_count.to_string())),
     );
+    metric(
+        "upsync_upstream_memory_bytes",
+        "Shared memory the upstream uses (servers, their state, the plan).",
+        "gauge",
+        per_upstream(&|u| u.source.as_ref().map(|s| s.memory_used.to_string())),
+    );
+    if let Some(src) = upstreams.iter().find_map(|u| u.source.as_ref()) {
+        metric(
+            "upsync_shared_zone_free_bytes",
+            "Free memory in the shared zone all upsync upstreams use.",
+            "gauge",
+            vec![(String::new(), src.zone_free.to_string())],
+        );
+        metric(
+            "upsync_shared_zone_size_bytes",
+            "Size of the shared zone (upsync_zone_size).",
+            "gauge",
+            vec![(String::new(), src.zone_size.to_string())],
+        );
+    }
     metric(
         "upsync_upstream_index",
         "Registry index or revision of the last successful read.",

@@ -58,10 +58,14 @@ What is emulated
   emulator adds X-Consul-Index to every /v1 answer except errors (real Consul
   adds it to reads only).  JSON answers are ``application/json``.  Errors and
   empty 404s are ``text/plain; charset=utf-8``, as Go answers.
+* Transactions: ``PUT /v1/txn`` with KV operations (verbs ``set``,
+  ``delete`` and ``delete-tree``), applied at once under one index; at most 64
+  operations per transaction, as Consul allows by default.
 
 What is not emulated
 --------------------
-Sessions and locks (``acquire``/``release`` give 400), transactions, prepared
+Sessions and locks (``acquire``/``release`` give 400), transaction verbs
+other than the three KV ones above, prepared
 queries, ``?filter=`` expressions (400), ``?near``, multiple datacenters (any
 ``dc`` other than dc1 gives 500), ``hash``-based blocking, and check execution.
 HTTP, TCP and other checks never run.  They stay in their initial status
@@ -622,6 +626,26 @@ class State:
             self._changed()
             return True
 
+    def kv_txn(self, ops: list[tuple[str, str, bytes, int]]) -> int:
+        """Applies (verb, key, value, flags) KV operations at once, under one index."""
+        with self.cond:
+            idx = self._next_index()
+            for verb, key, value, flags in ops:
+                if verb == "set":
+                    old = self.kv.get(key)
+                    created = old.create_index if old else idx
+                    self.kv[key] = KVEntry(key, bytes(value), flags, created, idx)
+                elif verb == "delete":
+                    if self.kv.pop(key, None) is not None:
+                        self.tombstones[key] = idx
+                else:  # delete-tree
+                    for k in [k for k in self.kv if k.startswith(key)]:
+                        del self.kv[k]
+                        self.tombstones[k] = idx
+            self.kv_index = idx
+            self._changed()
+            return idx
+
     def kv_delete_tree(self, prefix: str) -> None:
         with self.cond:
             idx = self._next_index()
@@ -1054,6 +1078,7 @@ class ConsulApi:
             ("GET", "/v1/kv/", True, self.kv_get),
             ("PUT", "/v1/kv/", True, self.kv_put),
             ("DELETE", "/v1/kv/", True, self.kv_delete),
+            ("PUT", "/v1/txn", False, self.txn),
             ("GET", "/v1/catalog/service/", True, self.catalog_service),
             ("GET", "/v1/catalog/services", False, self.catalog_services),
             ("GET", "/v1/health/service/", True, self.health_service),
@@ -1183,6 +1208,38 @@ class ConsulApi:
         cas = parse_uint(req.q("cas"), "cas") if req.has("cas") else None
         ok = self.state.kv_put(key, req.body, flags, cas)
         return json_response(ok, self.state.current_index())
+
+    TXN_MAX_OPS = 64
+
+    def txn(self, req: Request, _rest: str, ctx: CallContext) -> Response:
+        try:
+            body = json.loads(req.body or b"null")
+        except ValueError as e:
+            raise HttpError(400, f"Failed to parse body: {e}")
+        if not isinstance(body, list):
+            raise HttpError(400, "Failed to parse body: expected a list of operations")
+        if len(body) > self.TXN_MAX_OPS:
+            raise HttpError(413, f"Transaction contains too many operations "
+                                 f"({len(body)} > {self.TXN_MAX_OPS})")
+        who = self.acl.resolve(req.token())
+        ops = []
+        for op in body:
+            kv = op.get("KV") if isinstance(op, dict) else None
+            if not isinstance(kv, dict):
+                raise HttpError(400, "only KV operations are supported by the emulator")
+            verb, key = kv.get("Verb"), kv.get("Key", "")
+            if verb not in ("set", "delete", "delete-tree"):
+                raise HttpError(400, f"KV verb {verb!r} is not supported by the emulator")
+            if not key and verb != "delete-tree":
+                raise HttpError(400, "Missing key name")
+            self.acl.require(who, "key", key, "write")
+            value = base64.b64decode(kv.get("Value") or "")
+            ops.append((verb, key, value, int(kv.get("Flags") or 0)))
+        idx = self.state.kv_txn(ops)
+        results = [{"KV": {"Key": k, "Flags": f, "CreateIndex": idx, "ModifyIndex": idx,
+                           "LockIndex": 0, "Value": None}}
+                   for v, k, _, f in ops if v == "set"]
+        return json_response({"Results": results or None, "Errors": None}, idx)
 
     def kv_delete(self, req: Request, key: str, ctx: CallContext) -> Response:
         who = self.acl.resolve(req.token())

@@ -14,42 +14,95 @@ use ngx::ffi::*;
 use ngx::ngx_log_error;
 
 use crate::srv_conf::SrvConf;
-use crate::zone::{InitOutcome, Zone, ZoneError};
+use crate::zone::{DomainSpec, InitOutcome, SharedZone, Zone, ZoneError};
 use upsync_core::balancer::Plan;
 use upsync_core::conf::Target;
 use upsync_core::dump;
 use upsync_core::registry::zookeeper::ZkConfig;
 
-/// The zone of an upsync upstream, initialized while nginx reads a configuration (see
-/// `zone` for the two phases of a reload).
+/// The upsync upstreams of the configuration being read: the users of the shared zone,
+/// each set up in it by `init_shared`.
+#[derive(Default)]
+pub struct ZoneUsers {
+    pub confs: Vec<*mut SrvConf>,
+}
+
+/// The shared zone, initialized while nginx reads a configuration: every upsync
+/// upstream's domain in it (see `zone` for the two phases of a reload).
 ///
 /// # Safety
-/// Called by nginx as the zone's `init`, for a zone `cmd_upsync` registered.
-pub unsafe extern "C" fn init_zone(shm_zone: *mut ngx_shm_zone_t, _old: *mut c_void) -> ngx_int_t {
-    // SAFETY: `data` is the SrvConf `cmd_upsync` registered the zone with; `shm.addr` is
-    // the zone's slab pool, mapped for the cycle's life.
-    let (conf, pool, log) = unsafe {
+/// Called by nginx as the zone's `init`, for the zone `directives::shared_zone` declared.
+pub unsafe extern "C" fn init_shared(
+    shm_zone: *mut ngx_shm_zone_t,
+    _old: *mut c_void,
+) -> ngx_int_t {
+    // SAFETY: `data` is the list of users made with the zone; `shm.addr` is the zone's
+    // slab pool, mapped for the cycle's life.
+    let (users, pool, log) = unsafe {
         (
-            &mut *((*shm_zone).data as *mut SrvConf),
+            &*((*shm_zone).data as *const ZoneUsers),
             (*shm_zone).shm.addr as *mut ngx_slab_pool_t,
             (*shm_zone).shm.log,
         )
     };
-    let plan = Plan::for_servers(&conf.initial, conf.method());
-    // SAFETY: `pool` is this zone's slab pool.
-    match unsafe { Zone::init(pool, conf.fingerprint(), &conf.initial, &plan) } {
-        Ok((zone, outcome)) => {
-            conf.zone = Some(zone);
-            conf.outcome = Some(outcome);
-            if outcome == InitOutcome::Switch {
-                conf.switch_plan = Some(plan);
+    // SAFETY: `pool` is the zone's slab pool, set up by nginx.
+    let Some(shared) = (unsafe { SharedZone::attach(pool) }) else {
+        ngx_log_error!(
+            NGX_LOG_EMERG,
+            log,
+            "upsync: the shared zone \"upsync\" is too small to be used; raise upsync_zone_size"
+        );
+        return NGX_ERROR as ngx_int_t;
+    };
+    for &conf in &users.confs {
+        // SAFETY: each user is the SrvConf of an upsync upstream of this configuration,
+        // which lives in its pool; one is borrowed at a time.
+        let conf = unsafe { &mut *conf };
+        let plan = Plan::for_servers(&conf.initial, conf.method());
+        let spec = DomainSpec {
+            name: &conf.name,
+            fingerprint: conf.fingerprint(),
+            budget: conf.upsync.as_ref().map_or(0, |u| u.zone_size as u64),
+        };
+        match Zone::init(&shared, &spec, &conf.initial, &plan) {
+            Ok((zone, outcome)) => {
+                conf.zone = Some(zone);
+                conf.outcome = Some(outcome);
+                conf.shared = Some(shared);
+                if outcome == InitOutcome::Switch {
+                    conf.switch_plan = Some(plan);
+                }
             }
-            NGX_OK as ngx_int_t
+            Err(e) => {
+                let cap = if spec.budget > 0 {
+                    "raise its zone_size= or upsync_zone_size"
+                } else {
+                    "raise upsync_zone_size"
+                };
+                ngx_log_error!(
+                    NGX_LOG_EMERG,
+                    log,
+                    "{}: {e} (the configured servers); {cap}",
+                    conf.log_prefix()
+                );
+                return NGX_ERROR as ngx_int_t;
+            }
         }
-        Err(e) => {
-            ngx_log_error!(NGX_LOG_EMERG, log, "{}: {e}", conf.log_prefix());
-            NGX_ERROR as ngx_int_t
-        }
+    }
+    NGX_OK as ngx_int_t
+}
+
+/// After a configuration is committed: frees the domains of upstreams it no longer
+/// has, once no process holds sessions in them (old workers still serving them keep
+/// them until they exit; the next commit looks again).
+pub fn sweep(log: *mut ngx_log_t, shared: &SharedZone) {
+    let freed = shared.sweep(&crate::process::pid_alive);
+    if freed > 0 {
+        ngx_log_error!(
+            NGX_LOG_NOTICE,
+            log,
+            "upsync: freed the shared memory of {freed} upstream(s) no longer configured"
+        );
     }
 }
 

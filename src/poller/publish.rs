@@ -75,6 +75,8 @@ pub struct Publisher {
     skipped: Vec<Skipped>,
     duplicates: usize,
     empty_warned: bool,
+    /// The registry lists more servers than fit (how many): said once, until they fit.
+    too_many: Option<usize>,
 }
 
 impl Publisher {
@@ -90,6 +92,7 @@ impl Publisher {
             skipped: Vec::new(),
             duplicates: 0,
             empty_warned: false,
+            too_many: None,
         }
     }
 
@@ -201,16 +204,7 @@ impl Publisher {
             b
         };
         let Some(mut block) = block else {
-            return self.log(
-                NGX_LOG_ERR,
-                &format!(
-                    "cannot apply {} servers: {}; keeping the current ones",
-                    snap.servers.len(),
-                    ZoneError::Full {
-                        servers: snap.servers.len()
-                    }
-                ),
-            );
+            return self.does_not_fit(snap.servers.len(), current.len(), plan.flat_words());
         };
         block.fill(&plan);
         let plan_time = plan_start.elapsed();
@@ -222,15 +216,9 @@ impl Publisher {
         }
         let generation = match l.publish(&snap.servers, block, Some(mono_ms())) {
             Ok(g) => g,
-            Err(e) => {
+            Err(ZoneError::Full { .. }) => {
                 drop(l);
-                return self.log(
-                    NGX_LOG_ERR,
-                    &format!(
-                        "cannot apply {} servers: {e}; keeping the current ones",
-                        snap.servers.len()
-                    ),
-                );
+                return self.does_not_fit(snap.servers.len(), current.len(), plan.flat_words());
             }
         };
         let st = l.status();
@@ -240,21 +228,73 @@ impl Publisher {
         held.released();
         let live = answered.elapsed();
         self.debug(&format!("set switched to generation {generation}"));
-        let (used, total) = self.zone.usage();
+        if self.too_many.take().is_some() {
+            self.log(
+                NGX_LOG_NOTICE,
+                &format!(
+                    "the registry's {} server{} fit in the shared zone again",
+                    snap.servers.len(),
+                    if snap.servers.len() == 1 { "" } else { "s" }
+                ),
+            );
+        }
+        let used = self.zone.usage().used;
         self.log(
             NGX_LOG_NOTICE,
             &format!(
-                "{} servers now (+{} -{} ~{}), index {position}, generation {generation}, zone {used}/{total} pages; live {:.2} ms after the answer (plan {:.2} ms, lock held at most {:.3} ms)",
+                "{} servers now (+{} -{} ~{}), index {position}, generation {generation}, {} kB of shared memory; live {:.2} ms after the answer (plan {:.2} ms, lock held at most {:.3} ms)",
                 snap.servers.len(),
                 diff.added,
                 diff.removed,
                 diff.changed,
+                used.div_ceil(1024),
                 ms(live),
                 ms(plan_time),
                 ms(held.max),
             ),
         );
         self.write_dump(&snap.servers, generation, epoch);
+    }
+
+    /// The registry lists `listed` servers and they do not fit (`current` serve on):
+    /// says so once until they fit, with how many would and what to change.
+    fn does_not_fit(&mut self, listed: usize, current: usize, plan_words: usize) {
+        if self.too_many.replace(listed).is_some() {
+            return self.debug(&format!("{listed} servers still do not fit"));
+        }
+        let u = self.zone.usage();
+        let need = crate::zone::bytes_for(listed, plan_words, self.method);
+        // what the upstream may still take: the zone's free pages, within its cap
+        let mut room = u.shared_free;
+        if u.budget > 0 {
+            room = room.min(u.budget.saturating_sub(u.used));
+        }
+        // A change keeps the servers that stay and builds the new list and plan next
+        // to the old ones: those need room first, then each server added one slot.
+        let transient = need - listed as u64 * crate::zone::SLOT_BYTES;
+        let added = room.saturating_sub(transient) / crate::zone::SLOT_BYTES;
+        let fit = (current as u64 + added).min(listed.saturating_sub(1) as u64);
+        let mb = |b: u64| b.div_ceil(1 << 20);
+        let advice = if u.budget > 0 && u.budget.saturating_sub(u.used) < u.shared_free {
+            format!(
+                "raise this upstream's zone_size= to at least {}m",
+                mb(u.used + need + need / 4)
+            )
+        } else {
+            let want = u.shared_size + need.saturating_sub(room) + need / 4;
+            format!(
+                "set \"upsync_zone_size {}m;\" in the stream block (now {}m)",
+                mb(want).next_power_of_two(),
+                mb(u.shared_size)
+            )
+        };
+        self.log(
+            NGX_LOG_ERR,
+            &format!(
+                "the registry lists {listed} servers, about {fit} fit in the shared memory left ({} kB free); keeping the current {current}; {advice}",
+                room / 1024
+            ),
+        );
     }
 
     /// Logs the entries that became invalid (and why) and those that are no longer

@@ -10,8 +10,6 @@
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use nginx_sys::{ngx_slab_alloc_locked, ngx_slab_free_locked};
-
 use super::set::Slot;
 use super::{Locked, Zone};
 
@@ -45,11 +43,12 @@ pub struct Ticket {
 impl Ticket {
     /// The server's address and name. They never change for a slot, and the ticket
     /// keeps the slot alive: valid, without the lock, until the ticket is released.
-    pub fn server(&self) -> (*const libc::sockaddr_storage, u32, &[u8]) {
+    pub fn server(&self) -> (*const libc::sockaddr, u32, &[u8]) {
         // SAFETY: the ticket holds a reference on the slot; these fields are written
         // once, before the slot is published.
         let s = unsafe { self.slot.as_ref() };
-        (&s.sockaddr, s.socklen, s.name())
+        let (sa, len) = s.sockaddr();
+        (sa, len, s.name())
     }
 
     /// Whether the server has failures on record, read without the lock: when it has
@@ -86,9 +85,9 @@ impl Zone {
             }
             stale = next;
         }
+        let g = l.alloc(size_of::<Ledger>()) as *mut Ledger;
         // SAFETY: lock held; the ledger is initialized before it is linked.
         let ledger = unsafe {
-            let g = ngx_slab_alloc_locked(l.pool, size_of::<Ledger>()) as *mut Ledger;
             if !g.is_null() {
                 l.hdr.next_generation += 1;
                 ptr::write(
@@ -224,14 +223,13 @@ impl Locked<'_> {
             }
             if g.len == g.cap {
                 let cap = (g.cap * 2).max(MIN_CAP);
-                let bigger = ngx_slab_alloc_locked(self.pool, cap as usize * size_of::<usize>())
-                    as *mut usize;
+                let bigger = self.alloc(cap as usize * size_of::<usize>()) as *mut usize;
                 if bigger.is_null() {
                     return None;
                 }
                 if !g.entries.is_null() {
                     ptr::copy_nonoverlapping(g.entries, bigger, g.len as usize);
-                    ngx_slab_free_locked(self.pool, g.entries as *mut _);
+                    self.free(g.entries as *mut u8, g.cap as usize * size_of::<usize>());
                 }
                 g.entries = bigger;
                 g.cap = cap;
@@ -283,6 +281,29 @@ impl Locked<'_> {
         (procs, sessions)
     }
 
+    /// Whether a process that `alive` says lives has a ledger here.
+    pub(super) fn has_live_ledger(&self, alive: &dyn Fn(i64) -> bool) -> bool {
+        let mut g = self.hdr.ledgers;
+        while !g.is_null() {
+            // SAFETY: ledgers in the list are live (lock held).
+            let (next, pid) = unsafe { ((*g).next, (*g).pid) };
+            if alive(pid) {
+                return true;
+            }
+            g = next;
+        }
+        false
+    }
+
+    /// Gives back what every ledger holds and removes them all (a domain being
+    /// emptied: their processes are gone).
+    pub(super) fn reclaim_all(&mut self) {
+        while !self.hdr.ledgers.is_null() {
+            let g = self.hdr.ledgers;
+            self.reclaim(g);
+        }
+    }
+
     /// Gives back every session reference recorded in `ledger`, unlinks and frees it.
     /// Returns the number of sessions.
     fn reclaim(&mut self, ledger: *mut Ledger) -> u64 {
@@ -302,7 +323,7 @@ impl Locked<'_> {
                 }
             }
             if !g.entries.is_null() {
-                ngx_slab_free_locked(self.pool, g.entries as *mut _);
+                self.free(g.entries as *mut u8, g.cap as usize * size_of::<usize>());
             }
             let mut link: *mut *mut Ledger = &mut self.hdr.ledgers;
             while !(*link).is_null() {
@@ -312,7 +333,7 @@ impl Locked<'_> {
                 }
                 link = &mut (**link).next;
             }
-            ngx_slab_free_locked(self.pool, ledger as *mut _);
+            self.free(ledger as *mut u8, size_of::<Ledger>());
         }
         if ledger == self.ledger {
             self.ledger = ptr::null_mut();

@@ -1,9 +1,10 @@
-//! The shared zone of one upsync upstream: its server set and selection plan, the
-//! per-server state every worker's balancer shares, the poller lease, sync status, and
-//! the per-process session ledgers. One `Zone` handle per upstream and process.
+//! One upsync upstream's domain in the shared zone (see `shared`): its server set and
+//! selection plan, the per-server state every worker's balancer shares, the poller
+//! lease, sync status, and the per-process session ledgers. One `Zone` handle per
+//! upstream and process.
 //!
-//! Layout (all inside the zone's slab pool, so pointers are valid in every process: the
-//! zone is mapped before the fork and at the same address after reloads):
+//! Layout (all inside the shared zone's slab pool, so pointers are valid in every
+//! process: the zone is mapped before the fork and at the same address after reloads):
 //!
 //! ```text
 //! ZoneHeader ── set ───> SharedSet { generation, len, [*mut Slot; len] } ──> Slot
@@ -15,21 +16,24 @@
 //!
 //! Reloads are two-phase. `init` runs in the master while nginx reads a new
 //! configuration (a reload can still be rejected afterwards): it never changes what the
-//! running workers see. A zone that is new gets the configured servers at once; a kept
-//! zone whose source changed only gets memory reserved for them. `commit_switch` runs
-//! when the new cycle is committed (`init_module`) and makes the switch visible.
+//! running workers see. A domain that is new gets the configured servers at once; a
+//! kept domain whose source changed only gets memory reserved for them. `commit_switch`
+//! runs when the new cycle is committed (`init_module`) and makes the switch visible.
 //!
-//! Every access to shared state happens under the pool's mutex (`Zone::lock`); nginx's
-//! master force-unlocks it when a worker dies holding it.
+//! Every access to a domain's state happens under its lock (`Zone::lock`); a worker
+//! that dies holding it is noticed by the next process that waits (`shared`). Memory
+//! comes from the shared pool and is counted against the domain (`alloc`, `free`).
 
 mod ledger;
 mod set;
+mod shared;
 
 use std::ptr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use nginx_sys::{
-    ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc_locked, ngx_slab_free_locked, ngx_slab_pool_t,
+    ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_alloc_locked, ngx_slab_free,
+    ngx_slab_free_locked, ngx_slab_pool_t,
 };
 use upsync_core::balancer::{LcNode, LcTree, Method, Plan, PlanView};
 use upsync_core::policy::Lease;
@@ -41,14 +45,40 @@ pub use set::{sockaddr_of, Slot, NAME_MAX};
 
 use ledger::Ledger;
 use set::SharedSet;
+use shared::{DomainLock, Root};
 
-const MAGIC: u64 = 0x7570_7379_6e63_0005; // "upsync", layout v5
+const MAGIC: u64 = 0x7570_7379_6e63_0006; // "upsync", layout v6
 
 /// Why the zone could not take a set.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ZoneError {
-    #[error("the shared zone is full: {servers} servers and their selection plan do not fit (raise zone_size=)")]
+    #[error("{servers} servers and their selection plan do not fit in the shared zone")]
     Full { servers: usize },
+}
+
+/// The memory of one server's slot.
+pub const SLOT_BYTES: u64 = size_of::<Slot>() as u64;
+
+/// The memory a set of `servers` with a plan of `plan_words` takes in the zone for
+/// `method` (slots, their list, the plan, least_conn's tree).
+pub fn bytes_for(servers: usize, plan_words: usize, method: Method) -> u64 {
+    let tree = match method {
+        Method::LeastConn => LcTree::nodes_for(servers) * size_of::<LcNode>(),
+        _ => 0,
+    };
+    (servers * (size_of::<Slot>() + size_of::<*mut Slot>()) + plan_words * 8 + tree) as u64
+}
+
+/// Where an upstream's memory stands, for messages and status views.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage {
+    /// Bytes the upstream's domain uses now.
+    pub used: u64,
+    /// Its cap (`zone_size=`), 0 for none.
+    pub budget: u64,
+    /// Free bytes in the shared zone (whole free pages), and its size.
+    pub shared_free: u64,
+    pub shared_size: u64,
 }
 
 /// Status kept for `upstream_show` and for a poller that takes over.
@@ -89,9 +119,23 @@ struct Reserve {
     plan: PlanRef,
 }
 
+/// Longest upstream name a domain records (longer names are cut: a domain is found by
+/// this prefix, and nginx upstream names are short).
+const DOMAIN_NAME_MAX: usize = 192;
+
 #[repr(C)]
 pub struct ZoneHeader {
     magic: u64,
+    lock: DomainLock,
+    /// The next domain of the shared zone.
+    next: *mut ZoneHeader,
+    name_len: u32,
+    name: [u8; DOMAIN_NAME_MAX],
+    /// The last configuration (`Root::epoch`) that uses this domain.
+    claimed: u64,
+    /// Bytes allocated for this domain, and the cap (`zone_size=`, 0: none).
+    used: u64,
+    budget: u64,
     /// Identifies the source the set belongs to (upstream name, type, endpoint): pollers
     /// of another source (an old worker after a reload that changed it) never publish.
     fingerprint: u64,
@@ -164,79 +208,167 @@ pub struct Locked<'a> {
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
-        // SAFETY: `pool` is the zone's live slab pool and this guard holds its mutex,
-        // taken in `Zone::lock` (or `Zone::init`).
-        unsafe { ngx_shmtx_unlock(&mut (*self.pool).mutex) };
+        self.hdr.lock.unlock();
+    }
+}
+
+/// The names a domain is found by.
+fn domain_name(name: &str) -> &[u8] {
+    let b = name.as_bytes();
+    &b[..b.len().min(DOMAIN_NAME_MAX)]
+}
+
+/// What the master needs to set up one upstream's domain.
+pub struct DomainSpec<'a> {
+    pub name: &'a str,
+    /// Identifies the source (see `SrvConf::fingerprint`).
+    pub fingerprint: u64,
+    /// `zone_size=`: the most memory the upstream may use (0: no cap).
+    pub budget: u64,
+}
+
+/// The shared zone as the master sees it while it reads a configuration.
+#[derive(Clone, Copy)]
+pub struct SharedZone {
+    pool: *mut ngx_slab_pool_t,
+    root: *mut Root,
+    epoch: u64,
+}
+
+impl SharedZone {
+    /// Attaches to the shared zone at `pool` for the configuration being read.
+    ///
+    /// # Safety
+    /// `pool` is the slab pool of the `upsync` zone (set up by nginx), mapped for the
+    /// cycle's life; called by the master.
+    pub unsafe fn attach(pool: *mut ngx_slab_pool_t) -> Option<SharedZone> {
+        // SAFETY: per the contract.
+        let (root, epoch) = unsafe { shared::attach_root(pool) }?;
+        Some(SharedZone { pool, root, epoch })
+    }
+
+    /// The domain of the upstream `spec.name`: the one a previous configuration left
+    /// (the same name), or a new one. Marks it as used by this configuration.
+    fn domain(&self, spec: &DomainSpec) -> Option<(*mut ZoneHeader, bool)> {
+        let name = domain_name(spec.name);
+        // SAFETY: the pool is live; its mutex guards the list of domains and allocation.
+        unsafe {
+            ngx_shmtx_lock(&mut (*self.pool).mutex);
+            let mut d = (*self.root).domains;
+            while !d.is_null() {
+                // magic and name never change after the domain is made
+                let dname = std::slice::from_raw_parts(
+                    ptr::addr_of!((*d).name) as *const u8,
+                    ((*d).name_len as usize).min(DOMAIN_NAME_MAX),
+                );
+                if (*d).magic == MAGIC && dname == name {
+                    break;
+                }
+                d = (*d).next;
+            }
+            let created = d.is_null();
+            if created {
+                d = ngx_slab_alloc_locked(self.pool, size_of::<ZoneHeader>()) as *mut ZoneHeader;
+                if !d.is_null() {
+                    // all-zero is a valid header (null pointers, zero counters, a free
+                    // lock) once the plan view is set to None
+                    ptr::write_bytes(d as *mut u8, 0, size_of::<ZoneHeader>());
+                    ptr::addr_of_mut!((*d).plan_view).write(None);
+                    (*d).magic = MAGIC;
+                    (&mut (*d).name)[..name.len()].copy_from_slice(name);
+                    (*d).name_len = name.len() as u32;
+                    (*d).used = size_of::<ZoneHeader>() as u64;
+                    (*d).next = (*self.root).domains;
+                    (*self.root).domains = d;
+                }
+            }
+            if !d.is_null() {
+                (*d).claimed = self.epoch;
+            }
+            ngx_shmtx_unlock(&mut (*self.pool).mutex);
+            (!d.is_null()).then_some((d, created))
+        }
+    }
+
+    /// Frees the domains no configuration since the running one uses, once no process
+    /// holds sessions there (`alive` says whether a pid lives). Returns how many.
+    pub fn sweep(&self, alive: &dyn Fn(i64) -> bool) -> usize {
+        let mut freed = 0;
+        // SAFETY: the pool is live; the list is walked and unlinked under its mutex. A
+        // domain no live process has a ledger in is used by nobody: its lock is taken
+        // to empty it, then it is unlinked and freed.
+        unsafe {
+            ngx_shmtx_lock(&mut (*self.pool).mutex);
+            let mut stale = Vec::new();
+            let mut d = (*self.root).domains;
+            while !d.is_null() {
+                if (*d).claimed != self.epoch {
+                    stale.push(d);
+                }
+                d = (*d).next;
+            }
+            ngx_shmtx_unlock(&mut (*self.pool).mutex);
+            for d in stale {
+                let zone = Zone {
+                    pool: self.pool,
+                    hdr: d,
+                    ledger: ptr::null_mut(),
+                };
+                let mut l = zone.lock();
+                if !l.dismantle(alive) {
+                    continue;
+                }
+                drop(l);
+                ngx_shmtx_lock(&mut (*self.pool).mutex);
+                let mut link: *mut *mut ZoneHeader = &mut (*self.root).domains;
+                while !(*link).is_null() {
+                    if *link == d {
+                        *link = (*d).next;
+                        break;
+                    }
+                    link = &mut (**link).next;
+                }
+                (*d).magic = 0;
+                ngx_slab_free_locked(self.pool, d as *mut _);
+                ngx_shmtx_unlock(&mut (*self.pool).mutex);
+                freed += 1;
+            }
+        }
+        freed
     }
 }
 
 impl Zone {
-    /// Attaches to the zone at `pool` while nginx reads a configuration (master), and
-    /// prepares it for `initial` (the configured servers) with `plan` built for them.
-    /// Never changes what running workers see (see the module comment).
-    ///
-    /// # Safety
-    /// `pool` must be the start of an nginx shared zone (a slab pool set up by nginx)
-    /// that stays mapped for the life of the cycle.
-    pub unsafe fn init(
-        pool: *mut ngx_slab_pool_t,
-        fingerprint: u64,
+    /// Sets up the domain of one upstream while nginx reads a configuration (master),
+    /// and prepares it for `initial` (the configured servers) with `plan` built for
+    /// them. Never changes what running workers see (see the module comment).
+    pub fn init(
+        shared: &SharedZone,
+        spec: &DomainSpec,
         initial: &[ServerSpec],
         plan: &Plan,
     ) -> Result<(Zone, InitOutcome), ZoneError> {
-        // SAFETY: per this function's contract `pool` is a live slab pool.
-        unsafe { ngx_shmtx_lock(&mut (*pool).mutex) };
-        // SAFETY: the pool's mutex is held; `data` is the header this module put there
-        // (checked by its magic) or null/foreign in a new zone.
-        let existing = unsafe { (*pool).data as *mut ZoneHeader };
-        // SAFETY: as above; a non-null `data` of a zone with our tag is our header.
-        let reused = !existing.is_null() && unsafe { (*existing).magic } == MAGIC;
-        let hdr = if reused {
-            existing
-        } else {
-            // SAFETY: mutex held; the allocation is zeroed before use.
-            let h =
-                unsafe { ngx_slab_alloc_locked(pool, size_of::<ZoneHeader>()) } as *mut ZoneHeader;
-            if h.is_null() {
-                // SAFETY: mutex held since the top of this function.
-                unsafe { ngx_shmtx_unlock(&mut (*pool).mutex) };
-                return Err(ZoneError::Full {
-                    servers: initial.len(),
-                });
-            }
-            // SAFETY: `h` is a fresh allocation of the header's size; all-zero is a valid
-            // header (null pointers, zero counters) once the plan view is set to None,
-            // before `magic` is set.
-            unsafe {
-                ptr::write_bytes(h as *mut u8, 0, size_of::<ZoneHeader>());
-                ptr::addr_of_mut!((*h).plan_view).write(None);
-                (*h).magic = MAGIC;
-                (*pool).data = h as *mut _;
-            }
-            h
+        let full = ZoneError::Full {
+            servers: initial.len(),
         };
+        let (hdr, created) = shared.domain(spec).ok_or(full)?;
         let zone = Zone {
-            pool,
+            pool: shared.pool,
             hdr,
             ledger: ptr::null_mut(),
         };
-        // The mutex is already held: the guard takes it over and unlocks on drop.
-        let mut l = Locked {
-            pool,
-            // SAFETY: `hdr` is our header in the zone; the mutex is held.
-            hdr: unsafe { &mut *hdr },
-            ledger: ptr::null_mut(),
-        };
-        if !reused {
-            l.hdr.fingerprint = fingerprint;
+        let mut l = zone.lock();
+        l.hdr.budget = spec.budget;
+        if created {
+            l.hdr.fingerprint = spec.fingerprint;
             let block = l.alloc_plan(plan)?;
             l.publish(initial, block, None)?;
             return Ok((zone, InitOutcome::Fresh));
         }
-        // A kept zone: running workers use it, nothing visible may change. A reserve left
-        // by a reload that was rejected later is given back first.
+        // A kept domain: running workers use it, nothing visible may change. A reserve
+        // left by a reload that was rejected later is given back first.
         l.drop_reserve();
-        if l.hdr.fingerprint == fingerprint && !l.hdr.set_foreign && !l.hdr.set.is_null() {
+        if l.hdr.fingerprint == spec.fingerprint && !l.hdr.set_foreign && !l.hdr.set.is_null() {
             return Ok((zone, InitOutcome::Kept));
         }
         l.reserve(initial.len(), plan.flat_words())?;
@@ -272,15 +404,14 @@ impl Zone {
     }
 
     pub fn lock(&self) -> Locked<'_> {
-        // SAFETY: `pool` is a live slab pool (zones are mapped for the life of the
-        // process); workers are single-threaded and never lock a zone twice, so the
-        // mutex is free or held by another process; the guard unlocks it on drop.
-        unsafe { ngx_shmtx_lock(&mut (*self.pool).mutex) };
+        // SAFETY: the header is this upstream's domain (set up by `init`), mapped for
+        // the life of the process; workers are single-threaded and never lock a domain
+        // twice, so the guard made here is the only reference to it in this process.
+        let hdr = unsafe { &mut *self.hdr };
+        hdr.lock.lock();
         Locked {
             pool: self.pool,
-            // SAFETY: the header is ours (set up by `init`) and the mutex is held for the
-            // guard's lifetime, so this is the only reference to it in this process.
-            hdr: unsafe { &mut *self.hdr },
+            hdr,
             ledger: self.ledger,
         }
     }
@@ -297,13 +428,18 @@ impl Zone {
         }
     }
 
-    /// Pool usage for status output: (used pages, total pages).
-    pub fn usage(&self) -> (usize, usize) {
-        // SAFETY: reads two counters of a live pool; a torn read only skews a statistic.
+    /// Where the upstream's memory stands (read without the lock: a statistic).
+    pub fn usage(&self) -> Usage {
+        // SAFETY: reads counters of a live domain and pool; a torn read only skews a
+        // statistic.
         unsafe {
             let p = &*self.pool;
-            let total = (p.end as usize - p.start as usize) / 4096;
-            (total.saturating_sub(p.pfree as usize), total)
+            Usage {
+                used: (*self.hdr).used,
+                budget: (*self.hdr).budget,
+                shared_free: p.pfree as u64 * 4096,
+                shared_size: (p.end as usize - p.start as usize) as u64,
+            }
         }
     }
 }
@@ -399,7 +535,7 @@ impl Locked<'_> {
         if !old.ptr.is_null() {
             // SAFETY: the previous plan block is this pool's and referenced from nowhere
             // else now; the lock is held.
-            unsafe { ngx_slab_free_locked(self.pool, old.ptr as *mut _) };
+            unsafe { self.free(old.ptr as *mut u8, old.words.max(1) * 8) };
         }
     }
 
@@ -418,8 +554,8 @@ impl Locked<'_> {
     fn install_lc(&mut self, tree: PlanRef) {
         let old = std::mem::replace(&mut self.hdr.lc, tree);
         if !old.ptr.is_null() {
-            // SAFETY: the previous tree is this pool's, no longer referenced; lock held.
-            unsafe { ngx_slab_free_locked(self.pool, old.ptr as *mut _) };
+            // SAFETY: the previous tree is this domain's, no longer referenced; lock held.
+            unsafe { self.free(old.ptr as *mut u8, old.words * size_of::<LcNode>()) };
         }
         if tree.ptr.is_null() {
             return;
@@ -437,9 +573,8 @@ impl Locked<'_> {
         if nodes == 0 {
             return Some(PlanRef::NONE);
         }
-        // SAFETY: the lock is held; the block is filled by `install_lc` before any pick
-        // reads it.
-        let ptr = unsafe { ngx_slab_alloc_locked(self.pool, nodes * size_of::<LcNode>()) };
+        // the block is filled by `install_lc` before any pick reads it
+        let ptr = self.alloc(nodes * size_of::<LcNode>());
         (!ptr.is_null()).then_some(PlanRef {
             ptr: ptr as *mut u64,
             words: nodes,
@@ -514,16 +649,16 @@ impl Locked<'_> {
         }
         let old = std::mem::replace(&mut self.hdr.skipped, PlanRef::NONE);
         if !old.ptr.is_null() {
-            // SAFETY: the block was allocated by this function on this pool; lock held.
-            unsafe { ngx_slab_free_locked(self.pool, old.ptr as *mut _) };
+            // SAFETY: the block of `words` bytes was allocated by this function; lock held.
+            unsafe { self.free(old.ptr as *mut u8, old.words) };
         }
         self.hdr.skipped_count = skipped.len() as u64;
         if text.is_empty() {
             return;
         }
+        let p = self.alloc(text.len()) as *mut u64;
         // SAFETY: lock held; the block is filled before it is linked.
         unsafe {
-            let p = ngx_slab_alloc_locked(self.pool, text.len()) as *mut u64;
             if p.is_null() {
                 return; // the count still shows; the list needs room in the zone
             }
@@ -575,16 +710,16 @@ impl Locked<'_> {
 
     /// An empty plan block of `words` words, not yet visible to anyone.
     pub fn alloc_plan_block(&mut self, words: usize) -> Option<PlanBlock> {
-        // SAFETY: the lock is held; the block is ours until published or freed.
-        let ptr = unsafe { ngx_slab_alloc_locked(self.pool, words.max(1) * 8) } as *mut u64;
+        // the block is its owner's until published or freed
+        let ptr = self.alloc(words.max(1) * 8) as *mut u64;
         (!ptr.is_null()).then_some(PlanBlock { ptr, words })
     }
 
     /// Gives back a plan block that was not published.
     pub fn free_plan_block(&mut self, block: PlanBlock) {
-        // SAFETY: the block came from `alloc_plan_block` on this pool and was never
+        // SAFETY: the block came from `alloc_plan_block` in this domain and was never
         // published; the lock is held.
-        unsafe { ngx_slab_free_locked(self.pool, block.ptr as *mut _) };
+        unsafe { self.free(block.ptr as *mut u8, block.words.max(1) * 8) };
     }
 
     fn drop_reserve(&mut self) {
@@ -593,13 +728,14 @@ impl Locked<'_> {
             return;
         }
         // SAFETY: the reserve and everything it points to were allocated by `reserve`
-        // on this pool and are referenced from nowhere else; the lock is held.
+        // in this domain and are referenced from nowhere else; the lock is held.
         unsafe {
-            set::free_unshared(self.pool, (*r).set);
-            if !(*r).plan.ptr.is_null() {
-                ngx_slab_free_locked(self.pool, (*r).plan.ptr as *mut _);
+            set::free_unshared(self, (*r).set);
+            let plan = (*r).plan;
+            if !plan.ptr.is_null() {
+                self.free(plan.ptr as *mut u8, plan.words.max(1) * 8);
             }
-            ngx_slab_free_locked(self.pool, r as *mut _);
+            self.free(r as *mut u8, size_of::<Reserve>());
         }
     }
 
@@ -607,13 +743,13 @@ impl Locked<'_> {
     /// `plan_words`: what `commit_switch` will need.
     fn reserve(&mut self, servers: usize, plan_words: usize) -> Result<(), ZoneError> {
         let full = ZoneError::Full { servers };
-        // SAFETY: the lock is held; every allocation below is owned by the reserve (or
-        // freed here on failure).
+        let r = self.alloc(size_of::<Reserve>()) as *mut Reserve;
+        if r.is_null() {
+            return Err(full);
+        }
+        // SAFETY: the lock is held; every allocation below is owned by the reserve,
+        // which `drop_reserve` gives back whole (also after a failure here).
         unsafe {
-            let r = ngx_slab_alloc_locked(self.pool, size_of::<Reserve>()) as *mut Reserve;
-            if r.is_null() {
-                return Err(full);
-            }
             ptr::write(
                 r,
                 Reserve {
@@ -622,7 +758,7 @@ impl Locked<'_> {
                 },
             );
             self.hdr.reserve = r;
-            (*r).set = set::alloc_unshared(self.pool, servers).ok_or(full.clone())?;
+            (*r).set = set::alloc_unshared(self, servers).ok_or(full.clone())?;
             let plan = self.alloc_plan_block(plan_words).ok_or(full)?;
             (*r).plan = PlanRef {
                 ptr: plan.ptr,
@@ -630,6 +766,54 @@ impl Locked<'_> {
             };
         }
         Ok(())
+    }
+
+    /// Memory for this domain: `size` bytes from the shared pool, counted against the
+    /// domain's cap (null when over the cap or when the zone is full).
+    pub(super) fn alloc(&mut self, size: usize) -> *mut u8 {
+        let size = size.max(1);
+        let budget = self.hdr.budget;
+        if budget > 0 && self.hdr.used + size as u64 > budget {
+            return ptr::null_mut();
+        }
+        // SAFETY: the pool is live; `ngx_slab_alloc` takes its mutex (the domain's lock,
+        // held, always comes first).
+        let p = unsafe { ngx_slab_alloc(self.pool, size) } as *mut u8;
+        if !p.is_null() {
+            self.hdr.used += size as u64;
+        }
+        p
+    }
+
+    /// Gives back `size` bytes from `alloc`.
+    ///
+    /// # Safety
+    /// `p` came from this domain's `alloc(size)` and is referenced from nowhere now.
+    pub(super) unsafe fn free(&mut self, p: *mut u8, size: usize) {
+        // SAFETY: per the contract.
+        unsafe { ngx_slab_free(self.pool, p as *mut _) };
+        self.hdr.used = self.hdr.used.saturating_sub(size.max(1) as u64);
+    }
+
+    /// Empties a domain no configuration uses any more, if no live process has sessions
+    /// in it (`alive`): every ledger, the set, plan, tree and the rest. False when a
+    /// process still uses it.
+    fn dismantle(&mut self, alive: &dyn Fn(i64) -> bool) -> bool {
+        if self.has_live_ledger(alive) {
+            return false;
+        }
+        self.reclaim_all();
+        self.drop_reserve();
+        self.set_skipped(&[]);
+        self.clear_set();
+        let plan = std::mem::replace(&mut self.hdr.plan, PlanRef::NONE);
+        self.hdr.plan_view = None;
+        if !plan.ptr.is_null() {
+            // SAFETY: the plan block is this domain's; nothing references it now.
+            unsafe { self.free(plan.ptr as *mut u8, plan.words.max(1) * 8) };
+        }
+        self.install_lc(PlanRef::NONE);
+        true
     }
 
     /// Sets the last error text (truncated to fit).

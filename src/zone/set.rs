@@ -10,44 +10,48 @@ use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::ptr;
 
-use nginx_sys::{ngx_slab_alloc_locked, ngx_slab_free_locked, ngx_slab_pool_t};
 use upsync_core::balancer::PeerState;
 use upsync_core::servers::ServerSpec;
 
 use std::sync::atomic::Ordering;
 
-use upsync_core::balancer::PlanView;
+use upsync_core::balancer::{LcNode, PlanView};
 
 use super::{Locked, PlanBlock, PlanRef, ZoneError};
 
 /// Longest address text: `[ffff:...:ffff%scope]:65535` fits easily.
 pub const NAME_MAX: usize = 64;
 
+/// One server in the zone, 240 bytes (so the slab allocator serves it from 256-byte
+/// chunks: 100,000 servers take 25 MB).
 #[repr(C)]
 pub struct Slot {
     refs: u32,
-    in_set: bool,
     /// Its position in the current set (while `in_set`).
     index: u32,
     pub state: PeerState,
-    pub addr: SocketAddr,
-    pub spec_weight: u32,
-    pub spec_max_fails: u32,
-    pub spec_fail_timeout: u32,
-    pub spec_max_conns: u32,
-    pub spec_down: bool,
-    pub spec_backup: bool,
-    pub spec_slow_start: u32,
-    pub socklen: u32,
-    pub sockaddr: libc::sockaddr_storage,
-    pub name_len: u8,
-    pub name: [u8; NAME_MAX],
+    /// The address nginx connects to (a `sockaddr_in` in its first bytes for IPv4).
+    sockaddr: libc::sockaddr_in6,
+    /// The server as the registry described it (`state` holds what balancing uses).
+    spec_weight: u32,
+    spec_max_fails: u32,
+    spec_fail_timeout: u32,
+    spec_max_conns: u32,
+    spec_slow_start: u32,
+    in_set: bool,
+    spec_down: bool,
+    spec_backup: bool,
+    socklen: u8,
+    name_len: u8,
+    name: [u8; NAME_MAX],
     /// The last TLS session to this server (`proxy_ssl_session_reuse`), DER-encoded, in
     /// a block of this zone (null: none).
     ssl_session: *mut u8,
     ssl_session_len: u32,
     ssl_session_cap: u32,
 }
+
+const _: () = assert!(size_of::<Slot>() <= 256);
 
 impl Slot {
     pub fn in_set(&self) -> bool {
@@ -62,9 +66,36 @@ impl Slot {
         &self.name[..self.name_len as usize]
     }
 
+    /// The address nginx connects to, and its length.
+    pub fn sockaddr(&self) -> (*const libc::sockaddr, u32) {
+        (
+            &self.sockaddr as *const libc::sockaddr_in6 as *const libc::sockaddr,
+            self.socklen as u32,
+        )
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        let sin6 = &self.sockaddr;
+        if sin6.sin6_family as i32 == libc::AF_INET6 {
+            return SocketAddr::V6(std::net::SocketAddrV6::new(
+                std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            ));
+        }
+        // SAFETY: an IPv4 slot holds a sockaddr_in in the first bytes (`init_slot`),
+        // and sockaddr_in6 is larger and at least as aligned.
+        let sin = unsafe { &*(sin6 as *const libc::sockaddr_in6 as *const libc::sockaddr_in) };
+        SocketAddr::from((
+            std::net::Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()),
+            u16::from_be(sin.sin_port),
+        ))
+    }
+
     pub fn spec(&self) -> ServerSpec {
         ServerSpec {
-            addr: self.addr,
+            addr: self.addr(),
             weight: self.spec_weight,
             max_fails: self.spec_max_fails,
             fail_timeout: self.spec_fail_timeout,
@@ -134,19 +165,31 @@ impl SharedSet {
         }
     }
 
-    /// Allocates a list of `len` (null) slot pointers. Lock held by the caller.
-    unsafe fn alloc(pool: *mut ngx_slab_pool_t, len: usize) -> *mut SharedSet {
-        // SAFETY: the caller holds the pool's mutex; the list is initialized before use.
-        unsafe {
-            let set =
-                ngx_slab_alloc_locked(pool, size_of::<SharedSet>() + len * size_of::<*mut Slot>())
-                    as *mut SharedSet;
-            if !set.is_null() {
+    /// Bytes of a list of `len` slots.
+    fn size(len: usize) -> usize {
+        size_of::<SharedSet>() + len * size_of::<*mut Slot>()
+    }
+
+    /// Allocates a list of `len` (null) slot pointers in `l`'s domain.
+    fn alloc(l: &mut Locked<'_>, len: usize) -> *mut SharedSet {
+        let set = l.alloc(Self::size(len)) as *mut SharedSet;
+        if !set.is_null() {
+            // SAFETY: a fresh allocation of the list's size, initialized before use.
+            unsafe {
                 ptr::write(set, SharedSet { generation: 0, len });
                 ptr::write_bytes(set.add(1) as *mut *mut Slot, 0, len);
             }
-            set
         }
+        set
+    }
+
+    /// Gives back a list from `alloc` (not its slots).
+    ///
+    /// # Safety
+    /// `set` came from `alloc` in `l`'s domain and is referenced from nowhere now.
+    unsafe fn free(l: &mut Locked<'_>, set: *mut SharedSet) {
+        // SAFETY: per the contract.
+        unsafe { l.free(set as *mut u8, Self::size((*set).len)) };
     }
 
     fn slots_mut(&mut self) -> &mut [*mut Slot] {
@@ -159,37 +202,32 @@ impl SharedSet {
 }
 
 /// A list of `n` fresh (zeroed) slots that belong to no set: memory set aside.
-///
-/// # Safety
-/// The caller holds `pool`'s mutex.
-pub(super) unsafe fn alloc_unshared(
-    pool: *mut ngx_slab_pool_t,
-    n: usize,
-) -> Option<*mut SharedSet> {
-    // SAFETY: the caller holds the mutex; on failure everything allocated is freed.
-    unsafe {
-        let set = SharedSet::alloc(pool, n);
-        if set.is_null() {
-            return None;
-        }
-        for i in 0..n {
-            let s = ngx_slab_alloc_locked(pool, size_of::<Slot>()) as *mut Slot;
+pub(super) fn alloc_unshared(l: &mut Locked<'_>, n: usize) -> Option<*mut SharedSet> {
+    let set = SharedSet::alloc(l, n);
+    if set.is_null() {
+        return None;
+    }
+    for i in 0..n {
+        let s = l.alloc(size_of::<Slot>()) as *mut Slot;
+        // SAFETY: `set` is ours alone (not linked anywhere); on failure everything
+        // allocated so far is given back.
+        unsafe {
             if s.is_null() {
                 (*set).len = i;
-                free_unshared(pool, set);
+                free_unshared(l, set);
                 return None;
             }
             (*set).slots_mut()[i] = s;
         }
-        Some(set)
     }
+    Some(set)
 }
 
 /// Frees a list from `alloc_unshared` and its slots.
 ///
 /// # Safety
-/// The caller holds `pool`'s mutex; nothing else references the list or its slots.
-pub(super) unsafe fn free_unshared(pool: *mut ngx_slab_pool_t, set: *mut SharedSet) {
+/// Nothing else references the list or its slots.
+pub(super) unsafe fn free_unshared(l: &mut Locked<'_>, set: *mut SharedSet) {
     if set.is_null() {
         return;
     }
@@ -197,10 +235,10 @@ pub(super) unsafe fn free_unshared(pool: *mut ngx_slab_pool_t, set: *mut SharedS
     unsafe {
         for &s in (*set).slots() {
             if !s.is_null() {
-                ngx_slab_free_locked(pool, s as *mut _);
+                l.free(s as *mut u8, size_of::<Slot>());
             }
         }
-        ngx_slab_free_locked(pool, set as *mut _);
+        SharedSet::free(l, set);
     }
 }
 
@@ -218,49 +256,52 @@ impl Locked<'_> {
         now_ms: Option<u64>,
     ) -> Result<u64, ZoneError> {
         let old: Vec<*mut Slot> = self.slots().to_vec();
-        let pool = self.pool;
         // SAFETY: the block was filled by its owner before publishing.
         let method = unsafe {
             PlanView::from_flat(std::slice::from_raw_parts(plan.ptr, plan.words)).map(|v| v.method)
         };
         let tree = self.alloc_lc(self.lc_nodes_for(method, specs.len()));
-        // SAFETY: the lock is held for the whole body; every pointer below is a slot or
-        // list of this pool (the old set's, or allocated here).
-        unsafe {
-            let set = SharedSet::alloc(pool, specs.len());
-            let mut created: Vec<*mut Slot> = Vec::new();
-            let fail = |created: &[*mut Slot], set: *mut SharedSet, plan: PlanBlock| {
+        let set = SharedSet::alloc(self, specs.len());
+        let mut created: Vec<*mut Slot> = Vec::new();
+        let fail = |l: &mut Locked<'_>, created: &[*mut Slot], plan: PlanBlock| {
+            // SAFETY: everything given back here was allocated above in this domain and
+            // was never linked anywhere.
+            unsafe {
                 for &c in created {
-                    ngx_slab_free_locked(pool, c as *mut _);
+                    l.free(c as *mut u8, size_of::<Slot>());
                 }
                 if !set.is_null() {
-                    ngx_slab_free_locked(pool, set as *mut _);
+                    SharedSet::free(l, set);
                 }
                 if let Some(t) = tree.filter(|t| !t.ptr.is_null()) {
-                    ngx_slab_free_locked(pool, t.ptr as *mut _);
+                    l.free(t.ptr as *mut u8, t.words * size_of::<LcNode>());
                 }
-                ngx_slab_free_locked(pool, plan.ptr as *mut _);
-                Err(ZoneError::Full {
-                    servers: specs.len(),
-                })
-            };
-            let Some(tree) = tree else {
-                return fail(&created, set, plan);
-            };
-            if set.is_null() {
-                return fail(&created, set, plan);
             }
+            l.free_plan_block(plan);
+            Err(ZoneError::Full {
+                servers: specs.len(),
+            })
+        };
+        let Some(tree) = tree else {
+            return fail(self, &created, plan);
+        };
+        if set.is_null() {
+            return fail(self, &created, plan);
+        }
+        // SAFETY: the lock is held for the whole body; every pointer below is a slot or
+        // list of this domain (the old set's, or allocated here).
+        unsafe {
             let mut oi = 0;
             for (k, spec) in specs.iter().enumerate() {
-                while oi < old.len() && (*old[oi]).addr < spec.addr {
+                while oi < old.len() && (*old[oi]).addr() < spec.addr {
                     oi += 1;
                 }
-                let slot = if oi < old.len() && (*old[oi]).addr == spec.addr {
+                let slot = if oi < old.len() && (*old[oi]).addr() == spec.addr {
                     old[oi]
                 } else {
-                    let s = ngx_slab_alloc_locked(pool, size_of::<Slot>()) as *mut Slot;
+                    let s = self.alloc(size_of::<Slot>()) as *mut Slot;
                     if s.is_null() {
-                        return fail(&created, set, plan);
+                        return fail(self, &created, plan);
                     }
                     init_slot(s, spec);
                     (*s).state.ramp_start_ms = now_ms.unwrap_or(0);
@@ -291,7 +332,7 @@ impl Locked<'_> {
             self.hdr.next_generation += 1;
             (*set).generation = self.hdr.next_generation;
             if !self.hdr.set.is_null() {
-                ngx_slab_free_locked(pool, self.hdr.set as *mut _);
+                SharedSet::free(self, self.hdr.set);
             }
             self.hdr.set = set;
             self.hdr
@@ -309,6 +350,26 @@ impl Locked<'_> {
         }
     }
 
+    /// Drops the set (a domain being emptied): each slot loses its membership
+    /// reference, and is freed unless a session still holds it.
+    pub(super) fn clear_set(&mut self) {
+        let set = std::mem::replace(&mut self.hdr.set, std::ptr::null_mut());
+        if set.is_null() {
+            return;
+        }
+        self.hdr.set_len.store(0, Ordering::Relaxed);
+        // SAFETY: the list and its slots are this domain's; the lock is held and the
+        // list is no longer reachable from the header.
+        unsafe {
+            let slots: Vec<*mut Slot> = (*set).slots().to_vec();
+            for s in slots {
+                (*s).in_set = false;
+                self.unref(s);
+            }
+            SharedSet::free(self, set);
+        }
+    }
+
     /// Gives the current set a new plan (built for its servers, in set order).
     pub fn replace_plan(&mut self, plan: &upsync_core::balancer::Plan) -> Result<(), ZoneError> {
         let full = ZoneError::Full {
@@ -323,7 +384,7 @@ impl Locked<'_> {
             Err(e) => {
                 if !tree.ptr.is_null() {
                     // SAFETY: allocated above, never published; the lock is held.
-                    unsafe { ngx_slab_free_locked(self.pool, tree.ptr as *mut _) };
+                    unsafe { self.free(tree.ptr as *mut u8, tree.words * size_of::<LcNode>()) };
                 }
                 return Err(e);
             }
@@ -346,9 +407,9 @@ impl Locked<'_> {
             (*slot).refs -= 1;
             if (*slot).refs == 0 {
                 if !(*slot).ssl_session.is_null() {
-                    ngx_slab_free_locked(self.pool, (*slot).ssl_session as *mut _);
+                    self.free((*slot).ssl_session, (*slot).ssl_session_cap as usize);
                 }
-                ngx_slab_free_locked(self.pool, slot as *mut _);
+                self.free(slot as *mut u8, size_of::<Slot>());
             }
         }
     }
@@ -378,9 +439,9 @@ impl Locked<'_> {
             let s = &mut *slot;
             if der.len() > s.ssl_session_cap as usize {
                 if !s.ssl_session.is_null() {
-                    ngx_slab_free_locked(self.pool, s.ssl_session as *mut _);
+                    self.free(s.ssl_session, s.ssl_session_cap as usize);
                 }
-                s.ssl_session = ngx_slab_alloc_locked(self.pool, der.len()) as *mut u8;
+                s.ssl_session = self.alloc(der.len());
                 s.ssl_session_cap = if s.ssl_session.is_null() {
                     0
                 } else {
@@ -406,9 +467,15 @@ unsafe fn init_slot(s: *mut Slot, spec: &ServerSpec) {
         &mut *s
     };
     let (storage, len) = sockaddr_of(&spec.addr);
-    slot.addr = spec.addr;
-    slot.sockaddr = storage;
-    slot.socklen = len;
+    // SAFETY: `len` bytes of the storage are the address, at most a sockaddr_in6.
+    unsafe {
+        ptr::copy_nonoverlapping(
+            &storage as *const libc::sockaddr_storage as *const u8,
+            &mut slot.sockaddr as *mut libc::sockaddr_in6 as *mut u8,
+            (len as usize).min(size_of::<libc::sockaddr_in6>()),
+        );
+    }
+    slot.socklen = len as u8;
     let name = spec.addr.to_string();
     let n = name.len().min(NAME_MAX);
     slot.name[..n].copy_from_slice(&name.as_bytes()[..n]);

@@ -213,7 +213,8 @@ pub struct UpsyncSpec {
     /// How long one long poll may take before the client gives up on it.
     pub timeout_ms: u64,
     pub strong_dependency: bool,
-    /// Size of the upstream's shared zone (servers, their state, the status).
+    /// The most shared memory the upstream may use (`zone_size=`; 0: no cap, it shares
+    /// the `upsync` zone with the other upstreams).
     pub zone_size: usize,
     /// File holding the registry credential (Consul ACL token), read when the
     /// configuration is loaded so the secret stays out of nginx.conf.
@@ -231,7 +232,12 @@ pub struct UpsyncSpec {
 pub const DEFAULT_INTERVAL_MS: u64 = 5_000;
 /// About 300 bytes per server: room for ~20,000 servers and an update in flight. Pages
 /// are only touched as they are used.
-pub const DEFAULT_ZONE_SIZE: usize = 8 * 1024 * 1024;
+/// The default size of the shared zone all upsync upstreams live in
+/// (`upsync_zone_size`): 100,000 servers fit, and pages cost memory only once used.
+pub const DEFAULT_SHARED_ZONE_SIZE: usize = 128 * 1024 * 1024;
+
+/// The smallest `upsync_zone_size`.
+pub const MIN_SHARED_ZONE_SIZE: usize = 1024 * 1024;
 const MIN_ZONE_SIZE: usize = 64 * 1024;
 pub const DEFAULT_TIMEOUT_MS: u64 = 360_000;
 
@@ -253,7 +259,7 @@ pub enum ConfError {
     OnOff(String),
     #[error("unknown parameter \"{0}\"; accepted: upsync_type=, upsync_interval=, upsync_timeout=, strong_dependency=, zone_size=, token_file=, ssl_verify=, ssl_trusted_certificate=, ssl_certificate=, ssl_certificate_key=, ssl_name=; with upsync_type=nacos also nacos_namespace=, nacos_group=, nacos_clusters=, nacos_api=; with upsync_type=kubernetes also k8s_port=, k8s_protocol=, k8s_address_type=; with upsync_type=zookeeper also zk_chroot=, zk_layout=, zk_session_timeout=")]
     UnknownParam(String),
-    #[error("invalid zone_size \"{0}\": expected a size of at least 64k, such as 8m")]
+    #[error("invalid zone_size \"{0}\": expected a size of at least 64k, such as 32m (the most shared memory this upstream may use)")]
     ZoneSize(String),
     #[error("\"{0}\" is given twice")]
     Duplicate(&'static str),
@@ -668,7 +674,7 @@ pub fn parse_upsync_in(
         interval_ms: interval.unwrap_or(DEFAULT_INTERVAL_MS),
         timeout_ms: timeout.unwrap_or(DEFAULT_TIMEOUT_MS),
         strong_dependency: strong.unwrap_or(false),
-        zone_size: zone_size.unwrap_or(DEFAULT_ZONE_SIZE),
+        zone_size: zone_size.unwrap_or(0),
         token_file,
         tls,
         nacos,

@@ -71,6 +71,7 @@ pub fn parse_size(s: &str) -> Option<usize> {
     let (num, scale) = match s.as_bytes().last()? {
         b'k' | b'K' => (&s[..s.len() - 1], 1024usize),
         b'm' | b'M' => (&s[..s.len() - 1], 1024 * 1024),
+        b'g' | b'G' => (&s[..s.len() - 1], 1024 * 1024 * 1024),
         _ => (s, 1),
     };
     if num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
@@ -130,7 +131,8 @@ mod tests {
         assert_eq!(parse_size("64k"), Some(65536));
         assert_eq!(parse_size("4M"), Some(4 << 20));
         assert_eq!(parse_size("k"), None);
-        assert_eq!(parse_size("1g"), None);
+        assert_eq!(parse_size("1g"), Some(1 << 30));
+        assert_eq!(parse_size("1t"), None);
         assert_eq!(parse_size(""), None);
     }
 

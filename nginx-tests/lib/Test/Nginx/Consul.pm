@@ -13,6 +13,7 @@ use File::Basename qw/dirname/;
 use File::Spec;
 use HTTP::Tiny;
 use JSON::PP;
+use MIME::Base64 ();
 
 use Test::Nginx qw/wait_for/;
 
@@ -71,6 +72,18 @@ sub request {
 sub put { my ($self, $key, $value) = @_; $self->request('PUT', "/v1/kv/$key", $value // '') }
 sub delete { my ($self, $key) = @_; $self->request('DELETE', "/v1/kv/$key") }
 sub delete_tree { my ($self, $key) = @_; $self->request('DELETE', "/v1/kv/$key?recurse") }
+
+# txn([set => KEY, VALUE], [delete => KEY], [delete-tree => PREFIX], ...): KV
+# operations applied at once (one index); Consul takes at most 64 per call
+sub txn {
+	my ($self, @ops) = @_;
+	my @body = map {
+		my ($verb, $key, $value) = @$_;
+		{ KV => { Verb => $verb, Key => $key,
+			defined $value ? (Value => MIME::Base64::encode_base64($value, '')) : () } }
+	} @ops;
+	$self->request('PUT', '/v1/txn', encode_json(\@body));
+}
 
 # Agent API: services and checks (the same calls on the emulator and a real agent).
 sub register_service {
