@@ -58,6 +58,7 @@ fn synced_view(name: String, conf: &SrvConf, now: i64) -> UpstreamView {
                 fails: st.fails,
                 total: st.total,
                 failed_until: st.failed_until(now),
+                health: None,
             }
         })
         .collect();
@@ -140,6 +141,7 @@ unsafe fn static_servers(uscf: *mut ngx_stream_upstream_srv_conf_t, now: i64) ->
                     fail_timeout,
                     now,
                 ),
+                health: None,
             });
             p = pr.next;
         }
