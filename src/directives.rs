@@ -1,5 +1,5 @@
-//! The directives (`upsync`, `upsync_dump_path`, `upsync_lb`, `upstream_show`): their
-//! table and handlers. Values are parsed by `upsync_core::conf`; these handlers move
+//! The directives (`upsync`, `upsync_dump_path`, `upsync_lb`, `upstream_show`, and the
+//! health-check ones, whose handlers are in `probe`): their table and handlers. Values are parsed by `upsync_core::conf`; these handlers move
 //! strings in, resolve names, load files, and turn errors into `nginx -t` messages.
 
 use std::ffi::{c_char, c_void};
@@ -14,7 +14,7 @@ use crate::ngx_util::{pool_str, str_of};
 use crate::srv_conf::SrvConf;
 use upsync_core::conf::{parse_credential, parse_lb, parse_upsync, Target};
 
-pub static mut COMMANDS: [ngx_command_t; 5] = [
+pub static mut COMMANDS: [ngx_command_t; 8] = [
     ngx_command_t {
         name: ngx_string!("upsync"),
         type_: (NGX_STREAM_UPS_CONF | NGX_CONF_1MORE) as ngx_uint_t,
@@ -43,6 +43,30 @@ pub static mut COMMANDS: [ngx_command_t; 5] = [
         name: ngx_string!("upstream_show"),
         type_: (NGX_STREAM_SRV_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
         set: Some(cmd_upstream_show),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("health_check"),
+        type_: (NGX_STREAM_SRV_CONF | NGX_CONF_ANY) as ngx_uint_t,
+        set: Some(crate::probe::cmd_health_check),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("health_check_timeout"),
+        type_: (NGX_STREAM_MAIN_CONF | NGX_STREAM_SRV_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(crate::probe::cmd_health_check_timeout),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("match"),
+        type_: (NGX_STREAM_MAIN_CONF | NGX_CONF_BLOCK | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(crate::probe::cmd_match),
         conf: NGX_STREAM_SRV_CONF_OFFSET,
         offset: 0,
         post: ptr::null_mut(),

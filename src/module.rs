@@ -13,7 +13,7 @@ use crate::ngx_util::str_of;
 use crate::srv_conf::{
     create_srv_conf, cycle_upstreams, server_conf, upstream_conf, upstreams_of, upsync_confs,
 };
-use crate::{bootstrap, directives, poller, show_handler};
+use crate::{bootstrap, directives, poller, probe, show_handler};
 
 static mut MODULE_CTX: ngx_stream_module_t = ngx_stream_module_t {
     preconfiguration: Some(preconfiguration),
@@ -45,8 +45,9 @@ unsafe extern "C" fn preconfiguration(_cf: *mut ngx_conf_t) -> ngx_int_t {
 }
 
 /// Checks what single directives cannot: `upstream_show` stays its server's only
-/// content handler, `upsync_lb` and `upsync_dump_path` only come with `upsync`, and no
-/// stock balancer directive follows `upsync`.
+/// content handler, `upsync_lb` and `upsync_dump_path` only come with `upsync`, no
+/// stock balancer directive follows `upsync`, and each `health_check` checks an upsync
+/// upstream (`probe::resolve`).
 unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     // SAFETY: nginx calls this with the stream configuration just parsed; its main
     // context holds the core module's server list and the upstream module's upstreams.
@@ -114,6 +115,11 @@ unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
             return NGX_ERROR as ngx_int_t;
         }
     }
+    // SAFETY: called from postconfiguration with the stream configuration just parsed.
+    if let Err(msg) = unsafe { probe::resolve(cf) } {
+        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{msg}");
+        return NGX_ERROR as ngx_int_t;
+    }
     NGX_OK as ngx_int_t
 }
 
@@ -144,11 +150,13 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         if bootstrap::commit(log, conf, first_start, user).is_err() {
             return NGX_ERROR as ngx_int_t;
         }
+        probe::commit(log, conf);
     }
     NGX_OK as ngx_int_t
 }
 
-/// Worker start: a session ledger in every upsync zone, and the upstream's poller.
+/// Worker start: a session ledger in every upsync zone, the upstream's poller and, for
+/// a checked upstream, its prober.
 unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     // SAFETY: process-globals nginx sets before init_process.
     let (process, pid) = unsafe { (ngx_process, ngx_pid as i64) };
@@ -163,14 +171,18 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
             // SAFETY: called from init_process with the running cycle, whose
             // configuration outlives the worker's pollers.
             unsafe { poller::start(conf) };
+            // SAFETY: as above.
+            unsafe { probe::start(conf) };
         }
     }
     NGX_OK as ngx_int_t
 }
 
-/// Worker exit: pollers give their leases back, and the ledger what sessions still hold.
+/// Worker exit: pollers and probers give their leases back, and the ledger what
+/// sessions still hold.
 unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
     poller::stop_all();
+    probe::stop_all();
     // SAFETY: the running cycle's upstreams, one configuration at a time.
     for &uscf in unsafe { cycle_upstreams(cycle) } {
         // SAFETY: an upstream of the running cycle.

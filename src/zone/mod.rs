@@ -21,6 +21,7 @@
 //! Every access to shared state happens under the pool's mutex (`Zone::lock`); nginx's
 //! master force-unlocks it when a worker dies holding it.
 
+mod health;
 mod ledger;
 mod set;
 
@@ -33,13 +34,14 @@ use upsync_core::balancer::{Plan, PlanView};
 use upsync_core::policy::Lease;
 use upsync_core::servers::ServerSpec;
 
+pub use health::{HealthCommit, HealthRecord, Probed};
 pub use ledger::Ticket;
 pub use set::{sockaddr_of, Slot, NAME_MAX};
 
 use ledger::Ledger;
 use set::SharedSet;
 
-const MAGIC: u64 = 0x7570_7379_6e63_0004; // "upsync", layout v4
+const MAGIC: u64 = 0x7570_7379_6e63_0005; // "upsync", layout v5
 
 /// Why the zone could not take a set.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -118,6 +120,8 @@ pub struct ZoneHeader {
     skipped_count: u64,
     /// When dead processes' ledgers were last looked for (monotonic ms).
     ledgers_checked_ms: u64,
+    /// The active health check's table and prober lease (null: never configured).
+    health: *mut health::HealthBlock,
 }
 
 /// What `Zone::init` found.
