@@ -246,6 +246,10 @@ impl Probe {
             Stage::Connecting => Some(ProbeFailure::ConnectTimeout),
             // a plain UDP check: no ICMP error came back
             Stage::Reading if self.spec.udp && !self.rule().is_some_and(MatchRule::expects) => None,
+            Stage::Reading if !self.got.is_empty() => Some(ProbeFailure::MismatchTimeout(
+                self.rule().map(|r| r.name.clone()).unwrap_or_default(),
+                self.spec.timeout_ms,
+            )),
             _ => Some(ProbeFailure::Timeout(self.spec.timeout_ms)),
         }
     }

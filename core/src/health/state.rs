@@ -66,6 +66,9 @@ pub enum ProbeFailure {
     Mismatch(String),
     #[error("no matching response within {0}ms")]
     Timeout(u64),
+    /// An answer came, but did not match before the timeout.
+    #[error("the response does not match \"{0}\" (within {1}ms)")]
+    MismatchTimeout(String, u64),
     #[error("no match in the first {0} bytes")]
     TooLong(usize),
 }
