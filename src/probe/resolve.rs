@@ -102,8 +102,8 @@ pub unsafe fn resolve(cf: *mut ngx_conf_t) -> Result<(), String> {
         let cmcf = *(*ctx).main_conf.add(ngx_stream_core_module.ctx_index)
             as *mut ngx_stream_core_main_conf_t;
         let servers: &[*mut ngx_stream_core_srv_conf_t] = (*cmcf).servers.as_slice();
-        let stream = *(*(*cf).cycle).conf_ctx.add(ngx_stream_module.index)
-            as *mut ngx_stream_conf_ctx_t;
+        let stream =
+            *(*(*cf).cycle).conf_ctx.add(ngx_stream_module.index) as *mut ngx_stream_conf_ctx_t;
         let main = if stream.is_null() {
             None
         } else {
@@ -123,8 +123,14 @@ pub unsafe fn resolve(cf: *mut ngx_conf_t) -> Result<(), String> {
             continue;
         };
         let at = &hc.at;
+        let named = |u: &*mut ngx_stream_upstream_srv_conf_t| {
+            // SAFETY: an upstream of this configuration.
+            let flags = unsafe { (**u).flags };
+            flags & NGX_STREAM_UPSTREAM_CREATE as ngx_uint_t != 0
+        };
         // SAFETY: the server's configuration and the configuration's upstreams.
-        let Some(uscf) = (unsafe { proxy_upstream(srv_conf, upstreams, log) }) else {
+        let found = unsafe { proxy_upstream(srv_conf, upstreams, log) };
+        let Some(uscf) = found.filter(named) else {
             return Err(format!(
                 "health_check (at {at}): its server must proxy_pass to an upstream {{}} block by name (not an address or a variable)"
             ));

@@ -21,6 +21,7 @@ package Test::Nginx::Backend;
 #            other connections are served meanwhile (a slow server)
 #   reply    UDP: reply datagram (default "$id\n")
 #   silent   UDP: count datagrams but never answer (default 0)
+#   echo     UDP: answer each datagram with itself instead of the reply
 #
 # A backend that stops answering and comes back: ->stop, then a new tcp()/udp()
 # on the same port (with other options for a wrong banner or a slow one).
@@ -80,7 +81,7 @@ sub _start {
 			} else {
 				_serve_udp($sock, $state,
 					exists $o{reply} ? $o{reply} : "$id\n",
-					$o{silent} // 0);
+					$o{silent} // 0, $o{echo} // 0);
 			}
 		};
 		print STDERR "backend $id: $@" if $@;
@@ -230,14 +231,14 @@ sub _send {
 }
 
 sub _serve_udp {
-	my ($sock, $state, $reply, $silent) = @_;
+	my ($sock, $state, $reply, $silent, $echo) = @_;
 	my $total = 0;
 	while (1) {
 		my $peer = $sock->recv(my $buf, 65535);
 		next unless defined $peer;
 		$total++;
 		_write_state($state, $total, 0);
-		$sock->send($reply, 0, $peer) unless $silent;
+		$sock->send($echo ? $buf : $reply, 0, $peer) unless $silent;
 	}
 }
 
