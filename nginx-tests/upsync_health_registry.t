@@ -4,7 +4,9 @@
 # survives a change that adds and removes other servers; with "mandatory" a
 # newly registered server gets no connection before it passes its first check;
 # a server the registry removes is no longer probed; with "persistent" the
-# state survives "nginx -s reload", without it servers start over ("checking").
+# state survives "nginx -s reload", without it servers start over ("checking");
+# a recovered server comes back through its slow_start ramp; port= probes
+# another port than the server's.
 
 use strict;
 use warnings;
@@ -24,12 +26,12 @@ use Test::Nginx::Consul;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new(workers => 2)->has(qw/stream upsync/)->plan(25);
+my $t = Test::Nginx->new(workers => 2)->has(qw/stream upsync/)->plan(33);
 
-my ($p1, $p2, $p3, $pbad, $r1, $r2) = map { port($_) } 8091 .. 8096;
+my ($p1, $p2, $p3, $pbad, $r1, $r2, $s1, $s2, $none) = map { port($_) } 8091 .. 8099;
 
 my $ups = '';
-for my $u (qw/m p np/) {
+for my $u (qw/m p np ss pt/) {
 	$ups .= <<"EOF";
     upstream $u {
         upsync 127.0.0.1:%%PORT_8500%%/v1/kv/upstreams/$u/ upsync_type=consul upsync_interval=200ms;
@@ -63,6 +65,16 @@ $ups
         proxy_pass np;
         health_check interval=300ms match=banner mandatory;
     }
+    server {
+        listen 127.0.0.1:%%PORT_8083%%;
+        proxy_pass ss;
+        health_check interval=300ms match=banner;
+    }
+    server {
+        listen 127.0.0.1:%%PORT_8084%%;
+        proxy_pass pt;
+        health_check interval=300ms match=banner port=$s1;
+    }
     server { listen 127.0.0.1:%%PORT_8088%%; upstream_show; }
 }
 EOF
@@ -75,7 +87,12 @@ my %b = (
 	bad => Test::Nginx::Backend->tcp($t, port => $pbad, id => 'x4'),
 	r1 => Test::Nginx::Backend->tcp($t, port => $r1, id => 'br1'),
 	r2 => Test::Nginx::Backend->tcp($t, port => $r2, id => 'br2'),
+	s1 => Test::Nginx::Backend->tcp($t, port => $s1, id => 'bs1'),
+	s2 => Test::Nginx::Backend->tcp($t, port => $s2, id => 'bs2'),
 );
+$consul->put("upstreams/ss/127.0.0.1:$s1", '');
+$consul->put("upstreams/ss/127.0.0.1:$s2", '{"slow_start":"4s"}');
+$consul->put("upstreams/pt/127.0.0.1:$none", '');
 $consul->put("upstreams/m/127.0.0.1:$_", '') for $p1, $p2;
 for my $u (qw/p np/) {
 	$consul->put("upstreams/$u/127.0.0.1:$_", '') for $r1, $r2;
@@ -167,7 +184,10 @@ ok(wait_for(sub { state('p', $r2) eq 'unhealthy' && state('np', $r2) eq 'unhealt
 	'p, np: br2 unhealthy');
 my $p_before = hc('p', $r2);
 $mark = $t->log_offset();
+my @old = $t->worker_pids();
 ok($t->reload(), 'reload');
+ok(wait_for(sub { !grep { kill 0, $_ } @old }, timeout => 3),
+	'the old workers exit at once (probe timers do not hold them)');
 my $p_after = hc('p', $r2);
 ok($p_after->{state} eq 'unhealthy' && $p_after->{checks} >= $p_before->{checks},
 	"persistent: br2 still unhealthy, its counters kept ($p_before->{checks} -> $p_after->{checks} checks)");
@@ -177,6 +197,28 @@ ok($t->wait_for_log(qr/upstream "np" server 127\.0\.0\.1:$r1 is healthy: its fir
 ok(wait_for(sub { state('np', $r2) eq 'unhealthy' }, timeout => 5), 'without persistent: br2 unhealthy again');
 is(scalar $t->grep_log(qr/upstream "p" server .* is healthy: its first check passed/, from => $mark), 0,
 	'persistent: nothing started over');
+
+###############################################################################
+# slow_start: a recovered server ramps up again
+
+# bs2's ramp since its registration is over once it takes about half
+ok(wait_for(sub { my $d = dist(port(8083), 40); ($d->{bs2} // 0) >= 14 }, timeout => 15),
+	'ss: bs2 (slow_start=4s) takes its share');
+$b{s2}->stop;
+ok(wait_for(sub { state('ss', $s2) eq 'unhealthy' }, timeout => 5), 'bs2 unhealthy');
+$b{s2} = Test::Nginx::Backend->tcp($t, port => $s2, id => 'bs2');
+ok(wait_for(sub { state('ss', $s2) eq 'up' }, timeout => 5), 'bs2 healthy again');
+$d = dist(port(8083), 40);
+ok(($d->{bs2} // 0) < 12, 'right after it recovered bs2 gets a small share: ' . join(' ', %$d));
+ok(wait_for(sub { my $d = dist(port(8083), 40); ($d->{bs2} // 0) >= 14 }, timeout => 15),
+	'and its share again after the ramp');
+
+###############################################################################
+# port=: the check goes to another port than the server's
+
+ok(wait_for(sub { (hc('pt', $none)->{checks} // 0) >= 2 }, timeout => 5), 'pt: checked');
+ok(state('pt', $none) eq 'up' && hc('pt', $none)->{checks_failed} == 0,
+	'a server with nothing on its own port is up: port= is probed');
 
 my @bad = $t->grep_log(qr/\[(alert|crit|emerg)\]/);
 is(scalar @bad, 0, 'no alerts') or diag(join "\n", @bad);
