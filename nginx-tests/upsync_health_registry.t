@@ -203,7 +203,7 @@ is(scalar $t->grep_log(qr/upstream "p" server .* is healthy: its first check pas
 
 # bs2's ramp since its registration is over once it takes about half
 ok(wait_for(sub { my $d = dist(port(8083), 40); ($d->{bs2} // 0) >= 14 }, timeout => 15),
-	'ss: bs2 (slow_start=4s) takes its share');
+	'ss: bs2 (slow_start=4s) is past half its ramp (35% of the connections)');
 $b{s2}->stop;
 ok(wait_for(sub { state('ss', $s2) eq 'unhealthy' }, timeout => 5), 'bs2 unhealthy');
 $b{s2} = Test::Nginx::Backend->tcp($t, port => $s2, id => 'bs2');
@@ -211,7 +211,7 @@ ok(wait_for(sub { state('ss', $s2) eq 'up' }, timeout => 5), 'bs2 healthy again'
 $d = dist(port(8083), 40);
 ok(($d->{bs2} // 0) < 12, 'right after it recovered bs2 gets a small share: ' . join(' ', %$d));
 ok(wait_for(sub { my $d = dist(port(8083), 40); ($d->{bs2} // 0) >= 14 }, timeout => 15),
-	'and its share again after the ramp');
+	'and past half its ramp again (35%)');
 
 ###############################################################################
 # port=: the check goes to another port than the server's

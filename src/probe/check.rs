@@ -15,8 +15,15 @@ use upsync_core::health::{
     MatchRule, ProbeFailure, RegexMatch, Verdict, PLAIN_UDP_PAYLOAD, RESPONSE_LIMIT,
 };
 
-/// How a probe ended: None passed, Some(why) failed.
-pub type Outcome = Option<ProbeFailure>;
+/// How a probe ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Pass,
+    Fail(ProbeFailure),
+    /// This worker could not make the probe (out of connections or descriptors; nginx
+    /// has said why): the server is not judged, the probe is tried again next interval.
+    Local,
+}
 
 /// What a probe needs from its prober's configuration (borrowed for the probe's life:
 /// the configuration outlives every probe).
@@ -122,7 +129,8 @@ impl Probe {
         unsafe { ngx_add_timer(&mut p.timer, p.spec.timeout_ms as ngx_msec_t) };
         // SAFETY: the probe stays boxed and keeps the connection in `conn`.
         match unsafe { ProbeConn::connect(this, p.target, p.spec.udp, &*p.spec.log) } {
-            Connect::Failed(errno) => Some(Some(connect_failure(errno))),
+            Connect::Failed(errno) => Some(Outcome::Fail(connect_failure(errno))),
+            Connect::Local => Some(Outcome::Local),
             Connect::Pending(c) => {
                 p.conn = Some(c);
                 None
@@ -142,7 +150,7 @@ impl Probe {
             _ => Vec::new(),
         };
         if payload.is_empty() && !self.rule().is_some_and(MatchRule::expects) {
-            return Some(None); // a plain TCP check: connecting was the test
+            return Some(Outcome::Pass); // a plain TCP check: connecting was the test
         }
         self.out = payload;
         self.stage = Stage::Sending;
@@ -157,13 +165,13 @@ impl Probe {
                 Ok(true) => {}
                 Ok(false) => return None,
                 Err(e) if self.spec.udp && e == libc::ECONNREFUSED => {
-                    return Some(Some(ProbeFailure::Unreachable))
+                    return Some(Outcome::Fail(ProbeFailure::Unreachable))
                 }
-                Err(e) => return Some(Some(errno_failure(e, ProbeFailure::Send))),
+                Err(e) => return Some(Outcome::Fail(errno_failure(e, ProbeFailure::Send))),
             }
         }
         if !self.spec.udp && !expects {
-            return Some(None); // sent, nothing to expect
+            return Some(Outcome::Pass); // sent, nothing to expect
         }
         // read the answer (or, for a plain UDP check, wait for an ICMP error until
         // the timeout)
@@ -194,13 +202,13 @@ impl Probe {
                     let room = RESPONSE_LIMIT.saturating_sub(self.got.len());
                     self.got.extend_from_slice(&buf[..n.min(room)]);
                     let Some(rule) = self.rule().filter(|r| r.expects()) else {
-                        return Some(None); // a plain UDP check got an answer
+                        return Some(Outcome::Pass); // a plain UDP check got an answer
                     };
                     // SAFETY: the regex lives in the configuration.
                     let re = unsafe { &*self.spec.regex };
                     match rule.judge(&self.got, self.spec.udp, Some(re)) {
-                        Verdict::Pass => return Some(None),
-                        Verdict::Fail(f) => return Some(Some(f)),
+                        Verdict::Pass => return Some(Outcome::Pass),
+                        Verdict::Fail(f) => return Some(Outcome::Fail(f)),
                         Verdict::More => {}
                     }
                 }
@@ -209,16 +217,18 @@ impl Probe {
                     // SAFETY: as above.
                     let re = unsafe { &*self.spec.regex };
                     return Some(match rule.judge(&self.got, true, Some(re)) {
-                        Verdict::Pass => None,
-                        Verdict::Fail(f) => Some(f),
-                        Verdict::More => Some(ProbeFailure::Closed),
+                        Verdict::Pass => Outcome::Pass,
+                        Verdict::Fail(f) => Outcome::Fail(f),
+                        Verdict::More => Outcome::Fail(ProbeFailure::Closed),
                     });
                 }
                 Recv::Again => return None,
                 Recv::Failed(e) if self.spec.udp && e == libc::ECONNREFUSED => {
-                    return Some(Some(ProbeFailure::Unreachable))
+                    return Some(Outcome::Fail(ProbeFailure::Unreachable))
                 }
-                Recv::Failed(e) => return Some(Some(errno_failure(e, ProbeFailure::Recv))),
+                Recv::Failed(e) => {
+                    return Some(Outcome::Fail(errno_failure(e, ProbeFailure::Recv)))
+                }
             }
         }
     }
@@ -229,7 +239,7 @@ impl Probe {
             Stage::Connecting => {
                 let err = self.conn.as_ref()?.so_error();
                 if err != 0 {
-                    return Some(Some(connect_failure(err)));
+                    return Some(Outcome::Fail(connect_failure(err)));
                 }
                 self.connected()
             }
@@ -242,16 +252,17 @@ impl Probe {
 
     /// `health_check_timeout` passed.
     fn timed_out(&mut self) -> Outcome {
-        match self.stage {
-            Stage::Connecting => Some(ProbeFailure::ConnectTimeout),
+        let expects = self.rule().is_some_and(MatchRule::expects);
+        Outcome::Fail(match self.stage {
+            Stage::Connecting => ProbeFailure::ConnectTimeout,
             // a plain UDP check: no ICMP error came back
-            Stage::Reading if self.spec.udp && !self.rule().is_some_and(MatchRule::expects) => None,
-            Stage::Reading if !self.got.is_empty() => Some(ProbeFailure::MismatchTimeout(
+            Stage::Reading if self.spec.udp && !expects => return Outcome::Pass,
+            Stage::Reading if !self.got.is_empty() => ProbeFailure::MismatchTimeout(
                 self.rule().map(|r| r.name.clone()).unwrap_or_default(),
                 self.spec.timeout_ms,
-            )),
-            _ => Some(ProbeFailure::Timeout(self.spec.timeout_ms)),
-        }
+            ),
+            _ => ProbeFailure::Timeout(self.spec.timeout_ms),
+        })
     }
 
     /// The probe ended: tells the prober (which drops it).

@@ -109,6 +109,8 @@ pub enum Connect {
     Pending(ProbeConn),
     /// Refused or failed at once, with the errno (0: unknown).
     Failed(i32),
+    /// No socket or connection could be had here (nginx logged why).
+    Local,
 }
 
 /// Outcome of `ProbeConn::recv`.
@@ -164,11 +166,11 @@ impl ProbeConn {
         log.take_errno();
         // SAFETY: `pc` is fully set up and stays boxed for the connection's life.
         let rc = unsafe { ngx_event_connect_peer(&mut i.pc) };
-        if rc == NGX_ERROR as ngx_int_t
-            || rc == NGX_BUSY as ngx_int_t
-            || rc == NGX_DECLINED as ngx_int_t
-        {
+        if rc == NGX_DECLINED as ngx_int_t {
             return Connect::Failed(log.take_errno());
+        }
+        if rc == NGX_ERROR as ngx_int_t || rc == NGX_BUSY as ngx_int_t {
+            return Connect::Local;
         }
         let c = i.pc.connection;
         // SAFETY: nginx made `c` for this peer connection; its events are ours to set up.

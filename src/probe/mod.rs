@@ -26,7 +26,9 @@ use crate::srv_conf::SrvConf;
 use crate::zone::{HealthCommit, InitOutcome, Locked, Probed, Zone};
 use check::{CheckSpec, Outcome, Probe};
 use conn::QuietLog;
-use upsync_core::health::{first_due, next_due, Change, HealthState, Thresholds, Timetable};
+use upsync_core::health::{
+    first_due, next_due, Change, HealthState, ProbeFailure, Thresholds, Timetable,
+};
 use upsync_core::policy::{self, decide_lease, LeaseDecision, Rng};
 
 pub use conf::{HcDirective, HealthConf, MatchDef};
@@ -446,7 +448,8 @@ impl Prober {
     }
 
     /// A probe of `addr` ended: it is dropped (its connection closed), the result goes
-    /// to the zone, and the server's next probe is scheduled.
+    /// to the zone (unless this worker could not probe at all), and the server's next
+    /// probe is scheduled.
     fn finish(&mut self, addr: SocketAddr, outcome: Outcome) {
         let Some(probe) = self.servers.get_mut(&addr).and_then(|s| s.probe.take()) else {
             return;
@@ -454,14 +457,18 @@ impl Prober {
         self.in_flight -= 1;
         let started = probe.started_ms;
         drop(probe);
-        self.record(addr, outcome);
+        match outcome {
+            Outcome::Pass => self.record(addr, None),
+            Outcome::Fail(f) => self.record(addr, Some(f)),
+            Outcome::Local => {} // not the server's fault: no verdict
+        }
         let due = next_due(started, self.interval_ms, self.jitter_ms, &mut self.rng);
         self.timetable.add(addr, due);
     }
 
     /// Writes one result to the zone and logs what changed.
-    fn record(&mut self, addr: SocketAddr, outcome: Outcome) {
-        let why = outcome.as_ref().map(|f| f.to_string());
+    fn record(&mut self, addr: SocketAddr, failure: Option<ProbeFailure>) {
+        let why = failure.as_ref().map(|f| f.to_string());
         let (change, counts) = {
             let mut l = self.zone.lock();
             if !self.may_write(&l) {
