@@ -11,14 +11,14 @@ use std::net::SocketAddr;
 use std::ptr;
 
 use nginx_sys::{ngx_slab_alloc_locked, ngx_slab_free_locked};
-use upsync_core::health::{Change, Health, HealthState, Thresholds};
+use upsync_core::health::{AddrKey, Change, Health, HealthState, Thresholds};
 use upsync_core::policy::Lease;
 
 use super::set::Slot;
 use super::{Locked, ZoneError};
 
-/// Longest failure reason kept per server.
-const REASON_MAX: usize = 96;
+/// Longest failure reason kept per server (sized so `Entry` has no padding).
+const REASON_MAX: usize = 95;
 
 #[repr(C)]
 pub(super) struct HealthBlock {
@@ -38,24 +38,32 @@ pub(super) struct HealthBlock {
     len: usize,
 }
 
-/// One server's record.
+/// One server's record. No padding (and the address as `AddrKey`, not `SocketAddr`):
+/// valgrind follows shared memory per process, so padding one process wrote would look
+/// uninitialised to a process forked later that reads the memory once reused.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Entry {
-    addr: SocketAddr,
     health: Health,
+    key: AddrKey,
     reason_len: u8,
     reason: [u8; REASON_MAX],
 }
 
+const _: () = assert!(size_of::<Entry>() == size_of::<Health>() + 32 + 1 + REASON_MAX);
+
 impl Entry {
     fn new(addr: SocketAddr, state: HealthState) -> Entry {
         Entry {
-            addr,
             health: Health::new(state),
+            key: AddrKey::of(&addr),
             reason_len: 0,
             reason: [0; REASON_MAX],
         }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.key.addr()
     }
 
     fn reason(&self) -> String {
@@ -136,7 +144,7 @@ impl Locked<'_> {
     }
 
     fn find(&self, addr: &SocketAddr) -> Option<usize> {
-        self.entries().binary_search_by(|e| e.addr.cmp(addr)).ok()
+        self.entries().binary_search_by(|e| e.addr().cmp(addr)).ok()
     }
 
     fn slot_index(&self, addr: &SocketAddr) -> Option<usize> {
@@ -250,10 +258,10 @@ impl Locked<'_> {
         for &s in &slots {
             // SAFETY: slots of the current set are live while the lock is held.
             let (addr, unhealthy) = unsafe { ((*s).addr, (*s).state.unhealthy) };
-            while oi < old.len() && old[oi].addr < addr {
+            while oi < old.len() && old[oi].addr() < addr {
                 oi += 1;
             }
-            fresh.push(if oi < old.len() && old[oi].addr == addr {
+            fresh.push(if oi < old.len() && old[oi].addr() == addr {
                 old[oi]
             } else {
                 let state = if unhealthy {
@@ -443,10 +451,10 @@ impl Locked<'_> {
             .map(|&s| {
                 // SAFETY: slots of the current set are live while the lock is held.
                 let s = unsafe { &*s };
-                while ei < entries.len() && entries[ei].addr < s.addr {
+                while ei < entries.len() && entries[ei].addr() < s.addr {
                     ei += 1;
                 }
-                match entries.get(ei).filter(|e| e.addr == s.addr) {
+                match entries.get(ei).filter(|e| e.addr() == s.addr) {
                     Some(e) => HealthRecord {
                         health: e.health,
                         last_failure: e.reason(),

@@ -6,6 +6,7 @@
 //! shared zone; everything it decides comes from here.
 
 mod conf;
+mod key;
 mod matching;
 mod schedule;
 mod state;
@@ -16,6 +17,7 @@ pub use conf::{
     decode_escapes, parse_expect, parse_health_check, parse_timeout, HealthCheckSpec,
     HealthConfError, MatchBuilder, DEFAULT_INTERVAL_MS, DEFAULT_TIMEOUT_MS,
 };
+pub use key::AddrKey;
 pub use matching::{Expect, MatchRule, RegexMatch, Verdict, PLAIN_UDP_PAYLOAD, RESPONSE_LIMIT};
 pub use schedule::{first_due, next_due, Timetable};
 pub use state::{Change, Health, HealthState, ProbeFailure, Thresholds};

@@ -88,20 +88,23 @@ pub enum Change {
     },
 }
 
-/// One server's health record.
+/// One server's health record. Laid out without implicit padding (`reserved` is
+/// explicit and zero), so a record copied whole into shared memory has no undefined
+/// bytes.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Health {
-    pub state: HealthState,
+    pub checks: u64,
+    pub failed: u64,
+    /// When the last check completed (ms since the epoch; 0: never).
+    pub last_check_ms: u64,
     /// Consecutive passed / failed checks (one of them is 0).
     pub passes: u32,
     pub fails: u32,
     /// Checks since the state last changed.
     pub since_change: u32,
-    pub checks: u64,
-    pub failed: u64,
-    /// When the last check completed (ms since the epoch; 0: never).
-    pub last_check_ms: u64,
+    pub state: HealthState,
+    pub reserved: [u8; 3],
 }
 
 impl Health {

@@ -332,6 +332,8 @@ fn checking_is_decided_by_the_first_check() {
 #[test]
 fn failure_texts() {
     assert_eq!(ProbeFailure::Refused.to_string(), "connect refused");
+    // no implicit padding: the record goes whole into shared memory
+    assert_eq!(std::mem::size_of::<Health>(), 8 * 3 + 4 * 3 + 1 + 3);
     assert_eq!(
         ProbeFailure::Timeout(5000).to_string(),
         "no matching response within 5000ms"
