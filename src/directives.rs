@@ -1,5 +1,6 @@
 //! The directives (`upsync`, `upsync_dump_path`, `upsync_lb`, `upstream_show`,
-//! `upsync_zone_size`): their table and handlers. Values are parsed by `upsync_core::conf`; these handlers move
+//! `upsync_zone_size`, and the health-check ones, whose handlers are in `probe`): their
+//! table and handlers. Values are parsed by `upsync_core::conf`; these handlers move
 //! strings in, resolve names, load files, and turn errors into `nginx -t` messages.
 
 use std::ffi::{c_char, c_void};
@@ -21,7 +22,7 @@ macro_rules! conf_err {
     }};
 }
 
-pub static mut COMMANDS: [ngx_command_t; 6] = [
+pub static mut COMMANDS: [ngx_command_t; 9] = [
     ngx_command_t {
         name: ngx_string!("upsync"),
         type_: (NGX_STREAM_UPS_CONF | NGX_CONF_1MORE) as ngx_uint_t,
@@ -50,6 +51,30 @@ pub static mut COMMANDS: [ngx_command_t; 6] = [
         name: ngx_string!("upstream_show"),
         type_: (NGX_STREAM_SRV_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
         set: Some(cmd_upstream_show),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("health_check"),
+        type_: (NGX_STREAM_SRV_CONF | NGX_CONF_ANY) as ngx_uint_t,
+        set: Some(crate::probe::cmd_health_check),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("health_check_timeout"),
+        type_: (NGX_STREAM_MAIN_CONF | NGX_STREAM_SRV_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(crate::probe::cmd_health_check_timeout),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("match"),
+        type_: (NGX_STREAM_MAIN_CONF | NGX_CONF_BLOCK | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(crate::probe::cmd_match),
         conf: NGX_STREAM_SRV_CONF_OFFSET,
         offset: 0,
         post: ptr::null_mut(),

@@ -25,6 +25,8 @@ mod peer;
 #[cfg(not(test))]
 mod poller;
 #[cfg(not(test))]
+mod probe;
+#[cfg(not(test))]
 mod process;
 #[cfg(not(test))]
 mod show_handler;

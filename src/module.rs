@@ -14,7 +14,7 @@ use crate::srv_conf::{
     create_srv_conf, cycle_upstreams, server_conf, upstream_conf, upstreams_of, upsync_confs,
     SrvConf,
 };
-use crate::{bootstrap, directives, poller, show_handler, zk};
+use crate::{bootstrap, directives, poller, probe, show_handler, zk};
 
 static mut MODULE_CTX: ngx_stream_module_t = ngx_stream_module_t {
     preconfiguration: Some(preconfiguration),
@@ -46,8 +46,9 @@ unsafe extern "C" fn preconfiguration(_cf: *mut ngx_conf_t) -> ngx_int_t {
 }
 
 /// Checks what single directives cannot: `upstream_show` stays its server's only
-/// content handler, `upsync_lb` and `upsync_dump_path` only come with `upsync`, and no
-/// stock balancer directive follows `upsync`.
+/// content handler, `upsync_lb` and `upsync_dump_path` only come with `upsync`, no
+/// stock balancer directive follows `upsync`, and each `health_check` checks an upsync
+/// upstream (`probe::resolve`).
 unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     // SAFETY: nginx calls this with the stream configuration just parsed; its main
     // context holds the core module's server list and the upstream module's upstreams.
@@ -117,6 +118,11 @@ unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
             return NGX_ERROR as ngx_int_t;
         }
     }
+    // SAFETY: called from postconfiguration with the stream configuration just parsed.
+    if let Err(msg) = unsafe { probe::resolve(cf) } {
+        ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{msg}");
+        return NGX_ERROR as ngx_int_t;
+    }
     NGX_OK as ngx_int_t
 }
 
@@ -148,6 +154,7 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         if bootstrap::commit(log, conf, first_start, user).is_err() {
             return NGX_ERROR as ngx_int_t;
         }
+        probe::commit(log, conf);
         shared = shared.or(conf.shared);
     }
     if let Some(shared) = shared {
@@ -156,8 +163,9 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     NGX_OK as ngx_int_t
 }
 
-/// Worker start: a session ledger in every upsync zone, the upstream's poller, and one
-/// ZooKeeper owner per ensemble (shared by the upstreams that watch it).
+/// Worker start: a session ledger in every upsync zone, the upstream's poller (or one
+/// ZooKeeper owner per ensemble, shared by the upstreams that watch it) and, for a
+/// checked upstream, its prober.
 unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     // SAFETY: process-globals nginx sets before init_process.
     let (process, pid) = unsafe { (ngx_process, ngx_pid as i64) };
@@ -177,6 +185,8 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
             // SAFETY: called from init_process with the running cycle, whose
             // configuration outlives the worker's pollers.
             unsafe { poller::start(conf) };
+            // SAFETY: as above.
+            unsafe { probe::start(conf) };
         }
     }
     // SAFETY: as above; every one of them has its zone.
@@ -184,10 +194,12 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     NGX_OK as ngx_int_t
 }
 
-/// Worker exit: pollers give their leases back, and the ledger what sessions still hold.
+/// Worker exit: pollers and probers give their leases back, and the ledger what
+/// sessions still hold.
 unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
     poller::stop_all();
     zk::stop_all();
+    probe::stop_all();
     // SAFETY: the running cycle's upstreams, one configuration at a time.
     for &uscf in unsafe { cycle_upstreams(cycle) } {
         // SAFETY: an upstream of the running cycle.

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use ngx::core::Pool;
 use ngx::ffi::*;
 
+use crate::probe::{HcDirective, HealthConf, MatchDef};
 use crate::zone::{InitOutcome, SharedZone, Zone};
 use upsync_core::balancer::{Method, Plan};
 use upsync_core::conf::{Credential, LbSpec, Target, UpsyncSpec};
@@ -49,6 +50,15 @@ pub struct SrvConf {
     /// The dump file (and directories) this configuration created, handed over to the
     /// worker user when the configuration is committed.
     pub created_dump: Vec<std::path::PathBuf>,
+    /// `health_check` of this (stream server) block, before `probe::resolve` ties it
+    /// to its upstream.
+    pub hc_directive: Option<HcDirective>,
+    /// `health_check_timeout` of this (stream server or `stream {}`) block, in ms.
+    pub hc_timeout: Option<u64>,
+    /// The `match` blocks (`stream {}` level).
+    pub matches: Vec<MatchDef>,
+    /// The upstream's active health check (upstreams only; see `probe`).
+    pub health: Option<HealthConf>,
 }
 
 impl SrvConf {
@@ -73,6 +83,10 @@ impl SrvConf {
             show: false,
             placeholder: ptr::null_mut(),
             created_dump: Vec::new(),
+            hc_directive: None,
+            hc_timeout: None,
+            matches: Vec::new(),
+            health: None,
         }
     }
 

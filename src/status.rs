@@ -7,7 +7,7 @@ use crate::ngx_util::{now_sec, str_of};
 use crate::srv_conf::{cycle_upstreams, upstream_conf, SrvConf};
 use upsync_core::balancer::failed_until;
 use upsync_core::servers::server_line;
-use upsync_core::show::{ServerView, SourceView, UpstreamView};
+use upsync_core::show::{HealthView, ServerView, SourceView, UpstreamView};
 
 /// The current state of every `upstream {}` block of the running cycle, in
 /// configuration order.
@@ -41,6 +41,7 @@ fn synced_view(name: String, conf: &SrvConf, now: i64) -> UpstreamView {
     let zone = conf.zone.expect("filtered on zone");
     let mem = zone.usage();
     let l = zone.lock();
+    let health = l.health_records();
     let servers = (0..l.slots().len())
         .map(|i| {
             let slot = l.slot(i);
@@ -59,6 +60,15 @@ fn synced_view(name: String, conf: &SrvConf, now: i64) -> UpstreamView {
                 fails: st.fails,
                 total: st.total,
                 failed_until: st.failed_until(now),
+                health: health.as_ref().and_then(|h| h.get(i)).map(|r| HealthView {
+                    state: r.health.state.name(),
+                    consecutive_passes: r.health.passes,
+                    consecutive_fails: r.health.fails,
+                    last_check_ms: r.health.last_check_ms,
+                    last_failure: r.last_failure.clone(),
+                    checks: r.health.checks,
+                    checks_failed: r.health.failed,
+                }),
             }
         })
         .collect();
@@ -145,6 +155,7 @@ unsafe fn static_servers(uscf: *mut ngx_stream_upstream_srv_conf_t, now: i64) ->
                     fail_timeout,
                     now,
                 ),
+                health: None,
             });
             p = pr.next;
         }

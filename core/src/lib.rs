@@ -3,13 +3,15 @@
 //!
 //! `conf` directive values, `servers` the server model, `registry` the registry
 //! protocols (what to send next, what an answer means; no I/O), `http` the HTTP/1.1
-//! request builder and response parser, `balancer` the selection plans and picks,
+//! request builder and response parser, `balancer` the selection plans and picks, `health`
+//! the active health checks (match rules, thresholds, scheduling),
 //! `dump` and `show` the file and report formats, `policy` the poller's decisions
 //! (pacing, failover, backoff, error de-duplication, the lease) against a clock passed in.
 
 pub mod balancer;
 pub mod conf;
 pub mod dump;
+pub mod health;
 pub mod http;
 pub mod policy;
 pub mod registry;

@@ -21,6 +21,23 @@ pub struct ServerView {
     pub total: u64,
     /// Failed (max_fails reached) until this time, seconds since the epoch.
     pub failed_until: Option<i64>,
+    /// The active health check's view of the server (None: the upstream has none).
+    pub health: Option<HealthView>,
+}
+
+/// What the active health check knows about one server.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HealthView {
+    /// `up`, `unhealthy` or `checking`.
+    pub state: &'static str,
+    pub consecutive_passes: u32,
+    pub consecutive_fails: u32,
+    /// When the last check completed (ms since the epoch; 0: never).
+    pub last_check_ms: u64,
+    /// Why the last failed check failed (empty: none yet).
+    pub last_failure: String,
+    pub checks: u64,
+    pub checks_failed: u64,
 }
 
 impl ServerView {
@@ -206,6 +223,7 @@ pub fn render_json(upstreams: &[UpstreamView]) -> String {
                     "active": s.active,
                     "fails": s.fails,
                     "connections": s.total,
+                    "health": s.health.as_ref().map(health_json),
                 })
             })
             .collect();
@@ -244,6 +262,19 @@ pub fn render_json(upstreams: &[UpstreamView]) -> String {
     let mut s = serde_json::to_string_pretty(&json!({ "upstreams": ups })).unwrap_or_default();
     s.push('\n');
     s
+}
+
+fn health_json(h: &HealthView) -> serde_json::Value {
+    use serde_json::{json, Value};
+    json!({
+        "state": h.state,
+        "consecutive_passes": h.consecutive_passes,
+        "consecutive_fails": h.consecutive_fails,
+        "last_check": if h.last_check_ms > 0 { json!(h.last_check_ms as f64 / 1000.0) } else { Value::Null },
+        "last_failure": if h.last_failure.is_empty() { Value::Null } else { json!(h.last_failure) },
+        "checks": h.checks,
+        "checks_failed": h.checks_failed,
+    })
 }
 
 fn label(v: &str) -> String {
@@ -381,6 +412,85 @@ pub fn render_prometheus(upstreams: &[UpstreamView]) -> String {
         "gauge",
         per_server(&|s| s.fails.to_string()),
     );
+    let per_checked = |f: &dyn Fn(&HealthView) -> String| -> Vec<(String, String)> {
+        upstreams
+            .iter()
+            .flat_map(|u| {
+                u.servers
+                    .iter()
+                    .filter_map(|s| {
+                        s.health.as_ref().map(|h| {
+                            (
+                                format!(
+                                    "upstream=\"{}\",server=\"{}\"",
+                                    label(&u.name),
+                                    label(&s.address)
+                                ),
+                                f(h),
+                            )
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    metric(
+        "upsync_server_health_checks_total",
+        "Active health checks of the server.",
+        "counter",
+        per_checked(&|h| h.checks.to_string()),
+    );
+    metric(
+        "upsync_server_health_checks_failed_total",
+        "Active health checks of the server that failed.",
+        "counter",
+        per_checked(&|h| h.checks_failed.to_string()),
+    );
+    metric(
+        "upsync_server_health_consecutive_passes",
+        "Passed health checks in a row.",
+        "gauge",
+        per_checked(&|h| h.consecutive_passes.to_string()),
+    );
+    metric(
+        "upsync_server_health_consecutive_fails",
+        "Failed health checks in a row.",
+        "gauge",
+        per_checked(&|h| h.consecutive_fails.to_string()),
+    );
+    metric(
+        "upsync_server_health_last_check_timestamp_seconds",
+        "When the last health check completed (0: never).",
+        "gauge",
+        per_checked(&|h| format!("{:.3}", h.last_check_ms as f64 / 1000.0)),
+    );
+    let health: Vec<(String, String)> = upstreams
+        .iter()
+        .flat_map(|u| {
+            u.servers.iter().flat_map(move |s| {
+                let h = s.health.as_ref();
+                ["up", "unhealthy", "checking"]
+                    .into_iter()
+                    .filter(move |_| h.is_some())
+                    .map(move |st| {
+                        (
+                            format!(
+                                "upstream=\"{}\",server=\"{}\",health=\"{st}\"",
+                                label(&u.name),
+                                label(&s.address)
+                            ),
+                            u8::from(h.is_some_and(|h| h.state == st)).to_string(),
+                        )
+                    })
+            })
+        })
+        .collect();
+    metric(
+        "upsync_server_health",
+        "1 for the server's active health-check state.",
+        "gauge",
+        health,
+    );
     let states: Vec<(String, String)> = upstreams
         .iter()
         .flat_map(|u| {
@@ -463,6 +573,15 @@ mod tests {
             weight: 20,
             fail_timeout: 30,
             failed_until: Some(1_700_000_030),
+            health: Some(HealthView {
+                state: "unhealthy",
+                consecutive_fails: 2,
+                last_check_ms: 1_700_000_001_500,
+                last_failure: "connect refused".into(),
+                checks: 9,
+                checks_failed: 3,
+                ..Default::default()
+            }),
             ..Default::default()
         };
         vec![UpstreamView {
@@ -526,6 +645,17 @@ mod tests {
         assert_eq!(t["servers"][1]["state"], "failed");
         assert_eq!(t["upsync"]["generation"], 7);
         assert_eq!(t["upsync"]["last_error"], serde_json::Value::Null);
+        assert_eq!(t["servers"][0]["health"], serde_json::Value::Null);
+        let h = &t["servers"][1]["health"];
+        assert_eq!(h["state"], "unhealthy");
+        assert_eq!(h["consecutive_fails"], 2);
+        assert_eq!(h["consecutive_passes"], 0);
+        assert_eq!(h["last_check"], 1_700_000_001.5);
+        assert_eq!(h["last_failure"], "connect refused");
+        assert_eq!(
+            (h["checks"].as_u64(), h["checks_failed"].as_u64()),
+            (Some(9), Some(3))
+        );
         let p = render_prometheus(&views());
         assert!(p.contains("upsync_upstream_servers{upstream=\"test\"} 2\n"));
         assert!(p.contains(
@@ -535,6 +665,20 @@ mod tests {
             "upsync_server_state{upstream=\"test\",server=\"127.0.0.1:8089\",state=\"failed\"} 1\n"
         ));
         assert!(p.contains("# TYPE upsync_server_connections_total counter\n"));
+        assert!(p.contains(
+            "upsync_server_health{upstream=\"test\",server=\"127.0.0.1:8089\",health=\"unhealthy\"} 1\n"
+        ));
+        assert!(p.contains(
+            "upsync_server_health{upstream=\"test\",server=\"127.0.0.1:8089\",health=\"up\"} 0\n"
+        ));
+        assert!(p.contains(
+            "upsync_server_health_checks_failed_total{upstream=\"test\",server=\"127.0.0.1:8089\"} 3\n"
+        ));
+        assert!(p.contains("upsync_server_health_last_check_timestamp_seconds{upstream=\"test\",server=\"127.0.0.1:8089\"} 1700000001.500\n"));
+        // servers of upstreams without checks have no health series
+        assert!(!p.contains("upsync_server_health{upstream=\"test\",server=\"127.0.0.1:8088\""));
+        // the text view is unchanged by health data
+        assert!(!render_text(&views()).contains("unhealthy"));
         let filtered = String::from_utf8(render(
             &ShowRequest {
                 format: Format::Json,

@@ -24,6 +24,7 @@
 //! that dies holding it is noticed by the next process that waits (`shared`). Memory
 //! comes from the shared pool and is counted against the domain (`alloc`, `free`).
 
+mod health;
 mod ledger;
 mod set;
 mod shared;
@@ -39,6 +40,7 @@ use upsync_core::balancer::{LcNode, LcTree, Method, Plan, PlanView};
 use upsync_core::policy::Lease;
 use upsync_core::servers::ServerSpec;
 
+pub use health::{HealthCommit, HealthRecord, Probed};
 pub use ledger::Ticket;
 
 pub use set::{sockaddr_of, Slot, NAME_MAX};
@@ -47,7 +49,7 @@ use ledger::Ledger;
 use set::SharedSet;
 use shared::{DomainLock, Root};
 
-const MAGIC: u64 = 0x7570_7379_6e63_0006; // "upsync", layout v6
+const MAGIC: u64 = 0x7570_7379_6e63_0007; // "upsync", layout v7
 
 /// Why the zone could not take a set.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -175,6 +177,8 @@ pub struct ZoneHeader {
     skipped_count: u64,
     /// When dead processes' ledgers were last looked for (monotonic ms).
     ledgers_checked_ms: u64,
+    /// The active health check's table and prober lease (null: never configured).
+    health: *mut health::HealthBlock,
 }
 
 /// What `Zone::init` found.
@@ -557,9 +561,14 @@ impl Locked<'_> {
             // SAFETY: the previous tree is this domain's, no longer referenced; lock held.
             unsafe { self.free(old.ptr as *mut u8, old.words * size_of::<LcNode>()) };
         }
-        if tree.ptr.is_null() {
-            return;
+        if !tree.ptr.is_null() {
+            self.refresh_lc();
         }
+    }
+
+    /// Builds least_conn's tree again from the servers' state (many of them changed at
+    /// once).
+    pub(super) fn refresh_lc(&mut self) {
         let now = crate::ngx_util::now_sec();
         let (mut peers, _, _, lc) = self.pick_parts();
         if let Some(mut lc) = lc {
@@ -813,6 +822,7 @@ impl Locked<'_> {
             unsafe { self.free(plan.ptr as *mut u8, plan.words.max(1) * 8) };
         }
         self.install_lc(PlanRef::NONE);
+        self.free_health();
         true
     }
 

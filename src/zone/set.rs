@@ -305,6 +305,7 @@ impl Locked<'_> {
                     }
                     init_slot(s, spec);
                     (*s).state.ramp_start_ms = now_ms.unwrap_or(0);
+                    self.health_seed(&mut *s);
                     created.push(s);
                     s
                 };

@@ -26,6 +26,7 @@ fn random_set(rng: &mut Rng, n: usize) -> Vec<PeerState> {
             let mut p = peer(1 + (rng.next_u64() % 5) as i64);
             p.backup = rng.next_u64() % 6 == 0;
             p.down = rng.next_u64() % 10 == 0;
+            p.unhealthy = rng.next_u64() % 12 == 0;
             if rng.next_u64() % 5 == 0 {
                 p.max_conns = 1 + (rng.next_u64() % 3) as u32;
             }

@@ -37,6 +37,9 @@ pub struct PeerState {
     pub total: u64,
     pub down: bool,
     pub backup: bool,
+    /// Out of traffic by the active health check (unhealthy, or checking); written by
+    /// the upstream's prober.
+    pub unhealthy: bool,
     /// slow_start window (ms; 0: none) and when the current ramp began (ms).
     pub slow_start_ms: u64,
     pub ramp_start_ms: u64,
@@ -70,7 +73,7 @@ impl PeerState {
 
     /// Whether the peer may take a new connection at time `now` (seconds).
     pub fn available(&self, now: i64) -> bool {
-        if self.down || self.failed_until(now).is_some() {
+        if self.down || self.unhealthy || self.failed_until(now).is_some() {
             return false;
         }
         if self.max_conns > 0 && self.conns >= self.max_conns {

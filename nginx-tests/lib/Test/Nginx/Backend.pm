@@ -17,7 +17,14 @@ package Test::Nginx::Backend;
 #   greeting TCP: sent on accept (default "$id\n"; '' for none)
 #   echo     TCP: echo received data (default 1)
 #   close    TCP: close right after the greeting (default 0)
+#   delay    TCP: seconds to wait before the greeting (default 0: at once);
+#            other connections are served meanwhile (a slow server)
 #   reply    UDP: reply datagram (default "$id\n")
+#   silent   UDP: count datagrams but never answer (default 0)
+#   echo     UDP: answer each datagram with itself instead of the reply
+#
+# A backend that stops answering and comes back: ->stop, then a new tcp()/udp()
+# on the same port (with other options for a wrong banner or a slow one).
 #
 # The socket is bound in the parent before fork, so the backend accepts
 # connections as soon as tcp()/udp() returns.  The child keeps its counters
@@ -30,6 +37,7 @@ use Exporter qw/import/;
 use IO::Socket::INET;
 use IO::Select;
 use POSIX ();
+use Time::HiRes ();
 
 use Test::Nginx ();
 use Test::Nginx::Stream ();
@@ -69,10 +77,11 @@ sub _start {
 			if ($proto eq 'tcp') {
 				_serve_tcp($sock, $state,
 					exists $o{greeting} ? $o{greeting} : "$id\n",
-					$o{echo} // 1, $o{close} // 0);
+					$o{echo} // 1, $o{close} // 0, $o{delay} // 0);
 			} else {
 				_serve_udp($sock, $state,
-					exists $o{reply} ? $o{reply} : "$id\n");
+					exists $o{reply} ? $o{reply} : "$id\n",
+					$o{silent} // 0, $o{echo} // 0);
 			}
 		};
 		print STDERR "backend $id: $@" if $@;
@@ -159,25 +168,40 @@ sub _child_init {
 }
 
 sub _serve_tcp {
-	my ($listen, $state, $greeting, $echo, $close) = @_;
+	my ($listen, $state, $greeting, $echo, $close, $delay) = @_;
 	my $sel = IO::Select->new($listen);
 	my ($total, $open) = (0, 0);
+	my @pending;	# [socket, when] waiting for a delayed greeting
+
+	my $greet = sub {
+		my ($c) = @_;
+		_send($c, $greeting) if length $greeting;
+		if ($close) {
+			close $c;
+			_write_state($state, $total, --$open);
+			return;
+		}
+		$sel->add($c);
+	};
 
 	while (1) {
-		for my $fh ($sel->can_read) {
+		my $wait;
+		if (@pending) {
+			$wait = $pending[0][1] - Time::HiRes::time();
+			$wait = 0 if $wait < 0;
+		}
+		for my $fh ($sel->can_read($wait)) {
 			if ($fh == $listen) {
 				my $c = $listen->accept or next;
 				binmode $c;
 				$total++;
 				$open++;
 				_write_state($state, $total, $open);
-				_send($c, $greeting) if length $greeting;
-				if ($close) {
-					close $c;
-					_write_state($state, $total, --$open);
+				if ($delay) {
+					push @pending, [$c, Time::HiRes::time() + $delay];
 					next;
 				}
-				$sel->add($c);
+				$greet->($c);
 				next;
 			}
 
@@ -189,6 +213,9 @@ sub _serve_tcp {
 				next;
 			}
 			_send($fh, $buf) if $echo;
+		}
+		while (@pending && $pending[0][1] <= Time::HiRes::time()) {
+			$greet->((shift @pending)->[0]);
 		}
 	}
 }
@@ -204,14 +231,14 @@ sub _send {
 }
 
 sub _serve_udp {
-	my ($sock, $state, $reply) = @_;
+	my ($sock, $state, $reply, $silent, $echo) = @_;
 	my $total = 0;
 	while (1) {
 		my $peer = $sock->recv(my $buf, 65535);
 		next unless defined $peer;
 		$total++;
 		_write_state($state, $total, 0);
-		$sock->send($reply, 0, $peer);
+		$sock->send($echo ? $buf : $reply, 0, $peer) unless $silent;
 	}
 }
 
