@@ -22,12 +22,15 @@ select STDOUT; $| = 1;
 
 my $t = Test::Nginx->new(workers => 2)->has(qw/stream upsync/);
 plan(skip_all => 'ACL setup uses the emulator') unless !Test::Nginx::Consul::want_real();
-$t->plan(12);
+$t->plan(14);
 
 my $secret = 's3cr3t-0b7e5c';
 $t->write_file('token', "$secret\n");
 $t->write_file('narrow', "narrow-token\n");
 $t->write_file('wrong', "not-a-token\n");
+# the good token is private; the narrow one is readable by everyone (warned about)
+chmod 0600, $t->testdir . '/token';
+chmod 0644, $t->testdir . '/narrow';
 my $p = port(8081);
 
 $t->write_file_expand('nginx.conf', <<'EOF');
@@ -79,6 +82,10 @@ ok($t->wait_for_log(qr/upstream "partial".*may not read every entry \(X-Consul-R
 	'partial token: filtered list refused, logged');
 like(section('none'), qr/count: 1\n.*:${\ port(8089)} /s, 'no token: configured set kept');
 like(section('partial'), qr/count: 1\n.*:${\ port(8089)} /s, 'partial token: configured set kept');
+
+ok(scalar $t->grep_log(qr/\[warn\].*token_file ".*\/narrow" of upstream "partial" can be read by group or others \(mode 0644\); make it 0600/),
+	'a token file others may read: warned, with its mode');
+ok(!$t->grep_log(qr/\[warn\].*token_file ".*\/token" of upstream/), 'a private one: no warning');
 
 my $log = $t->error_log;
 unlike($log, qr/\Q$secret\E/, 'the token is not in the error log');

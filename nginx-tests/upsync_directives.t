@@ -200,6 +200,18 @@ EOF
 	'hash $remote_port consistent', 'hash $remote_addr', 'random two',
 	'random two least_conn'),
 
+# the C module's drop-in form: the stock directive that matches upsync_lb
+['least_conn; before upsync, with upsync_lb least_conn', ups("least_conn;\n        "
+	. "upsync 127.0.0.1:8500/v1/kv/a/ upsync_type=consul;\n        upsync_lb least_conn;\n"
+	. "        server 127.0.0.1:8081;")],
+['least_conn; after upsync, with upsync_lb least_conn', ups_sync("least_conn;\n        upsync_lb least_conn;")],
+['least_conn; alone next to upsync', ups_sync('least_conn;')],
+['hash KEY consistent; with upsync_lb hash_ketama KEY',
+	ups_sync("hash \$remote_addr consistent;\n        upsync_lb hash_ketama \$remote_addr;")],
+['hash KEY; before upsync, with upsync_lb hash KEY', ups("hash \$remote_addr;\n        "
+	. "upsync 127.0.0.1:8500/v1/kv/a/ upsync_type=consul;\n        upsync_lb hash \$remote_addr;\n"
+	. "        server 127.0.0.1:8081;")],
+
 ['consul_health type', upsync('127.0.0.1:8500/v1/health/service/web upsync_type=consul_health')],
 ['etcdv3 type', upsync('127.0.0.1:2379/upstreams/v/ upsync_type=etcdv3')],
 ['nacos type with every nacos_ parameter',
@@ -354,18 +366,20 @@ my @bad = (
 ['upsync twice', ups_sync(
 	'upsync 127.0.0.1:8500/v1/kv/b/ upsync_type=consul;'),
 	emerg(qq{"upsync" is given twice $IN; one registry source per upstream})],
-['least_conn before upsync', ups("least_conn;\n        "
+['least_conn before upsync, without upsync_lb (a method of its own)', ups("random;\n        "
 	. "upsync 127.0.0.1:8500/v1/kv/a/ upsync_type=consul;\n"
 	. "        server 127.0.0.1:8081;"),
 	emerg(q{upsync: upstream "u" already has a load-balancing method }
-	. q{(least_conn, hash, random); remove it and use "upsync_lb"})],
-['hash after upsync', ups_sync('hash $remote_addr;'),
-	emerg(q{upsync: upstream "u" also has a load-balancing directive }
-	. q{(least_conn, hash, random) after "upsync"; remove it and use }
-	. q{"upsync_lb"})],
+	. q{(random, or one of another module); remove it and use "upsync_lb"})],
+['hash after upsync without upsync_lb', ups_sync('hash $remote_addr;'),
+	qr/\[emerg\] \Qupsync: upstream "u" has "hash KEY" without upsync_lb: add "upsync_lb hash KEY;" with the same key (upsync balances with upsync_lb)\E/],
+['hash consistent with upsync_lb least_conn', ups_sync("hash \$remote_addr consistent;\n        upsync_lb least_conn;"),
+	qr/\[emerg\] \Qupsync: upstream "u" has "hash KEY consistent" but "upsync_lb least_conn": keep one method (upsync balances with upsync_lb)\E/],
+['least_conn with upsync_lb hash_ketama', ups_sync("least_conn;\n        upsync_lb hash_ketama;"),
+	qr/\[emerg\] \Qupsync: upstream "u" has "least_conn" but "upsync_lb hash_ketama": keep one method\E/],
 ['random after upsync', ups_sync('random;'),
 	emerg(q{upsync: upstream "u" also has a load-balancing directive }
-	. q{(least_conn, hash, random) after "upsync"; remove it and use }
+	. q{(random, or one of another module) after "upsync"; remove it and use }
 	. q{"upsync_lb"})],
 
 # placement

@@ -24,7 +24,7 @@ use Test::Nginx::Consul;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new(workers => 4)->has(qw/stream upsync/)->plan(26);
+my $t = Test::Nginx->new(workers => 4)->has(qw/stream upsync/)->plan(29);
 
 my @p = map { port(8081 + $_) } 0 .. 4;          # 5 backends
 my ($u1, $u2) = (port(8091), port(8092));         # UDP backends
@@ -34,8 +34,9 @@ my $seed = port(8099);
 my $stock = join "\n", map { "        server 127.0.0.1:$_;" } sort { $a <=> $b } @p[0 .. 3];
 
 my $ups = '';
-for my $m (qw/rr lc ket mod rnd two udp zoned ss/) {
-	my %lb = (rr => '', lc => 'upsync_lb least_conn;', ket => 'upsync_lb hash_ketama $remote_port;',
+for my $m (qw/rr lc lcs ket mod rnd two udp zoned ss/) {
+	# lcs: the C module's form, the stock directive next to upsync_lb
+	my %lb = (rr => '', lc => 'upsync_lb least_conn;', lcs => "least_conn;\n        upsync_lb least_conn;", ket => 'upsync_lb hash_ketama $remote_port;',
 		mod => 'upsync_lb hash $remote_port;', rnd => 'upsync_lb random;',
 		two => 'upsync_lb random two;', udp => '', zoned => 'zone zoned 64k;', ss => '');
 	$ups .= <<"EOF";
@@ -59,6 +60,7 @@ $stock
     }
     server { listen 127.0.0.1:%%PORT_8060%%; proxy_pass rr; }
     server { listen 127.0.0.1:%%PORT_8061%%; proxy_pass lc; }
+    server { listen 127.0.0.1:%%PORT_8071%%; proxy_pass lcs; }
     server { listen 127.0.0.1:%%PORT_8062%%; proxy_pass ket; }
     server { listen 127.0.0.1:%%PORT_8069%%; proxy_pass ket; }
     server { listen 127.0.0.1:%%PORT_8063%%; proxy_pass mod; }
@@ -78,7 +80,7 @@ my @backends = ((map { Test::Nginx::Backend->tcp($t, port => $p[$_], id => "b$_"
 	Test::Nginx::Backend->udp($t, port => $u2, id => 'u2'));
 
 # weights 3:1 for rr/lc/rnd/two/zoned; 4 equal servers for the hashes
-for my $m (qw/rr lc rnd two zoned/) {
+for my $m (qw/rr lc lcs rnd two zoned/) {
 	$consul->put("upstreams/$m/127.0.0.1:$p[0]", '{"weight":3}');
 	$consul->put("upstreams/$m/127.0.0.1:$p[1]", '{"weight":1}');
 }
@@ -94,7 +96,7 @@ $t->run();
 sub section { show_section(port(8088), $_[0]) }
 
 ok(wait_for(sub {
-	!grep({ section($_) !~ /count: 2\n/ } qw/rr lc rnd two zoned udp/)
+	!grep({ section($_) !~ /count: 2\n/ } qw/rr lc lcs rnd two zoned udp/)
 		&& section('ket') =~ /count: 4\n/ && section('mod') =~ /count: 4\n/
 }, timeout => 10), 'all upstreams synced');
 
@@ -125,6 +127,20 @@ sub via_port {
 
 my $c = count_by_backend($t, port(8060), 400);
 is_deeply($c, { b0 => 300, b1 => 100 }, 'roundrobin 3:1 across 4 workers: exactly 300/100');
+
+# the C module's form: least_conn; next to upsync_lb least_conn; is accepted
+# with a notice and balances the same
+ok(scalar $t->grep_log(qr/\[notice\].*upstream "lcs": "least_conn" is upsync_lb's method \(the C module's form\)/),
+	'least_conn; next to upsync_lb least_conn: accepted with a notice');
+{
+	my @open = map { Test::Nginx::Stream->new(port => port(8071)) } 1 .. 12;
+	my %n;
+	$n{ ($_->readline // '') =~ s/\n//r }++ for @open;
+	is_deeply(\%n, { b0 => 9, b1 => 3 }, 'least_conn; (C module form): 12 open sessions split 9:3');
+	$_->close for @open;
+	ok(wait_for(sub { $backends[0]->open_connections == 0 && $backends[1]->open_connections == 0 },
+		timeout => 5), 'those sessions closed');
+}
 
 # least_conn with sessions held open: each new session goes to the lowest
 # connections/weight, so 12 open sessions over weights 3:1 end exactly 9:3

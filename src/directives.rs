@@ -220,7 +220,11 @@ unsafe extern "C" fn cmd_upsync(
         None => None,
         Some(path) => match std::fs::read_to_string(path) {
             Ok(t) => match parse_credential(spec.kind, &t) {
-                Ok(c) => Some(c),
+                Ok(c) => {
+                    // SAFETY: `cf` is the configuration being parsed.
+                    unsafe { warn_readable_secret(cf, path, &name, spec.kind) };
+                    Some(c)
+                }
                 Err(what) => conf_err!(
                     cf,
                     "upsync: token_file \"{path}\" of upstream \"{name}\" {what}"
@@ -260,11 +264,16 @@ unsafe extern "C" fn cmd_upsync(
     };
     // SAFETY: `uscf` is the live upstream configuration being parsed.
     unsafe {
-        if (*uscf).peer.init_upstream.is_some() {
-            conf_err!(
-                cf,
-                "upsync: upstream \"{name}\" already has a load-balancing method (least_conn, hash, random); remove it and use \"upsync_lb\""
-            );
+        if let Some(init) = (*uscf).peer.init_upstream {
+            // `least_conn;` or `hash ...;` before `upsync`: checked against upsync_lb
+            // once the block is read (see `check_stock_lb`)
+            match crate::stock_lb::identify(cf, init) {
+                Some(stock) => conf.stock_lb = Some(stock),
+                None => conf_err!(
+                    cf,
+                    "upsync: upstream \"{name}\" already has a load-balancing method (random, or one of another module); remove it and use \"upsync_lb\""
+                ),
+            }
         }
         (*uscf).peer.init_upstream = Some(crate::peer::init_upstream);
     }
@@ -352,23 +361,149 @@ unsafe extern "C" fn cmd_dump_path(
     if path.is_empty() || path.ends_with('/') {
         conf_err!(cf, "upsync_dump_path: \"{path}\" is not a file path");
     }
-    // A first start needs no hand-made file: a missing dump (and its directory) is
-    // created empty, so an `include` of it that follows works; the registry fills it.
+    // relative to the configuration's directory, as `include` reads it
+    // SAFETY: `cf` is the configuration being parsed.
+    let path = unsafe { conf_relative(cf, &path) };
+    // SAFETY: as above.
+    unsafe { prepare_dump(cf, conf, path, "upsync_dump_path") };
+    NGX_CONF_OK
+}
+
+/// A credential file others may read gets a warning naming it and its mode. Not for
+/// Kubernetes: its token is read again by the workers when it rotates (and a Pod's
+/// projected token is mode 0644 by default).
+///
+/// # Safety
+/// `cf` is the configuration being parsed.
+unsafe fn warn_readable_secret(
+    cf: *mut ngx_conf_t,
+    path: &str,
+    name: &str,
+    kind: upsync_core::conf::SourceKind,
+) {
+    use std::os::unix::fs::PermissionsExt;
+    if kind == upsync_core::conf::SourceKind::Kubernetes {
+        return;
+    }
+    let Ok(m) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = m.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        ngx_conf_log_error!(
+            NGX_LOG_WARN,
+            cf,
+            "upsync: token_file \"{path}\" of upstream \"{name}\" can be read by group or others (mode {mode:04o}); make it 0600: only nginx's master reads it, with the configuration"
+        );
+    }
+}
+
+/// `path` made absolute against the configuration's directory (nginx's conf prefix).
+///
+/// # Safety
+/// `cf` is the configuration being parsed.
+unsafe fn conf_relative(cf: *mut ngx_conf_t, path: &str) -> String {
+    if path.starts_with('/') {
+        return path.to_string();
+    }
+    // SAFETY: per the contract the cycle's conf prefix is set.
+    let prefix = unsafe { str_of(&(*(*cf).cycle).conf_prefix) };
+    format!("{prefix}{path}")
+}
+
+/// Makes `path` the upstream's dump: a first start needs no hand-made file, so a
+/// missing dump (and its directory) is created empty (an `include` of it that follows
+/// works; the registry fills it), and an unsafe place is warned about.
+///
+/// # Safety
+/// `cf` is the configuration being parsed.
+unsafe fn prepare_dump(cf: *mut ngx_conf_t, conf: &mut SrvConf, path: String, what: &str) {
     match upsync_core::dump::create_if_missing(std::path::Path::new(&path)) {
         Ok(made) => conf.created_dump = made,
         Err(e) => {
             ngx_conf_log_error!(
                 NGX_LOG_WARN,
                 cf,
-                "upsync_dump_path: cannot create \"{path}\": {e}; the dump cannot be written until it can"
+                "{what}: cannot create \"{path}\": {e}; the dump cannot be written until it can"
             );
         }
     }
     for warning in upsync_core::dump::path_warnings(std::path::Path::new(&path)) {
-        ngx_conf_log_error!(NGX_LOG_WARN, cf, "upsync_dump_path: {warning}");
+        ngx_conf_log_error!(NGX_LOG_WARN, cf, "{what}: {warning}");
     }
     conf.dump_path = Some(path);
-    NGX_CONF_OK
+}
+
+/// The C module's drop-in form: a stock `least_conn;` or `hash KEY [consistent];` next
+/// to `upsync` is accepted (with a notice) when it is the method `upsync_lb` names, or,
+/// for `least_conn;` alone, makes it the method; anything else is refused. Returns the
+/// message of a refusal.
+pub fn check_stock_lb(conf: &mut SrvConf) -> Result<(), String> {
+    use crate::stock_lb::StockLb;
+    use upsync_core::balancer::Method;
+    let Some(stock) = conf.stock_lb else {
+        return Ok(());
+    };
+    let lb = conf.lb.as_ref().map(|l| l.method);
+    let ok = match (stock, lb) {
+        (StockLb::LeastConn, None) => {
+            conf.lb = upsync_core::conf::parse_lb(&["least_conn"]).ok();
+            true
+        }
+        (StockLb::LeastConn, Some(Method::LeastConn)) => true,
+        (StockLb::Hash, Some(Method::HashModula)) => true,
+        (StockLb::HashConsistent, Some(Method::HashKetama)) => true,
+        _ => false,
+    };
+    if ok {
+        return Ok(());
+    }
+    let want = match stock {
+        StockLb::LeastConn => "upsync_lb least_conn;",
+        StockLb::Hash => "upsync_lb hash KEY;",
+        StockLb::HashConsistent => "upsync_lb hash_ketama KEY;",
+    };
+    Err(match lb {
+        None => format!(
+            "upsync: upstream \"{}\" has \"{}\" without upsync_lb: add \"{want}\" with the same key (upsync balances with upsync_lb)",
+            conf.name,
+            stock.directive()
+        ),
+        Some(_) => format!(
+            "upsync: upstream \"{}\" has \"{}\" but \"upsync_lb {}\": keep one method (upsync balances with upsync_lb)",
+            conf.name,
+            stock.directive(),
+            conf.method_name()
+        ),
+    })
+}
+
+/// An upsync upstream without `upsync_dump_path` dumps to `upsync/servers_NAME.conf` in
+/// the configuration's directory. The C module's default, /tmp/servers_NAME.conf, is
+/// kept (with a warning) when that file exists: configurations `include` it.
+///
+/// # Safety
+/// `cf` is the configuration just parsed (postconfiguration).
+pub unsafe fn default_dump_path(cf: *mut ngx_conf_t, conf: &mut SrvConf) {
+    if conf.dump_path.is_some() || conf.upsync.is_none() {
+        return;
+    }
+    let legacy = format!("/tmp/servers_{}.conf", conf.name);
+    // SAFETY: per the contract.
+    let default = unsafe { conf_relative(cf, &format!("upsync/servers_{}.conf", conf.name)) };
+    if std::fs::symlink_metadata(&legacy).is_ok() {
+        ngx_conf_log_error!(
+            NGX_LOG_WARN,
+            cf,
+            "upsync: upstream \"{}\" dumps to \"{legacy}\" (the C module's default, which exists), where other users can reach it; set upsync_dump_path (without it new upstreams dump to \"{default}\")",
+            conf.name
+        );
+        // SAFETY: per the contract.
+        unsafe { prepare_dump(cf, conf, legacy, "upsync") };
+        return;
+    }
+    // SAFETY: per the contract.
+    unsafe { prepare_dump(cf, conf, default, "upsync") };
 }
 
 unsafe extern "C" fn cmd_lb(

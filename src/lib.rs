@@ -35,6 +35,8 @@ mod srv_conf;
 #[cfg(not(test))]
 mod status;
 #[cfg(not(test))]
+mod stock_lb;
+#[cfg(not(test))]
 mod zk;
 #[cfg(not(test))]
 pub mod zone;

@@ -108,14 +108,41 @@ unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
             );
             return NGX_ERROR as ngx_int_t;
         }
+        // SAFETY: the configuration just parsed.
+        unsafe { directives::default_dump_path(cf, conf) };
         if conf.upsync.is_some() && !conf.initialized {
+            // a balancing directive after `upsync` replaced its init_upstream
+            // SAFETY: the upstream and the configuration just parsed.
+            let stock = unsafe { (*uscf).peer.init_upstream }
+                // SAFETY: as above.
+                .and_then(|init| unsafe { crate::stock_lb::identify(cf, init) });
+            let Some(stock) = stock else {
+                ngx_conf_log_error!(
+                    NGX_LOG_EMERG,
+                    cf,
+                    "upsync: upstream \"{}\" also has a load-balancing directive (random, or one of another module) after \"upsync\"; remove it and use \"upsync_lb\"",
+                    conf.name
+                );
+                return NGX_ERROR as ngx_int_t;
+            };
+            conf.stock_lb = Some(stock);
+            // SAFETY: as above; upsync's own initialization runs instead.
+            if unsafe { crate::peer::init_upstream(cf, uscf) } != NGX_OK as ngx_int_t {
+                return NGX_ERROR as ngx_int_t;
+            }
+        }
+        if let Some(stock) = conf.stock_lb {
+            if let Err(msg) = directives::check_stock_lb(conf) {
+                ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{msg}");
+                return NGX_ERROR as ngx_int_t;
+            }
             ngx_conf_log_error!(
-                NGX_LOG_EMERG,
+                NGX_LOG_NOTICE,
                 cf,
-                "upsync: upstream \"{}\" also has a load-balancing directive (least_conn, hash, random) after \"upsync\"; remove it and use \"upsync_lb\"",
-                conf.name
+                "upsync: upstream \"{}\": \"{}\" is upsync_lb's method (the C module's form); upsync balances with it",
+                conf.name,
+                stock.directive()
             );
-            return NGX_ERROR as ngx_int_t;
         }
     }
     // SAFETY: called from postconfiguration with the stream configuration just parsed.

@@ -27,6 +27,9 @@ pub struct SrvConf {
     pub ssl: *mut c_void,
     pub dump_path: Option<String>,
     pub lb: Option<LbSpec>,
+    /// A stock balancing directive in the same block (`least_conn;`, `hash ...;`: the
+    /// C module's drop-in form), checked against `lb` after parsing.
+    pub stock_lb: Option<crate::stock_lb::StockLb>,
     /// The hash key of `upsync_lb`, compiled; null means `$remote_addr`.
     pub lb_key: *mut ngx_stream_complex_value_t,
     pub uscf: *mut ngx_stream_upstream_srv_conf_t,
@@ -70,6 +73,7 @@ impl SrvConf {
             ssl: ptr::null_mut(),
             dump_path: None,
             lb: None,
+            stock_lb: None,
             lb_key: ptr::null_mut(),
             uscf: ptr::null_mut(),
             name: String::new(),
@@ -90,10 +94,12 @@ impl SrvConf {
         }
     }
 
+    /// Where the dump goes (`upsync_dump_path`, else the default `postconfiguration`
+    /// sets, see `directives::default_dump_path`).
     pub fn dump_path(&self) -> String {
         self.dump_path
             .clone()
-            .unwrap_or_else(|| format!("/tmp/servers_{}.conf", self.name))
+            .unwrap_or_else(|| format!("upsync/servers_{}.conf", self.name))
     }
 
     /// `upsync: upstream "NAME" (consul 127.0.0.1:8500/v1/kv/...)` — the prefix of every

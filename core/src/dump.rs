@@ -104,7 +104,10 @@ impl TempDump {
         tmp_name.push(name);
         tmp_name.push(format!(".tmp.{}", std::process::id()));
         let tmp = dir_of(path).join(tmp_name);
-        let mode = fs::metadata(path)
+        // the mode of the dump being replaced (never of what a symlink points at)
+        let mode = fs::symlink_metadata(path)
+            .ok()
+            .filter(|m| m.file_type().is_file())
             .map(|m| m.permissions().mode() & 0o7777)
             .unwrap_or(0o644);
         let open = || {
