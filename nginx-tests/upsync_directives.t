@@ -525,7 +525,7 @@ EOF
 
 ###############################################################################
 
-$t->plan(2 * (@good + @bad));
+$t->plan(2 * (@good + @bad) + 4);
 
 my $n = 0;
 for my $c (@good, @bad) {
@@ -541,6 +541,17 @@ for my $c (@good, @bad) {
 		ok($ok, "$name: accepted") or diag($out);
 		unlike($out, qr/\[(?:emerg|alert|crit)\]/, "$name: no errors");
 	}
+}
+
+# warnings that do not stop nginx: what cannot be synced, and the drop-in notice
+{
+	$t->write_file_expand('warn.conf', ups_sync("least_conn;", "server 127.0.0.1:8081;\n        server unix:/tmp/upsync-left-out.sock;"));
+	my ($ok, $out) = $t->test_config('warn.conf');
+	ok($ok, 'a unix socket server next to upsync: accepted') or diag($out);
+	like($out, qr/\[warn\] upsync: upstream "u": server "unix:\/tmp\/upsync-left-out\.sock" is left out: only IP addresses can be synced/,
+		'and reported as left out');
+	unlike($out, qr/upstream "u".*without upsync_lb/, 'least_conn; alone is upsync\'s method');
+	unlike($out, qr/\[(?:emerg|alert|crit)\]/, 'no errors');
 }
 
 ###############################################################################

@@ -653,8 +653,9 @@ for my $name (@ORDER) {
 events { }
 stream {
     upstream $name {
+        # zone_size=1m: the upstream may use 1 MB, so answers are read up to 8 MB
         upsync $addr$path upsync_type=$u->{type}
-               upsync_interval=$INTERVAL upsync_timeout=$TIMEOUT;
+               upsync_interval=$INTERVAL upsync_timeout=$TIMEOUT zone_size=1m;
         upsync_dump_path %%TESTDIR%%/servers_$name.conf;
         server 127.0.0.1:1;
     }

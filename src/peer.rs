@@ -97,7 +97,16 @@ pub unsafe extern "C" fn init_upstream(
         conf
     };
     // SAFETY: `us` is the parsed upstream.
-    conf.initial = unsafe { configured_servers(us, conf.placeholder) };
+    let (initial, left_out) = unsafe { configured_servers(us, conf.placeholder) };
+    for name in left_out {
+        ngx::ngx_conf_log_error!(
+            NGX_LOG_WARN,
+            cf,
+            "upsync: upstream \"{}\": server \"{name}\" is left out: only IP addresses can be synced (and dumped), not unix sockets",
+            conf.name
+        );
+    }
+    conf.initial = initial;
     upsync_core::servers::normalize(&mut conf.initial);
     conf.initialized = true;
     NGX_OK as ngx_int_t
@@ -129,19 +138,21 @@ unsafe fn drop_placeholder(us: *mut ngx_stream_upstream_srv_conf_t, placeholder:
 }
 
 /// The `server` lines of an upstream block, one spec per resolved address, without the
-/// stand-in `placeholder`.
+/// stand-in `placeholder`; and the names of addresses that cannot be synced (unix
+/// sockets).
 ///
 /// # Safety
 /// `us` is a parsed stream upstream.
 unsafe fn configured_servers(
     us: *mut ngx_stream_upstream_srv_conf_t,
     placeholder: *mut ngx_addr_t,
-) -> Vec<ServerSpec> {
+) -> (Vec<ServerSpec>, Vec<String>) {
     let mut out = Vec::new();
+    let mut left_out = Vec::new();
     // SAFETY: per the contract `servers` is null or an array of parsed servers.
     let servers: &[ngx_stream_upstream_server_t] = unsafe {
         if (*us).servers.is_null() {
-            return out;
+            return (out, left_out);
         }
         (*(*us).servers).as_slice()
     };
@@ -151,6 +162,7 @@ unsafe fn configured_servers(
             let a = unsafe { &*s.addrs.add(i) };
             // SAFETY: each address is a socket address of `socklen` bytes.
             let Some(addr) = (unsafe { socket_addr(a.sockaddr, a.socklen) }) else {
+                left_out.push(crate::ngx_util::str_of(&a.name));
                 continue;
             };
             out.push(ServerSpec {
@@ -165,7 +177,7 @@ unsafe fn configured_servers(
             });
         }
     }
-    out
+    (out, left_out)
 }
 
 /// Reads a C socket address (IPv4/IPv6 only).

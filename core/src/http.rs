@@ -30,7 +30,7 @@ impl Head {
 pub enum HttpError {
     #[error("response header larger than {MAX_HEAD} bytes or more than {MAX_HEADERS} headers")]
     HeadTooLarge,
-    #[error("response body larger than the {0} byte limit")]
+    #[error("response body larger than the {0} byte limit (8 times the shared memory the upstream may use: raise upsync_zone_size, or the upstream's zone_size=)")]
     BodyTooLarge(usize),
     #[error("invalid response header: {0}")]
     BadHead(String),

@@ -198,6 +198,16 @@ pub fn tick_ms(interval_ms: u64) -> u64 {
     (interval_ms / 2).clamp(100, 2000)
 }
 
+/// The largest registry response read for an upstream that may use `memory` bytes of
+/// shared memory: 8 times that (a server takes about 250 bytes in the zone and at most
+/// about 2 KB in the most verbose answers, Consul's health listings), at least 8 MiB.
+/// So any set that fits the zone can be read, and the limit follows `zone_size=` /
+/// `upsync_zone_size`.
+pub fn response_limit(memory: u64) -> usize {
+    const MIN: u64 = 8 << 20;
+    memory.saturating_mul(8).max(MIN).min(usize::MAX as u64) as usize
+}
+
 /// xorshift64*: spreads timers and jitters retries; not for anything secret.
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
@@ -223,6 +233,14 @@ impl Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn responses_may_be_8_times_the_memory_an_upstream_may_use() {
+        assert_eq!(response_limit(0), 8 << 20);
+        assert_eq!(response_limit(1 << 20), 8 << 20);
+        assert_eq!(response_limit(128 << 20), 1 << 30);
+        assert_eq!(response_limit(u64::MAX), usize::MAX);
+    }
 
     #[test]
     fn pacing_lets_changes_through_and_spaces_idle_answers() {

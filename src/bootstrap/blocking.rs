@@ -63,13 +63,14 @@ pub fn fetch(
     source: &mut dyn Source,
     attempts: u32,
     timeout: Duration,
+    body_limit: usize,
     wrap: Wrap,
 ) -> Result<Snapshot, FetchError> {
     let mut last = FetchError::NoAddress;
     for _ in 0..attempts.max(1) {
         for t in targets {
             source.reset();
-            match fetch_one(t, endpoint, source, timeout, wrap) {
+            match fetch_one(t, endpoint, source, timeout, body_limit, wrap) {
                 Ok(s) => return Ok(s),
                 Err(why) => last = FetchError::At { addr: t.addr, why },
             }
@@ -83,6 +84,7 @@ fn fetch_one(
     endpoint: &Endpoint,
     source: &mut dyn Source,
     timeout: Duration,
+    body_limit: usize,
     wrap: Wrap,
 ) -> Result<Snapshot, Step> {
     let deadline = Instant::now() + timeout;
@@ -106,7 +108,7 @@ fn fetch_one(
             &req.body,
         ))
         .map_err(Step::Send)?;
-        let mut p = ResponseParser::new(8 * 1024 * 1024);
+        let mut p = ResponseParser::new(body_limit);
         let mut buf = [0u8; 16 * 1024];
         loop {
             if Instant::now() > deadline {

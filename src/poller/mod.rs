@@ -27,9 +27,6 @@ use upsync_core::http::{build_request, ResponseParser};
 use upsync_core::policy::{self, ErrorDedup, Failover, Pacer, Retry, Rng};
 use upsync_core::registry::{redact, source_for, RegistryError, Snapshot, Source};
 
-/// Largest registry response accepted (a 10,000-server KV listing is about 2 MB).
-const BODY_LIMIT: usize = 8 * 1024 * 1024;
-
 /// One request and its response.
 struct Exchange {
     out: Vec<u8>,
@@ -179,6 +176,17 @@ impl ConnOwner for Poller {
 }
 
 impl Poller {
+    /// The largest answer read (`policy::response_limit` of what the upstream may use).
+    fn body_limit(&self) -> usize {
+        let u = self.publisher.zone.usage();
+        let memory = if u.budget > 0 {
+            u.budget
+        } else {
+            u.shared_size
+        };
+        policy::response_limit(memory)
+    }
+
     fn conf(&self) -> &SrvConf {
         // SAFETY: the configuration outlives the worker's pollers.
         unsafe { &*self.conf }
@@ -256,7 +264,7 @@ impl Poller {
                 &req.body,
             ),
             sent: 0,
-            parser: ResponseParser::new(BODY_LIMIT),
+            parser: ResponseParser::new(self.body_limit()),
             started: now,
             timeout_ms,
             timeout_is_normal: req.timeout_is_normal,
