@@ -58,6 +58,10 @@ pub enum ZoneError {
     Full { servers: usize },
 }
 
+/// Sets up to this size pick least_conn by a scan (as cheap as nginx's for a few
+/// servers); larger ones keep a tree.
+const LC_TREE_MIN: usize = 32;
+
 /// The memory of one server's slot.
 pub const SLOT_BYTES: u64 = size_of::<Slot>() as u64;
 
@@ -65,7 +69,9 @@ pub const SLOT_BYTES: u64 = size_of::<Slot>() as u64;
 /// `method` (slots, their list, the plan, least_conn's tree).
 pub fn bytes_for(servers: usize, plan_words: usize, method: Method) -> u64 {
     let tree = match method {
-        Method::LeastConn => LcTree::nodes_for(servers) * size_of::<LcNode>(),
+        Method::LeastConn if servers > LC_TREE_MIN => {
+            LcTree::nodes_for(servers) * size_of::<LcNode>()
+        }
         _ => 0,
     };
     (servers * (size_of::<Slot>() + size_of::<*mut Slot>()) + plan_words * 8 + tree) as u64
@@ -547,7 +553,7 @@ impl Locked<'_> {
     /// for other methods).
     fn lc_nodes_for(&self, method: Option<Method>, len: usize) -> usize {
         match method {
-            Some(Method::LeastConn) => LcTree::nodes_for(len),
+            Some(Method::LeastConn) if len > LC_TREE_MIN => LcTree::nodes_for(len),
             _ => 0,
         }
     }

@@ -166,10 +166,17 @@ impl<'a> LcTree<'a> {
 
     fn set_leaf(&mut self, i: usize, leaf: LcNode) {
         let mut k = self.size + i;
+        if self.nodes[k] == leaf {
+            return;
+        }
         self.nodes[k] = leaf;
         while k > 1 {
             k /= 2;
-            self.nodes[k] = LcNode::combine(&self.nodes[2 * k], &self.nodes[2 * k + 1]);
+            let node = LcNode::combine(&self.nodes[2 * k], &self.nodes[2 * k + 1]);
+            if self.nodes[k] == node {
+                return; // nothing above changes either
+            }
+            self.nodes[k] = node;
         }
     }
 
@@ -211,31 +218,78 @@ impl<'a> LcTree<'a> {
         k - self.size
     }
 
+    /// Calls `f` with every server tied at the best key, in set order.
+    fn for_each_tie(&self, k: usize, best: &LcNode, f: &mut impl FnMut(usize)) {
+        if self.nodes[k].key_cmp(best) != Ordering::Equal {
+            return;
+        }
+        if k >= self.size {
+            return f(k - self.size);
+        }
+        self.for_each_tie(2 * k, best, f);
+        self.for_each_tie(2 * k + 1, best, f);
+    }
+
     /// Every server tied at the best key (at most `FEW_TIES` of them), into `out`.
     fn ties(&self, out: &mut [usize; FEW_TIES as usize]) -> usize {
         let best = self.nodes[1];
-        let mut stack = [0usize; 64];
-        let (mut sp, mut n) = (1, 0);
-        stack[0] = 1;
-        while sp > 0 {
-            sp -= 1;
-            let k = stack[sp];
-            if self.nodes[k].key_cmp(&best) != Ordering::Equal {
-                continue;
+        let mut n = 0;
+        self.for_each_tie(1, &best, &mut |i| {
+            if n < out.len() {
+                out[n] = i;
+                n += 1;
             }
-            if k >= self.size {
-                if n < out.len() {
-                    out[n] = k - self.size;
-                    n += 1;
-                }
-                continue;
-            }
-            // right first, so the left child is visited first (set order)
-            stack[sp] = 2 * k + 1;
-            stack[sp + 1] = 2 * k;
-            sp += 2;
-        }
+        });
         n
+    }
+
+    /// The pick when nothing of the best key was tried (a session's first attempt):
+    /// the one best server, nginx's smooth round robin among a few tied ones, or the
+    /// rotation among many. None sends the caller to the general path.
+    fn pick_fresh<P: Peers + ?Sized, T: Fn(usize) -> bool + ?Sized>(
+        &self,
+        peers: &mut P,
+        tried: &T,
+        cursor: &mut u64,
+    ) -> Option<usize> {
+        let best = self.nodes[1];
+        let usable = |i: usize| i < peers.len() && !tried(i);
+        if best.ties == 1 {
+            return self
+                .descend(|n| n.key_cmp(&best) == Ordering::Equal)
+                .filter(|&i| usable(i));
+        }
+        if best.ties > FEW_TIES {
+            let u = *cursor % best.tie_weight.max(1);
+            let i = self.by_tie_weight(u);
+            if !usable(i) {
+                return None;
+            }
+            *cursor = cursor.wrapping_add(1);
+            return Some(i);
+        }
+        // as nginx's scan: every tied server untried, else the general path
+        let mut all = true;
+        self.for_each_tie(1, &best, &mut |i| all &= usable(i));
+        if !all {
+            return None;
+        }
+        let (mut chosen, mut chosen_cw, mut total) = (None, i64::MIN, 0i64);
+        self.for_each_tie(1, &best, &mut |i| {
+            let p = peers.peer(i);
+            p.current_weight += p.effective_weight;
+            total += p.effective_weight;
+            if p.effective_weight < p.weight {
+                p.effective_weight += 1;
+            }
+            if chosen.is_none() || p.current_weight > chosen_cw {
+                chosen = Some(i);
+                chosen_cw = p.current_weight;
+            }
+        });
+        let i = chosen?;
+        peers.peer(i).current_weight -= total;
+        Some(i)
     }
 
     /// nginx's least_conn over the tree: the available server with the fewest
@@ -259,6 +313,12 @@ impl<'a> LcTree<'a> {
             }
             self.update(i, peers.peer(i), now);
             guard -= 1;
+        }
+        if self.nodes[1].is_none() {
+            return None;
+        }
+        if let Some(i) = self.pick_fresh(peers, tried, cursor) {
+            return Some(i);
         }
         let mut skipped = [0usize; MAX_SKIPPED];
         let mut ns = 0;
