@@ -2,7 +2,9 @@
 
 # $upstream_addr after a retry: a session that failed on one server and was
 # served by another logs "DEAD, LIVE" - every address it tried, in order - the
-# same as a stock upstream with the same two servers does.
+# same as a stock upstream with the same two servers does. And a session that
+# outlives its server (removed from the registry while it was open) logs that
+# server's address when it ends; the server's memory is given back after that.
 
 use strict;
 use warnings;
@@ -13,14 +15,16 @@ use lib 'nginx-tests/lib';
 
 use Test::More;
 
-use Test::Nginx qw/ :DEFAULT port wait_for http_get show_section /;
+use Test::Nginx qw/ :DEFAULT port wait_for http_get http_parse show_section /;
+use Test::Nginx::Stream;
+use JSON::PP;
 use Test::Nginx::Backend;
 use Test::Nginx::Consul;
 
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new(workers => 1)->has(qw/stream upsync/)->plan(11);
+my $t = Test::Nginx->new(workers => 1)->has(qw/stream upsync/)->plan(15);
 
 my ($live, $dead) = (port(8081), port(8082));	# nothing ever listens on $dead
 my ($up_port, $stock_port) = (port(8060), port(8061));
@@ -94,6 +98,31 @@ for my $case ([stock => $stock_port], [upsync => $up_port]) {
 		or diag("$name: " . join(' | ', map { join ', ', @$_ } @wrong) . " (dead $dead, live $live)");
 	my @same = grep { @$_ == 2 && $_->[0] eq $_->[1] } @r;
 	is(scalar @same, 0, "$name: the two addresses of a retried session differ");
+}
+
+# a session whose server is removed while it is open, then ends
+{
+	my $used = sub {
+		my (undef, undef, $b) = http_parse(http_get(port(8088), '/?format=json', timeout => 3) // '');
+		my $j = eval { decode_json($b // '') } or return undef;
+		return $j->{upstreams}{u}{upsync}{memory}{used};
+	};
+	$consul->delete("upstreams/u/127.0.0.1:$dead");
+	ok(wait_for(sub { show_section(port(8088), 'u') =~ /count: 1\n/ }, timeout => 5), 'u: only the live server');
+	my $before = $used->();
+	my $s = Test::Nginx::Stream->new(port => $up_port);
+	$s->readline;
+	my $mark = () = ($t->read_file('addr.log') // '') =~ /\n/g;
+	$consul->delete("upstreams/u/127.0.0.1:$live");
+	$consul->put("upstreams/u/127.0.0.1:$dead", '');
+	ok(wait_for(sub { show_section(port(8088), 'u') =~ /count: 1\n.*:$dead /s }, timeout => 5),
+		'its server was removed while the session is open');
+	$s->close;
+	ok(wait_for(sub { (() = ($t->read_file('addr.log') // '') =~ /\n/g) > $mark }, timeout => 5)
+		&& (split /\n/, $t->read_file('addr.log'))[-1] eq "$up_port 127.0.0.1:$live",
+		'the session ends and logs the removed server\'s address');
+	ok(wait_for(sub { my $u = $used->(); defined $u && $u <= $before }, timeout => 10),
+		'the removed server\'s memory is given back once every worker passed a quiet point');
 }
 
 my @bad = $t->grep_log(qr/\[(alert|crit|emerg)\]/);

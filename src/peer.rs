@@ -19,10 +19,10 @@ use upsync_core::balancer::{pick, Method};
 use upsync_core::policy::Rng;
 use upsync_core::servers::ServerSpec;
 
-/// Per-session state, allocated from the session's pool. Small (48 bytes, like the
-/// few words stock round robin takes, so nginx serves it from the pool's current block)
-/// and written once: what the upstream's configuration holds is read from there. The
-/// hash methods get a `KeyedPeerData` that adds the key.
+/// Per-session state, allocated from the session's pool. Small (64 bytes: nginx serves
+/// it from the pool's current block, as it does stock round robin's few words) and
+/// written once: what the upstream's configuration holds is read from there. The hash
+/// methods get a `KeyedPeerData` that adds the key.
 #[repr(C)]
 struct PeerData {
     conf: *const SrvConf,
@@ -37,9 +37,14 @@ struct PeerData {
     generation: u32,
     tried_words: u16,
     method: Method,
+    /// The first attempt's server name (`$upstream_addr`), pointing at the name in its
+    /// slot: the zone keeps a released slot until every process has passed a quiet
+    /// point, so it outlives the session's log line. Copied into the session's pool
+    /// when a retry releases the slot for good while the session goes on.
+    name: ngx_str_t,
 }
 
-const _: () = assert!(size_of::<PeerData>() == 48);
+const _: () = assert!(size_of::<PeerData>() == 64);
 
 /// `PeerData` of the methods that hash a key (hash, hash_ketama, ip_hash).
 #[repr(C)]
@@ -262,6 +267,7 @@ unsafe extern "C" fn init_peer(
             generation: generation as u32,
             tried_words: words.min(u16::MAX as usize) as u16,
             method,
+            name: ngx_str_t::empty(),
         };
         if keyed(method) {
             let pd = ngx_palloc(pool, size_of::<KeyedPeerData>()) as *mut KeyedPeerData;
@@ -370,6 +376,11 @@ impl PeerData {
         w & (1u64 << (i % 64)) != 0
     }
 
+    /// No server was tried in this session yet (its first attempt).
+    fn nothing_tried(&self) -> bool {
+        self.tried_words == 1 && self.tried == 0
+    }
+
     fn mark_tried(&mut self, i: usize) {
         if let Some(w) = self.tried_bits().get_mut(i / 64) {
             *w |= 1u64 << (i % 64);
@@ -456,19 +467,37 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     }
     let chosen = {
         let (mut peers, plan, cursors, mut lc) = locked.pick_parts();
+        let (key, untried) = (pd.key(), pd.nothing_tried());
         plan.and_then(|plan| {
-            pick(
-                &mut peers,
-                plan,
-                pd.method,
-                pd.key(),
-                cursors,
-                lc.as_mut(),
-                now,
-                loop_ms(),
-                &|i| pd.is_tried(i),
-                &mut random,
-            )
+            let (method, lc, now_ms) = (pd.method, lc.as_mut(), loop_ms());
+            if untried {
+                // a first attempt (the usual case): the pick has no tried list to ask
+                pick(
+                    &mut peers,
+                    plan,
+                    method,
+                    key,
+                    cursors,
+                    lc,
+                    now,
+                    now_ms,
+                    &|_| false,
+                    &mut random,
+                )
+            } else {
+                pick(
+                    &mut peers,
+                    plan,
+                    method,
+                    key,
+                    cursors,
+                    lc,
+                    now,
+                    now_ms,
+                    &|i| pd.is_tried(i),
+                    &mut random,
+                )
+            }
         })
     };
     let Some(i) = chosen else {
@@ -499,8 +528,28 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     drop(locked);
     pd.mark_tried(i);
     let (sockaddr, socklen, name) = ticket.server();
-    // SAFETY: the session's pool is live.
-    let name = unsafe { pool_name(pd.pool, name) };
+    let name = if pd.name.len == 0 {
+        // the first attempt: the name in the slot (see `PeerData::name`)
+        pd.name = ngx_str_t {
+            len: name.len(),
+            data: name.as_ptr() as *mut u8,
+        };
+        &mut pd.name as *mut ngx_str_t
+    } else {
+        // a retry: the first attempt's slot may go while this session lasts, so its
+        // name moves into the session's pool, and so does this attempt's
+        // SAFETY: the session's pool is live; the first name's slot is retired, not
+        // freed, before this process's next quiet point (we are in its session).
+        unsafe {
+            let first = std::slice::from_raw_parts(pd.name.data, pd.name.len);
+            let copy = ngx_pnalloc(pd.pool, first.len()) as *mut u8;
+            if !copy.is_null() {
+                ptr::copy_nonoverlapping(first.as_ptr(), copy, first.len());
+                pd.name.data = copy;
+            }
+            pool_name(pd.pool, name)
+        }
+    };
     if name.is_null() {
         pd.zone_release(ticket, false, now);
         return NGX_ERROR as ngx_int_t;

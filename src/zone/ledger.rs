@@ -21,6 +21,9 @@ pub(super) struct Ledger {
     /// When it was made (monotonic ms): a death observed before that is another
     /// process's (pid reuse).
     created_ms: u64,
+    /// The process's last quiet point (monotonic ms): an event-loop turn outside any
+    /// session, so no name of a slot released before can still be read by it.
+    quiet_ms: u64,
     next: *mut Ledger,
     cap: u32,
     /// Entries in use at least once (the rest of `cap` was never handed out).
@@ -96,6 +99,7 @@ impl Zone {
                         pid,
                         serial: l.hdr.next_generation,
                         created_ms: now_ms,
+                        quiet_ms: now_ms,
                         next: l.hdr.ledgers,
                         cap: 0,
                         len: 0,
@@ -125,6 +129,7 @@ impl Locked<'_> {
     /// Takes a session reference on slot `i` of the current set (picked at `now`, in
     /// seconds) and records it in this process's ledger. `i` must be an index of
     /// `slots()`.
+    #[inline]
     pub fn acquire(&mut self, i: usize, now: i64) -> Ticket {
         let slot = self.slots()[i];
         // SAFETY: `slot` is in the current set, live under the lock.
@@ -152,6 +157,7 @@ impl Locked<'_> {
     /// accounting, then the reference, freeing the slot if it left the set and this was
     /// the last. A ticket whose ledger was reclaimed in the meantime (the process was
     /// taken for dead) was given back already and is ignored.
+    #[inline]
     pub fn release(&mut self, t: Ticket, failed: bool, now: i64) {
         if !self.holds(&t) {
             return;
@@ -198,6 +204,7 @@ impl Locked<'_> {
     }
 
     /// Whether `t`'s reference is still held (its ledger was not reclaimed).
+    #[inline]
     fn holds(&self, t: &Ticket) -> bool {
         // SAFETY: `self.ledger` is null or this process's live ledger.
         t.index == UNTRACKED
@@ -206,6 +213,7 @@ impl Locked<'_> {
 
     /// Records `slot` in this process's ledger; None when there is none or it cannot
     /// grow (the session is then simply not reclaimable).
+    #[inline]
     fn ledger_push(&mut self, slot: *mut Slot) -> Option<u32> {
         let g = self.ledger;
         if g.is_null() {
@@ -243,6 +251,7 @@ impl Locked<'_> {
 
     /// # Safety
     /// `k` is an index this process's live ledger handed out and did not take back.
+    #[inline]
     unsafe fn ledger_remove(&mut self, k: u32) {
         // SAFETY: per the contract.
         unsafe {
@@ -260,6 +269,11 @@ impl Locked<'_> {
         now_ms: u64,
         alive: &mut dyn FnMut(i64) -> (bool, u64),
     ) -> (u32, u64) {
+        // this is a timer's turn of the event loop: a quiet point of this process
+        if !self.ledger.is_null() {
+            // SAFETY: this process's live ledger; the lock is held.
+            unsafe { (*self.ledger).quiet_ms = now_ms };
+        }
         if now_ms.saturating_sub(self.hdr.ledgers_checked_ms) < REAP_EVERY_MS {
             return (0, 0);
         }
@@ -278,7 +292,22 @@ impl Locked<'_> {
             }
             g = next;
         }
+        let quiet = self.oldest_quiet();
+        self.sweep_retired(quiet);
         (procs, sessions)
+    }
+
+    /// The oldest quiet point among the processes with a ledger (None: there is none).
+    fn oldest_quiet(&self) -> Option<u64> {
+        let mut oldest: Option<u64> = None;
+        let mut g = self.hdr.ledgers;
+        while !g.is_null() {
+            // SAFETY: ledgers in the list are live (lock held).
+            let (next, q) = unsafe { ((*g).next, (*g).quiet_ms) };
+            oldest = Some(oldest.map_or(q, |o| o.min(q)));
+            g = next;
+        }
+        oldest
     }
 
     /// Whether a process that `alive` says lives has a ledger here.

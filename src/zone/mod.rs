@@ -49,7 +49,7 @@ use ledger::Ledger;
 use set::SharedSet;
 use shared::{DomainLock, Root};
 
-const MAGIC: u64 = 0x7570_7379_6e63_0007; // "upsync", layout v7
+const MAGIC: u64 = 0x7570_7379_6e63_0008; // "upsync", layout v8
 
 /// Why the zone could not take a set.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -177,6 +177,9 @@ pub struct ZoneHeader {
     pub status: SyncStatus,
     reserve: *mut Reserve,
     ledgers: *mut Ledger,
+    /// Slots no one holds any more, freed once no process can still read their name
+    /// (`Locked::sweep_retired`).
+    retired: *mut Slot,
     /// The entries the last answer skipped, as `key\tcause\n` lines (bounded), and how
     /// many there were.
     skipped: PlanRef,
@@ -597,6 +600,7 @@ impl Locked<'_> {
     }
 
     /// A server's state changed: its leaf in least_conn's tree follows.
+    #[inline]
     fn lc_touch(&mut self, slot: *mut Slot) {
         let lc = self.hdr.lc;
         if lc.ptr.is_null() {
@@ -829,6 +833,7 @@ impl Locked<'_> {
         }
         self.install_lc(PlanRef::NONE);
         self.free_health();
+        self.sweep_retired(None);
         true
     }
 

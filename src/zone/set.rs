@@ -22,8 +22,8 @@ use super::{Locked, PlanBlock, PlanRef, ZoneError};
 /// Longest address text: `[ffff:...:ffff%scope]:65535` fits easily.
 pub const NAME_MAX: usize = 64;
 
-/// One server in the zone, 240 bytes (so the slab allocator serves it from 256-byte
-/// chunks: 100,000 servers take 25 MB).
+/// One server in the zone, 256 bytes (the slab allocator's 256-byte chunks: 100,000
+/// servers take 25 MB).
 #[repr(C)]
 pub struct Slot {
     refs: u32,
@@ -49,6 +49,10 @@ pub struct Slot {
     ssl_session: *mut u8,
     ssl_session_len: u32,
     ssl_session_cap: u32,
+    /// Once no one holds it: the next slot waiting to be freed, and since when
+    /// (monotonic ms). See `Locked::unref`.
+    retired_next: *mut Slot,
+    retired_ms: u64,
 }
 
 const _: () = assert!(size_of::<Slot>() <= 256);
@@ -398,7 +402,10 @@ impl Locked<'_> {
         Ok(())
     }
 
-    /// Drops one reference on `slot`, freeing it when it was the last.
+    /// Drops one reference on `slot`. When it was the last, the slot is retired: its
+    /// name may still be read (nginx keeps a session's `$upstream_addr` pointing at it
+    /// until the session's log line is written, just after the release), so it is
+    /// freed only once every process has passed a quiet point since (`sweep_retired`).
     ///
     /// # Safety
     /// `slot` is a live slot of this zone on which the caller owns a reference.
@@ -409,8 +416,31 @@ impl Locked<'_> {
             if (*slot).refs == 0 {
                 if !(*slot).ssl_session.is_null() {
                     self.free((*slot).ssl_session, (*slot).ssl_session_cap as usize);
+                    (*slot).ssl_session = ptr::null_mut();
                 }
-                self.free(slot as *mut u8, size_of::<Slot>());
+                (*slot).retired_ms = crate::ngx_util::mono_ms();
+                (*slot).retired_next = self.hdr.retired;
+                self.hdr.retired = slot;
+            }
+        }
+    }
+
+    /// Frees the retired slots no process can still read: those retired before the
+    /// oldest of the processes' last quiet points (`quiet_ms`: an event-loop turn
+    /// outside any session). None with no process at all.
+    pub(super) fn sweep_retired(&mut self, quiet_ms: Option<u64>) {
+        let mut link: *mut *mut Slot = &mut self.hdr.retired;
+        // SAFETY: the retired list holds slots of this domain no one references; the
+        // lock is held.
+        unsafe {
+            while !(*link).is_null() {
+                let s = *link;
+                if quiet_ms.map_or(true, |q| (*s).retired_ms < q) {
+                    *link = (*s).retired_next;
+                    self.free(s as *mut u8, size_of::<Slot>());
+                } else {
+                    link = &mut (*s).retired_next;
+                }
             }
         }
     }

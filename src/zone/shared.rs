@@ -85,9 +85,21 @@ const SPINS: u32 = 64;
 const CHECK_EVERY: u32 = 1024;
 
 impl DomainLock {
+    #[inline]
     pub(super) fn lock(&self) {
         // SAFETY: a process-global nginx sets at process start.
         let me = unsafe { nginx_sys::ngx_pid } as i64;
+        if self
+            .holder
+            .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            self.lock_contended(me);
+        }
+    }
+
+    #[cold]
+    fn lock_contended(&self, me: i64) {
         let mut tries: u32 = 0;
         loop {
             if self.holder.load(Ordering::Relaxed) == 0
@@ -134,6 +146,7 @@ impl DomainLock {
         }
     }
 
+    #[inline]
     pub(super) fn unlock(&self) {
         self.holder.store(0, Ordering::Release);
     }

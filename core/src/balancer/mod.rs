@@ -47,6 +47,7 @@ pub struct PeerState {
 
 impl PeerState {
     /// Whether a `slow_start` ramp may be under way (`ramp` says how far it is).
+    #[inline]
     pub fn ramping(&self) -> bool {
         self.slow_start_ms != 0 && self.ramp_start_ms != 0
     }
@@ -72,6 +73,7 @@ impl PeerState {
     }
 
     /// Whether the peer may take a new connection at time `now` (seconds).
+    #[inline]
     pub fn available(&self, now: i64) -> bool {
         if self.down || self.unhealthy || self.failed_until(now).is_some() {
             return false;
@@ -83,6 +85,7 @@ impl PeerState {
     }
 
     /// The peer was chosen: open a new failure window if the last one expired (nginx).
+    #[inline]
     pub fn picked(&mut self, now: i64) {
         if now - self.checked > self.fail_timeout {
             self.checked = now;
@@ -90,6 +93,7 @@ impl PeerState {
     }
 
     /// Records the end of a connection attempt (nginx's `free` rules).
+    #[inline]
     pub fn release(&mut self, failed: bool, now: i64) {
         if failed {
             self.fails += 1;
@@ -117,6 +121,7 @@ impl PeerState {
 
 /// nginx's failure window: a server that failed `max_fails` times within its window
 /// (opened at `checked`) takes no connection until `checked + fail_timeout` (seconds).
+#[inline]
 pub fn failed_until(
     max_fails: u32,
     fails: u32,

@@ -5,6 +5,7 @@ use std::cmp::Ordering;
 use super::{PeerState, Peers, PlanView};
 
 /// Round robin: the next available server in the schedule after `cursor`.
+#[inline]
 pub fn pick_round_robin<P: Peers + ?Sized>(
     peers: &mut P,
     plan: &PlanView<'_>,
@@ -14,26 +15,34 @@ pub fn pick_round_robin<P: Peers + ?Sized>(
     tried: &(impl Fn(usize) -> bool + ?Sized),
 ) -> Option<usize> {
     let sched = &plan.schedule[backup as usize];
-    let len = sched.len() as u64;
+    let len = sched.len();
     if len == 0 {
         return None;
     }
-    let start = *cursor % len;
-    for step in 0..len {
-        let pos = (start + step) % len;
-        let i = sched[pos as usize] as usize;
+    // the cursor is shared and the set may have shrunk: wrap it once, then walk
+    let mut pos = *cursor as usize;
+    if pos >= len {
+        pos %= len;
+    }
+    for _ in 0..len {
+        let i = sched[pos] as usize;
+        pos += 1;
         if !tried(i) && peers.peer(i).available(now) {
-            *cursor = pos + 1;
+            *cursor = pos as u64;
             return Some(i);
+        }
+        if pos == len {
+            pos = 0;
         }
     }
     None
 }
 
 /// nginx's smooth weighted round robin over the peers for which `eligible(i)` holds.
+#[inline]
 pub fn smooth_wrr<P: Peers + ?Sized>(
     peers: &mut P,
-    eligible: &dyn Fn(usize, &PeerState) -> bool,
+    eligible: &(impl Fn(usize, &PeerState) -> bool + ?Sized),
 ) -> Option<usize> {
     let mut best: Option<usize> = None;
     let mut best_cw = i64::MIN;
@@ -60,26 +69,27 @@ pub fn smooth_wrr<P: Peers + ?Sized>(
 
 /// nginx's least_conn: fewest connections per weight among available peers (primaries,
 /// then backups); ties go to smooth weighted round robin among the tied peers.
+#[inline]
 pub fn pick_least_conn<P: Peers + ?Sized>(
     peers: &mut P,
     now: i64,
     tried: &(impl Fn(usize) -> bool + ?Sized),
 ) -> Option<usize> {
     for backup in [false, true] {
-        let ok = |i: usize, p: &PeerState| p.backup == backup && !tried(i) && p.available(now);
-        let mut best: Option<(u64, u64)> = None; // (conns, weight) of the best ratio
+        // (index, conns, weight) of the best ratio, and whether another peer ties it
+        let mut best: Option<(usize, u64, u64)> = None;
         let mut many = false;
         for i in 0..peers.len() {
             let p = peers.peer(i);
-            if !ok(i, p) {
+            if p.backup != backup || tried(i) || !p.available(now) {
                 continue;
             }
             let (c, w) = (p.conns as u64, p.weight.max(1) as u64);
             match best {
-                None => best = Some((c, w)),
-                Some((bc, bw)) => match (c * bw).cmp(&(bc * w)) {
+                None => best = Some((i, c, w)),
+                Some((_, bc, bw)) => match (c * bw).cmp(&(bc * w)) {
                     Ordering::Less => {
-                        best = Some((c, w));
+                        best = Some((i, c, w));
                         many = false;
                     }
                     Ordering::Equal => many = true,
@@ -87,16 +97,18 @@ pub fn pick_least_conn<P: Peers + ?Sized>(
                 },
             }
         }
-        let Some((bc, bw)) = best else { continue };
-        let same = |i: usize, p: &PeerState| {
-            ok(i, p) && p.conns as u64 * bw == bc * p.weight.max(1) as u64
+        let Some((first, bc, bw)) = best else {
+            continue;
         };
         if !many {
-            return (0..peers.len()).find(|&i| {
-                let p = peers.peer(i);
-                same(i, p)
-            });
+            return Some(first);
         }
+        let same = |i: usize, p: &PeerState| {
+            p.backup == backup
+                && !tried(i)
+                && p.available(now)
+                && p.conns as u64 * bw == bc * p.weight.max(1) as u64
+        };
         return smooth_wrr(peers, &same);
     }
     None
