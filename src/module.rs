@@ -136,6 +136,8 @@ unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
                 ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{msg}");
                 return NGX_ERROR as ngx_int_t;
             }
+            // `least_conn;` alone may have made it the method
+            crate::peer::set_peer_method(conf);
             ngx_conf_log_error!(
                 NGX_LOG_NOTICE,
                 cf,

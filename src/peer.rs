@@ -55,6 +55,13 @@ struct KeyedPeerData {
     key: ngx_str_t,
 }
 
+/// Records the balancing method for the per-connection path (after `upsync_lb` and any
+/// drop-in stock directive are known).
+pub fn set_peer_method(conf: &mut SrvConf) {
+    conf.peer_method = conf.method();
+    conf.peer_keyed = keyed(conf.peer_method);
+}
+
 fn keyed(method: Method) -> bool {
     matches!(
         method,
@@ -101,6 +108,7 @@ pub unsafe extern "C" fn init_upstream(
         (*us).peer.init = Some(init_peer);
         conf
     };
+    set_peer_method(conf);
     // SAFETY: `us` is the parsed upstream.
     let (initial, left_out) = unsafe { configured_servers(us, conf.placeholder) };
     for name in left_out {
@@ -220,10 +228,10 @@ unsafe extern "C" fn init_peer(
     let Some(conf) = (unsafe { upstream_conf(us) }) else {
         return NGX_ERROR as ngx_int_t;
     };
-    let Some(zone) = conf.zone else {
+    let Some(zone) = &conf.zone else {
         return NGX_ERROR as ngx_int_t;
     };
-    let method = conf.method();
+    let method = conf.peer_method;
     // SAFETY: the session and its connection are live; the pool outlives the session's
     // upstream use of this data.
     let (c, pool) = unsafe { ((*s).connection, (*(*s).connection).pool) };
@@ -269,7 +277,7 @@ unsafe extern "C" fn init_peer(
             method,
             name: ngx_str_t::empty(),
         };
-        if keyed(method) {
+        if conf.peer_keyed {
             let pd = ngx_palloc(pool, size_of::<KeyedPeerData>()) as *mut KeyedPeerData;
             if pd.is_null() {
                 return NGX_ERROR as ngx_int_t;
@@ -400,7 +408,7 @@ impl PeerData {
     }
 
     fn key(&self) -> &[u8] {
-        if !keyed(self.method) {
+        if !self.conf().peer_keyed {
             return &[];
         }
         // SAFETY: a keyed method's data is a KeyedPeerData (init_peer), whose first
@@ -457,7 +465,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     let pd = unsafe { &mut *(data as *mut PeerData) };
     let now = now_sec();
     let conf = pd.conf();
-    let Some(zone) = conf.zone else {
+    let Some(zone) = &conf.zone else {
         return NGX_ERROR as ngx_int_t;
     };
     let mut locked = zone.lock();
@@ -575,7 +583,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
 
 impl PeerData {
     fn zone_release(&self, ticket: Ticket, failed: bool, now: i64) {
-        if let Some(zone) = self.conf().zone {
+        if let Some(zone) = &self.conf().zone {
             zone.lock().release(ticket, failed, now);
         }
     }
@@ -625,7 +633,7 @@ unsafe extern "C" fn notify_peer(
     let Some(ticket) = pd.ticket.as_ref().filter(|t| tcp && t.failing()) else {
         return;
     };
-    if let Some(zone) = pd.conf().zone {
+    if let Some(zone) = &pd.conf().zone {
         zone.lock().connected(ticket, mono_ms());
     }
 }
