@@ -77,6 +77,9 @@ pub struct Publisher {
     empty_warned: bool,
     /// The registry lists more servers than fit (how many): said once, until they fit.
     too_many: Option<usize>,
+    /// The set this publisher last published (generation, servers in set order): while
+    /// it is the zone's, changes are matched against it outside the lock.
+    known: Option<(u64, Vec<ServerSpec>)>,
 }
 
 impl Publisher {
@@ -93,6 +96,7 @@ impl Publisher {
             duplicates: 0,
             empty_warned: false,
             too_many: None,
+            known: None,
         }
     }
 
@@ -173,7 +177,12 @@ impl Publisher {
         st.last_sync_ms = wall_ms();
         st.consecutive_failures = 0;
         l.set_error("");
-        let current = l.specs();
+        // the set as this publisher left it, if no one changed it since (else read it)
+        let generation_now = l.generation();
+        let current = match self.known.take() {
+            Some((g, specs)) if g == generation_now => specs,
+            _ => l.specs(),
+        };
         drop(l);
         held.released();
         if snap.servers.is_empty() {
@@ -184,11 +193,13 @@ impl Publisher {
                     &format!("the registry lists no servers; keeping the last {} (an upstream is never emptied)", current.len()),
                 );
             }
+            self.known = Some((generation_now, current));
             return;
         }
         self.empty_warned = false;
         let diff = Diff::between(&current, &snap.servers);
         if diff.is_empty() {
+            self.known = Some((generation_now, current));
             return;
         }
         // The plan is built here, once per change and outside the lock: connections in
@@ -204,7 +215,9 @@ impl Publisher {
             b
         };
         let Some(mut block) = block else {
-            return self.does_not_fit(snap.servers.len(), current.len(), plan.flat_words());
+            let n = current.len();
+            self.known = Some((generation_now, current));
+            return self.does_not_fit(snap.servers.len(), n, plan.flat_words());
         };
         block.fill(&plan);
         let plan_time = plan_start.elapsed();
@@ -214,11 +227,14 @@ impl Publisher {
             l.free_plan_block(block);
             return;
         }
-        let generation = match l.publish(&snap.servers, block, Some(mono_ms())) {
+        let known = Some((generation_now, current.as_slice()));
+        let generation = match l.publish_known(&snap.servers, block, Some(mono_ms()), known) {
             Ok(g) => g,
             Err(ZoneError::Full { .. }) => {
                 drop(l);
-                return self.does_not_fit(snap.servers.len(), current.len(), plan.flat_words());
+                let n = current.len();
+                self.known = Some((generation_now, current));
+                return self.does_not_fit(snap.servers.len(), n, plan.flat_words());
             }
         };
         let st = l.status();
@@ -254,6 +270,7 @@ impl Publisher {
             ),
         );
         self.write_dump(&snap.servers, generation, epoch);
+        self.known = Some((generation, snap.servers));
     }
 
     /// The registry lists `listed` servers and they do not fit (`current` serve on):

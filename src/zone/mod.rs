@@ -578,6 +578,11 @@ impl Locked<'_> {
     /// Builds least_conn's tree again from the servers' state (many of them changed at
     /// once).
     pub(super) fn refresh_lc(&mut self) {
+        // the tree's leaves are the set's positions
+        for (k, &s) in self.slots().iter().enumerate() {
+            // SAFETY: slots of the current set are live while the lock is held.
+            unsafe { (*s).set_index(k) };
+        }
         let now = crate::ngx_util::now_sec();
         let (mut peers, _, _, lc) = self.pick_parts();
         if let Some(mut lc) = lc {

@@ -66,6 +66,11 @@ impl Slot {
         self.index as usize
     }
 
+    /// Its position in the current set (for least_conn's tree, see `refresh_lc`).
+    pub(super) fn set_index(&mut self, k: usize) {
+        self.index = k as u32;
+    }
+
     pub fn name(&self) -> &[u8] {
         &self.name[..self.name_len as usize]
     }
@@ -259,7 +264,25 @@ impl Locked<'_> {
         plan: PlanBlock,
         now_ms: Option<u64>,
     ) -> Result<u64, ZoneError> {
+        self.publish_known(specs, plan, now_ms, None)
+    }
+
+    /// `publish`, told what the current set holds: `known` is (generation, its specs in
+    /// set order) as the caller last published or read it. While that is still the
+    /// set, the servers are matched on the caller's copy, and only the slots of servers
+    /// added, removed or changed are touched: the lock is held for a pass over the
+    /// pointers, not over 10,000 slots.
+    pub fn publish_known(
+        &mut self,
+        specs: &[ServerSpec],
+        plan: PlanBlock,
+        now_ms: Option<u64>,
+        known: Option<(u64, &[ServerSpec])>,
+    ) -> Result<u64, ZoneError> {
         let old: Vec<*mut Slot> = self.slots().to_vec();
+        let known = known
+            .filter(|(g, k)| *g == self.generation() && k.len() == old.len())
+            .map(|(_, k)| k);
         // SAFETY: the block was filled by its owner before publishing.
         let method = unsafe {
             PlanView::from_flat(std::slice::from_raw_parts(plan.ptr, plan.words)).map(|v| v.method)
@@ -295,12 +318,25 @@ impl Locked<'_> {
         // SAFETY: the lock is held for the whole body; every pointer below is a slot or
         // list of this domain (the old set's, or allocated here).
         unsafe {
+            let addr_of = |j: usize| match known {
+                Some(k) => k[j].addr,
+                None => (*old[j]).addr(),
+            };
+            // which old slots stay (`known`: to touch only those that change)
+            let mut kept = vec![false; old.len()];
             let mut oi = 0;
             for (k, spec) in specs.iter().enumerate() {
-                while oi < old.len() && (*old[oi]).addr() < spec.addr {
+                while oi < old.len() && addr_of(oi) < spec.addr {
                     oi += 1;
                 }
-                let slot = if oi < old.len() && (*old[oi]).addr() == spec.addr {
+                let slot = if oi < old.len() && addr_of(oi) == spec.addr {
+                    kept[oi] = true;
+                    if let Some(k) = known {
+                        if k[oi] != *spec {
+                            let changed = old[oi];
+                            (*changed).set_spec(spec, now_ms);
+                        }
+                    }
                     old[oi]
                 } else {
                     let s = self.alloc(size_of::<Slot>()) as *mut Slot;
@@ -315,22 +351,21 @@ impl Locked<'_> {
                 };
                 (*set).slots_mut()[k] = slot;
             }
-            // Commit. Old slots are marked out of the set; the new set marks its members
-            // back in (a fresh slot gets its membership reference); whatever stays out
-            // loses its membership reference. Linear in the set sizes.
-            for &s in &old {
-                (*s).in_set = false;
-            }
-            for (k, (&s, spec)) in (*set).slots().iter().zip(specs).enumerate() {
-                if (*s).refs == 0 {
-                    (*s).refs = 1;
-                }
+            // Commit: a fresh slot gets its membership reference; an old one that did
+            // not stay is out of the set and loses it. Without `known`, every member
+            // takes its spec again (a cheap write when nothing changed).
+            for &s in &created {
+                (*s).refs = 1;
                 (*s).in_set = true;
-                (*s).index = k as u32;
-                (*s).set_spec(spec, now_ms);
             }
-            for &s in &old {
-                if !(*s).in_set {
+            if known.is_none() {
+                for (&s, spec) in (*set).slots().iter().zip(specs) {
+                    (*s).set_spec(spec, now_ms);
+                }
+            }
+            for (j, &s) in old.iter().enumerate() {
+                if !kept[j] {
+                    (*s).in_set = false;
                     self.unref(s);
                 }
             }
