@@ -65,3 +65,20 @@ pub unsafe fn pool_str(pool: *mut ngx_pool_t, s: &str) -> Option<ngx_str_t> {
 pub fn cycle_log() -> *mut ngx_log_t {
     ngx::log::ngx_cycle_log().as_ptr()
 }
+
+/// An event handler nginx calls (a timer's, here).
+pub type EventHandler = unsafe extern "C" fn(*mut ngx::ffi::ngx_event_t);
+
+/// Sets up timer events owned by `owner`: each gets its handler, `owner` as its data,
+/// the cycle's log, and is cancelable (graceful shutdown never waits for it).
+pub fn timer_events(
+    owner: *mut std::ffi::c_void,
+    events: &mut [(&mut ngx::ffi::ngx_event_t, EventHandler)],
+) {
+    for (ev, handler) in events.iter_mut() {
+        ev.data = owner;
+        ev.handler = Some(*handler);
+        ev.log = cycle_log();
+        ev.set_cancelable(1);
+    }
+}

@@ -13,8 +13,8 @@ use ngx::ffi::*;
 
 use super::io::{send_pending, Sent};
 use super::side::{save_session, Side};
+use super::target::PeerTarget;
 use super::tls;
-use crate::zone::sockaddr_of;
 
 /// Why a connection failed. The texts are the log lines' causes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -81,16 +81,8 @@ enum Stage {
     Ready,
 }
 
-/// What nginx points into: kept at a fixed address (boxed) while the connection lives.
-struct Inner {
-    pc: ngx_peer_connection_t,
-    sockaddr: libc::sockaddr_storage,
-    name: ngx_str_t,
-    name_buf: Vec<u8>,
-}
-
 pub struct Conn {
-    inner: Box<Inner>,
+    inner: Box<PeerTarget>,
     addr: SocketAddr,
     stage: Stage,
     tls: Option<TlsSetup>,
@@ -107,11 +99,6 @@ pub enum Recv {
     /// Nothing more for now; the read event is armed.
     Again,
     Failed(ConnError),
-}
-
-/// `pc.get` for our own connection: the address is already set.
-unsafe extern "C" fn peer_get(_pc: *mut ngx_peer_connection_t, _data: *mut c_void) -> ngx_int_t {
-    NGX_OK as ngx_int_t
 }
 
 /// Keepalive on registry sockets: a peer or a middlebox that vanished is noticed within
@@ -149,28 +136,13 @@ impl Conn {
         setup_timeout_ms: u64,
     ) -> Result<(Conn, bool), ConnError> {
         side.take_captured();
-        let (storage, len) = sockaddr_of(&addr);
-        let name_buf = addr.to_string().into_bytes();
-        // SAFETY: ngx_peer_connection_t is plain old data; all-zero is its initial value.
-        let pc = unsafe { std::mem::zeroed() };
-        let mut inner = Box::new(Inner {
-            pc,
-            sockaddr: storage,
-            name: ngx_str_t::empty(),
-            name_buf,
-        });
-        inner.name = ngx_str_t {
-            len: inner.name_buf.len(),
-            data: inner.name_buf.as_mut_ptr(),
-        };
+        let mut inner = PeerTarget::new(
+            &addr,
+            side.log(),
+            ngx_connection_log_error_e_NGX_ERROR_ERR,
+            false,
+        );
         let i = &mut *inner;
-        i.pc.sockaddr = &mut i.sockaddr as *mut _ as *mut sockaddr;
-        i.pc.socklen = len;
-        i.pc.name = &mut i.name;
-        i.pc.get = Some(peer_get);
-        i.pc.log = side.log();
-        i.pc.set_log_error(ngx_connection_log_error_e_NGX_ERROR_ERR as u32);
-        i.pc.tries = 1;
         // SAFETY: `pc` is fully set up and stays boxed for the connection's life.
         let rc = unsafe { ngx_event_connect_peer(&mut i.pc) };
         if rc == NGX_ERROR as ngx_int_t

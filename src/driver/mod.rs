@@ -5,7 +5,9 @@
 mod conn;
 pub mod io;
 mod side;
+mod target;
 pub mod tls;
 
 pub use conn::{Conn, ConnError, ConnEvent, ConnOwner, Recv, TlsSetup};
 pub use side::Side;
+pub use target::PeerTarget;

@@ -13,8 +13,8 @@ use ngx::ffi::*;
 use ngx::ngx_log_error;
 
 use crate::driver::io::{send_pending, Sent};
+use crate::driver::PeerTarget;
 use crate::ngx_util::cycle_log;
-use crate::zone::sockaddr_of;
 
 /// A copy of the cycle log whose writer keeps the errno of the last message (the
 /// "(111: Connection refused)" part nginx adds) instead of writing it; alerts and worse
@@ -89,16 +89,8 @@ pub trait ProbeOwner {
     unsafe fn on_conn_event(this: *mut Self, write: bool);
 }
 
-/// What nginx points into: boxed, so it stays put while the connection lives.
-struct Inner {
-    pc: ngx_peer_connection_t,
-    sockaddr: libc::sockaddr_storage,
-    name: ngx_str_t,
-    name_buf: Vec<u8>,
-}
-
 pub struct ProbeConn {
-    inner: Box<Inner>,
+    inner: Box<PeerTarget>,
 }
 
 /// How connecting went at once.
@@ -122,11 +114,6 @@ pub enum Recv {
     Failed(i32),
 }
 
-/// `pc.get` for our own connection: the address is already set.
-unsafe extern "C" fn peer_get(_pc: *mut ngx_peer_connection_t, _data: *mut c_void) -> ngx_int_t {
-    NGX_OK as ngx_int_t
-}
-
 impl ProbeConn {
     /// Starts connecting to `addr` (UDP: a connected datagram socket) for `owner`.
     ///
@@ -139,30 +126,13 @@ impl ProbeConn {
         udp: bool,
         log: &QuietLog,
     ) -> Connect {
-        let (storage, len) = sockaddr_of(&addr);
-        // SAFETY: ngx_peer_connection_t is plain old data; all-zero is its initial value.
-        let pc = unsafe { std::mem::zeroed() };
-        let mut inner = Box::new(Inner {
-            pc,
-            sockaddr: storage,
-            name: ngx_str_t::empty(),
-            name_buf: addr.to_string().into_bytes(),
-        });
-        inner.name = ngx_str_t {
-            len: inner.name_buf.len(),
-            data: inner.name_buf.as_mut_ptr(),
-        };
+        let mut inner = PeerTarget::new(
+            &addr,
+            log.ptr(),
+            ngx_connection_log_error_e_NGX_ERROR_INFO,
+            udp,
+        );
         let i = &mut *inner;
-        i.pc.sockaddr = &mut i.sockaddr as *mut _ as *mut sockaddr;
-        i.pc.socklen = len;
-        i.pc.name = &mut i.name;
-        i.pc.get = Some(peer_get);
-        i.pc.log = log.ptr();
-        i.pc.set_log_error(ngx_connection_log_error_e_NGX_ERROR_INFO as u32);
-        i.pc.tries = 1;
-        if udp {
-            i.pc.type_ = libc::SOCK_DGRAM;
-        }
         log.take_errno();
         // SAFETY: `pc` is fully set up and stays boxed for the connection's life.
         let rc = unsafe { ngx_event_connect_peer(&mut i.pc) };

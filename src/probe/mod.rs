@@ -141,18 +141,16 @@ pub unsafe fn start(conf: &SrvConf) {
     // exits); its timers are cancelable, so they never hold up an exit.
     unsafe {
         let me = &mut *p;
-        for (ev, handler) in [
-            (
-                &mut me.tick,
-                tick_handler as unsafe extern "C" fn(*mut ngx_event_t),
-            ),
-            (&mut me.wake, wake_handler),
-        ] {
-            ev.data = p as *mut c_void;
-            ev.handler = Some(handler);
-            ev.log = cycle_log();
-            ev.set_cancelable(1);
-        }
+        crate::ngx_util::timer_events(
+            p as *mut c_void,
+            &mut [
+                (
+                    &mut me.tick,
+                    tick_handler as unsafe extern "C" fn(*mut ngx_event_t),
+                ),
+                (&mut me.wake, wake_handler),
+            ],
+        );
         let first = me.rng.next_u64() % 50;
         ngx_add_timer(&mut me.tick, first as ngx_msec_t);
         (*ptr::addr_of_mut!(PROBERS)).push(p);
