@@ -25,17 +25,16 @@
 //! comes from the shared pool and is counted against the domain (`alloc`, `free`).
 
 mod health;
+mod lc;
 mod ledger;
+mod memory;
 mod set;
 mod shared;
 
 use std::ptr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use nginx_sys::{
-    ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc, ngx_slab_alloc_locked, ngx_slab_free,
-    ngx_slab_free_locked, ngx_slab_pool_t,
-};
+use nginx_sys::ngx_slab_pool_t;
 use upsync_core::balancer::{LcNode, LcTree, Method, Plan, PlanView};
 use upsync_core::policy::Lease;
 use upsync_core::servers::ServerSpec;
@@ -47,7 +46,8 @@ pub use set::{sockaddr_of, Slot, NAME_MAX};
 
 use ledger::Ledger;
 use set::SharedSet;
-use shared::{DomainLock, Root};
+use shared::DomainLock;
+pub use shared::{DomainSpec, SharedZone};
 
 const MAGIC: u64 = 0x7570_7379_6e63_0008; // "upsync", layout v8
 
@@ -222,132 +222,6 @@ pub struct Locked<'a> {
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
         self.hdr.lock.unlock();
-    }
-}
-
-/// The names a domain is found by.
-fn domain_name(name: &str) -> &[u8] {
-    let b = name.as_bytes();
-    &b[..b.len().min(DOMAIN_NAME_MAX)]
-}
-
-/// What the master needs to set up one upstream's domain.
-pub struct DomainSpec<'a> {
-    pub name: &'a str,
-    /// Identifies the source (see `SrvConf::fingerprint`).
-    pub fingerprint: u64,
-    /// `zone_size=`: the most memory the upstream may use (0: no cap).
-    pub budget: u64,
-}
-
-/// The shared zone as the master sees it while it reads a configuration.
-#[derive(Clone, Copy)]
-pub struct SharedZone {
-    pool: *mut ngx_slab_pool_t,
-    root: *mut Root,
-    epoch: u64,
-}
-
-impl SharedZone {
-    /// Attaches to the shared zone at `pool` for the configuration being read.
-    ///
-    /// # Safety
-    /// `pool` is the slab pool of the `upsync` zone (set up by nginx), mapped for the
-    /// cycle's life; called by the master.
-    pub unsafe fn attach(pool: *mut ngx_slab_pool_t) -> Option<SharedZone> {
-        // SAFETY: per the contract.
-        let (root, epoch) = unsafe { shared::attach_root(pool) }?;
-        Some(SharedZone { pool, root, epoch })
-    }
-
-    /// The domain of the upstream `spec.name`: the one a previous configuration left
-    /// (the same name), or a new one. Marks it as used by this configuration.
-    fn domain(&self, spec: &DomainSpec) -> Option<(*mut ZoneHeader, bool)> {
-        let name = domain_name(spec.name);
-        // SAFETY: the pool is live; its mutex guards the list of domains and allocation.
-        unsafe {
-            ngx_shmtx_lock(&mut (*self.pool).mutex);
-            let mut d = (*self.root).domains;
-            while !d.is_null() {
-                // magic and name never change after the domain is made
-                let dname = std::slice::from_raw_parts(
-                    ptr::addr_of!((*d).name) as *const u8,
-                    ((*d).name_len as usize).min(DOMAIN_NAME_MAX),
-                );
-                if (*d).magic == MAGIC && dname == name {
-                    break;
-                }
-                d = (*d).next;
-            }
-            let created = d.is_null();
-            if created {
-                d = ngx_slab_alloc_locked(self.pool, size_of::<ZoneHeader>()) as *mut ZoneHeader;
-                if !d.is_null() {
-                    // all-zero is a valid header (null pointers, zero counters, a free
-                    // lock) once the plan view is set to None
-                    ptr::write_bytes(d as *mut u8, 0, size_of::<ZoneHeader>());
-                    ptr::addr_of_mut!((*d).plan_view).write(None);
-                    (*d).magic = MAGIC;
-                    (&mut (*d).name)[..name.len()].copy_from_slice(name);
-                    (*d).name_len = name.len() as u32;
-                    (*d).used = size_of::<ZoneHeader>() as u64;
-                    (*d).next = (*self.root).domains;
-                    (*self.root).domains = d;
-                }
-            }
-            if !d.is_null() {
-                (*d).claimed = self.epoch;
-            }
-            ngx_shmtx_unlock(&mut (*self.pool).mutex);
-            (!d.is_null()).then_some((d, created))
-        }
-    }
-
-    /// Frees the domains no configuration since the running one uses, once no process
-    /// holds sessions there (`alive` says whether a pid lives). Returns how many.
-    pub fn sweep(&self, alive: &dyn Fn(i64) -> bool) -> usize {
-        let mut freed = 0;
-        // SAFETY: the pool is live; the list is walked and unlinked under its mutex. A
-        // domain no live process has a ledger in is used by nobody: its lock is taken
-        // to empty it, then it is unlinked and freed.
-        unsafe {
-            ngx_shmtx_lock(&mut (*self.pool).mutex);
-            let mut stale = Vec::new();
-            let mut d = (*self.root).domains;
-            while !d.is_null() {
-                if (*d).claimed != self.epoch {
-                    stale.push(d);
-                }
-                d = (*d).next;
-            }
-            ngx_shmtx_unlock(&mut (*self.pool).mutex);
-            for d in stale {
-                let zone = Zone {
-                    pool: self.pool,
-                    hdr: d,
-                    ledger: ptr::null_mut(),
-                };
-                let mut l = zone.lock();
-                if !l.dismantle(alive) {
-                    continue;
-                }
-                drop(l);
-                ngx_shmtx_lock(&mut (*self.pool).mutex);
-                let mut link: *mut *mut ZoneHeader = &mut (*self.root).domains;
-                while !(*link).is_null() {
-                    if *link == d {
-                        *link = (*d).next;
-                        break;
-                    }
-                    link = &mut (**link).next;
-                }
-                (*d).magic = 0;
-                ngx_slab_free_locked(self.pool, d as *mut _);
-                ngx_shmtx_unlock(&mut (*self.pool).mutex);
-                freed += 1;
-            }
-        }
-        freed
     }
 }
 
@@ -552,80 +426,6 @@ impl Locked<'_> {
         }
     }
 
-    /// Nodes of least_conn's tree for the current plan and a set of `len` servers (0
-    /// for other methods).
-    fn lc_nodes_for(&self, method: Option<Method>, len: usize) -> usize {
-        match method {
-            Some(Method::LeastConn) if len > LC_TREE_MIN => LcTree::nodes_for(len),
-            _ => 0,
-        }
-    }
-
-    /// Gives the current set the least_conn tree its plan calls for, built from the
-    /// servers' state now: in `tree` (a block of the right size from `alloc_lc`), or
-    /// none. Frees the previous tree.
-    fn install_lc(&mut self, tree: PlanRef) {
-        let old = std::mem::replace(&mut self.hdr.lc, tree);
-        if !old.ptr.is_null() {
-            // SAFETY: the previous tree is this domain's, no longer referenced; lock held.
-            unsafe { self.free(old.ptr as *mut u8, old.words * size_of::<LcNode>()) };
-        }
-        if !tree.ptr.is_null() {
-            self.refresh_lc();
-        }
-    }
-
-    /// Builds least_conn's tree again from the servers' state (many of them changed at
-    /// once).
-    pub(super) fn refresh_lc(&mut self) {
-        // the tree's leaves are the set's positions
-        for (k, &s) in self.slots().iter().enumerate() {
-            // SAFETY: slots of the current set are live while the lock is held.
-            unsafe { (*s).set_index(k) };
-        }
-        let now = crate::ngx_util::now_sec();
-        let (mut peers, _, _, lc) = self.pick_parts();
-        if let Some(mut lc) = lc {
-            lc.build(&mut peers, now);
-        }
-    }
-
-    /// A block for a least_conn tree of `nodes` nodes (null for 0 nodes); None when the
-    /// zone has no room.
-    fn alloc_lc(&mut self, nodes: usize) -> Option<PlanRef> {
-        if nodes == 0 {
-            return Some(PlanRef::NONE);
-        }
-        // the block is filled by `install_lc` before any pick reads it
-        let ptr = self.alloc(nodes * size_of::<LcNode>());
-        (!ptr.is_null()).then_some(PlanRef {
-            ptr: ptr as *mut u64,
-            words: nodes,
-        })
-    }
-
-    /// A server's state changed: its leaf in least_conn's tree follows.
-    #[inline]
-    fn lc_touch(&mut self, slot: *mut Slot) {
-        let lc = self.hdr.lc;
-        if lc.ptr.is_null() {
-            return;
-        }
-        let len = self.slots().len();
-        // SAFETY: the caller holds a reference on `slot`; the tree is the current set's
-        // (lock held); a slot out of the set has no leaf.
-        unsafe {
-            let s = &*slot;
-            if !s.in_set() {
-                return;
-            }
-            let nodes = std::slice::from_raw_parts_mut(lc.ptr as *mut LcNode, lc.words);
-            if let Some(mut tree) = LcTree::new(nodes, len) {
-                tree.update(s.index(), &s.state, crate::ngx_util::now_sec());
-            }
-        }
-    }
-
     /// The polling lease.
     pub fn lease(&self) -> Lease {
         Lease {
@@ -718,128 +518,6 @@ impl Locked<'_> {
     /// The fingerprint of the source the zone serves.
     pub fn fingerprint(&self) -> u64 {
         self.hdr.fingerprint
-    }
-
-    /// Allocates a plan block and writes `plan` into it. Under the lock, for the master
-    /// (`init`, `commit_switch`); pollers fill theirs outside the lock (`PlanBlock`).
-    fn alloc_plan(&mut self, plan: &Plan) -> Result<PlanBlock, ZoneError> {
-        let mut block = self
-            .alloc_plan_block(plan.flat_words())
-            .ok_or(ZoneError::Full {
-                servers: plan.primaries.len(),
-            })?;
-        block.fill(plan);
-        Ok(block)
-    }
-
-    /// An empty plan block of `words` words, not yet visible to anyone.
-    pub fn alloc_plan_block(&mut self, words: usize) -> Option<PlanBlock> {
-        // the block is its owner's until published or freed
-        let ptr = self.alloc(words.max(1) * 8) as *mut u64;
-        (!ptr.is_null()).then_some(PlanBlock { ptr, words })
-    }
-
-    /// Gives back a plan block that was not published.
-    pub fn free_plan_block(&mut self, block: PlanBlock) {
-        // SAFETY: the block came from `alloc_plan_block` in this domain and was never
-        // published; the lock is held.
-        unsafe { self.free(block.ptr as *mut u8, block.words.max(1) * 8) };
-    }
-
-    fn drop_reserve(&mut self) {
-        let r = std::mem::replace(&mut self.hdr.reserve, ptr::null_mut());
-        if r.is_null() {
-            return;
-        }
-        // SAFETY: the reserve and everything it points to were allocated by `reserve`
-        // in this domain and are referenced from nowhere else; the lock is held.
-        unsafe {
-            set::free_unshared(self, (*r).set);
-            let plan = (*r).plan;
-            if !plan.ptr.is_null() {
-                self.free(plan.ptr as *mut u8, plan.words.max(1) * 8);
-            }
-            self.free(r as *mut u8, size_of::<Reserve>());
-        }
-    }
-
-    /// Sets aside memory for `servers` fresh slots, their list and a plan of
-    /// `plan_words`: what `commit_switch` will need.
-    fn reserve(&mut self, servers: usize, plan_words: usize) -> Result<(), ZoneError> {
-        let full = ZoneError::Full { servers };
-        let r = self.alloc(size_of::<Reserve>()) as *mut Reserve;
-        if r.is_null() {
-            return Err(full);
-        }
-        // SAFETY: the lock is held; every allocation below is owned by the reserve,
-        // which `drop_reserve` gives back whole (also after a failure here).
-        unsafe {
-            ptr::write(
-                r,
-                Reserve {
-                    set: ptr::null_mut(),
-                    plan: PlanRef::NONE,
-                },
-            );
-            self.hdr.reserve = r;
-            (*r).set = set::alloc_unshared(self, servers).ok_or(full.clone())?;
-            let plan = self.alloc_plan_block(plan_words).ok_or(full)?;
-            (*r).plan = PlanRef {
-                ptr: plan.ptr,
-                words: plan.words,
-            };
-        }
-        Ok(())
-    }
-
-    /// Memory for this domain: `size` bytes from the shared pool, counted against the
-    /// domain's cap (null when over the cap or when the zone is full).
-    pub(super) fn alloc(&mut self, size: usize) -> *mut u8 {
-        let size = size.max(1);
-        let budget = self.hdr.budget;
-        if budget > 0 && self.hdr.used + size as u64 > budget {
-            return ptr::null_mut();
-        }
-        // SAFETY: the pool is live; `ngx_slab_alloc` takes its mutex (the domain's lock,
-        // held, always comes first).
-        let p = unsafe { ngx_slab_alloc(self.pool, size) } as *mut u8;
-        if !p.is_null() {
-            self.hdr.used += size as u64;
-        }
-        p
-    }
-
-    /// Gives back `size` bytes from `alloc`.
-    ///
-    /// # Safety
-    /// `p` came from this domain's `alloc(size)` and is referenced from nowhere now.
-    pub(super) unsafe fn free(&mut self, p: *mut u8, size: usize) {
-        // SAFETY: per the contract.
-        unsafe { ngx_slab_free(self.pool, p as *mut _) };
-        self.hdr.used = self.hdr.used.saturating_sub(size.max(1) as u64);
-    }
-
-    /// Empties a domain no configuration uses any more, if no live process has sessions
-    /// in it (`alive`): every ledger, the set, plan, tree and the rest. False when a
-    /// process still uses it.
-    fn dismantle(&mut self, alive: &dyn Fn(i64) -> bool) -> bool {
-        if self.has_live_ledger(alive) {
-            return false;
-        }
-        self.reclaim_all();
-        self.drop_reserve();
-        self.set_skipped(&[]);
-        self.clear_set();
-        let plan = std::mem::replace(&mut self.hdr.plan, PlanRef::NONE);
-        self.hdr.plan_view = None;
-        if !plan.ptr.is_null() {
-            // SAFETY: the plan block is this domain's; nothing references it now.
-            unsafe { self.free(plan.ptr as *mut u8, plan.words.max(1) * 8) };
-        }
-        self.install_lc(PlanRef::NONE);
-        self.free_health();
-        self.sweep_retired(None);
-        true
     }
 
     /// Sets the last error text (truncated to fit).

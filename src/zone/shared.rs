@@ -17,9 +17,11 @@
 use std::ptr;
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use nginx_sys::{ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc_locked, ngx_slab_pool_t};
+use nginx_sys::{
+    ngx_shmtx_lock, ngx_shmtx_unlock, ngx_slab_alloc_locked, ngx_slab_free_locked, ngx_slab_pool_t,
+};
 
-use super::ZoneHeader;
+use super::{Zone, ZoneHeader, DOMAIN_NAME_MAX, MAGIC};
 
 const ROOT_MAGIC: u64 = 0x7570_7379_6e63_5200; // "upsyncR", v0
 
@@ -149,5 +151,131 @@ impl DomainLock {
     #[inline]
     pub(super) fn unlock(&self) {
         self.holder.store(0, Ordering::Release);
+    }
+}
+
+/// The names a domain is found by.
+fn domain_name(name: &str) -> &[u8] {
+    let b = name.as_bytes();
+    &b[..b.len().min(DOMAIN_NAME_MAX)]
+}
+
+/// What the master needs to set up one upstream's domain.
+pub struct DomainSpec<'a> {
+    pub name: &'a str,
+    /// Identifies the source (see `SrvConf::fingerprint`).
+    pub fingerprint: u64,
+    /// `zone_size=`: the most memory the upstream may use (0: no cap).
+    pub budget: u64,
+}
+
+/// The shared zone as the master sees it while it reads a configuration.
+#[derive(Clone, Copy)]
+pub struct SharedZone {
+    pub(super) pool: *mut ngx_slab_pool_t,
+    root: *mut Root,
+    epoch: u64,
+}
+
+impl SharedZone {
+    /// Attaches to the shared zone at `pool` for the configuration being read.
+    ///
+    /// # Safety
+    /// `pool` is the slab pool of the `upsync` zone (set up by nginx), mapped for the
+    /// cycle's life; called by the master.
+    pub unsafe fn attach(pool: *mut ngx_slab_pool_t) -> Option<SharedZone> {
+        // SAFETY: per the contract.
+        let (root, epoch) = unsafe { attach_root(pool) }?;
+        Some(SharedZone { pool, root, epoch })
+    }
+
+    /// The domain of the upstream `spec.name`: the one a previous configuration left
+    /// (the same name), or a new one. Marks it as used by this configuration.
+    pub(super) fn domain(&self, spec: &DomainSpec) -> Option<(*mut ZoneHeader, bool)> {
+        let name = domain_name(spec.name);
+        // SAFETY: the pool is live; its mutex guards the list of domains and allocation.
+        unsafe {
+            ngx_shmtx_lock(&mut (*self.pool).mutex);
+            let mut d = (*self.root).domains;
+            while !d.is_null() {
+                // magic and name never change after the domain is made
+                let dname = std::slice::from_raw_parts(
+                    ptr::addr_of!((*d).name) as *const u8,
+                    ((*d).name_len as usize).min(DOMAIN_NAME_MAX),
+                );
+                if (*d).magic == MAGIC && dname == name {
+                    break;
+                }
+                d = (*d).next;
+            }
+            let created = d.is_null();
+            if created {
+                d = ngx_slab_alloc_locked(self.pool, size_of::<ZoneHeader>()) as *mut ZoneHeader;
+                if !d.is_null() {
+                    // all-zero is a valid header (null pointers, zero counters, a free
+                    // lock) once the plan view is set to None
+                    ptr::write_bytes(d as *mut u8, 0, size_of::<ZoneHeader>());
+                    ptr::addr_of_mut!((*d).plan_view).write(None);
+                    (*d).magic = MAGIC;
+                    (&mut (*d).name)[..name.len()].copy_from_slice(name);
+                    (*d).name_len = name.len() as u32;
+                    (*d).used = size_of::<ZoneHeader>() as u64;
+                    (*d).next = (*self.root).domains;
+                    (*self.root).domains = d;
+                }
+            }
+            if !d.is_null() {
+                (*d).claimed = self.epoch;
+            }
+            ngx_shmtx_unlock(&mut (*self.pool).mutex);
+            (!d.is_null()).then_some((d, created))
+        }
+    }
+
+    /// Frees the domains no configuration since the running one uses, once no process
+    /// holds sessions there (`alive` says whether a pid lives). Returns how many.
+    pub fn sweep(&self, alive: &dyn Fn(i64) -> bool) -> usize {
+        let mut freed = 0;
+        // SAFETY: the pool is live; the list is walked and unlinked under its mutex. A
+        // domain no live process has a ledger in is used by nobody: its lock is taken
+        // to empty it, then it is unlinked and freed.
+        unsafe {
+            ngx_shmtx_lock(&mut (*self.pool).mutex);
+            let mut stale = Vec::new();
+            let mut d = (*self.root).domains;
+            while !d.is_null() {
+                if (*d).claimed != self.epoch {
+                    stale.push(d);
+                }
+                d = (*d).next;
+            }
+            ngx_shmtx_unlock(&mut (*self.pool).mutex);
+            for d in stale {
+                let zone = Zone {
+                    pool: self.pool,
+                    hdr: d,
+                    ledger: ptr::null_mut(),
+                };
+                let mut l = zone.lock();
+                if !l.dismantle(alive) {
+                    continue;
+                }
+                drop(l);
+                ngx_shmtx_lock(&mut (*self.pool).mutex);
+                let mut link: *mut *mut ZoneHeader = &mut (*self.root).domains;
+                while !(*link).is_null() {
+                    if *link == d {
+                        *link = (*d).next;
+                        break;
+                    }
+                    link = &mut (**link).next;
+                }
+                (*d).magic = 0;
+                ngx_slab_free_locked(self.pool, d as *mut _);
+                ngx_shmtx_unlock(&mut (*self.pool).mutex);
+                freed += 1;
+            }
+        }
+        freed
     }
 }
