@@ -20,9 +20,11 @@ const SEND_TIMEOUT_MS: ngx_msec_t = 10_000;
 const LINGER_MS: ngx_msec_t = 2_000;
 /// Longest request line read; the rest is drained unread.
 const REQUEST_MAX: usize = 8 * 1024;
-/// Servers read (under a zone lock) and rendered per turn of the event loop: about
-/// 0.1 ms of work in a release build (see scripts/bench/status).
-const SLICE: usize = 128;
+/// Servers read (under a zone lock) and rendered per turn of the event loop, at most:
+/// well under 0.1 ms of work in a release build (see scripts/bench/status).
+const SLICE: usize = 64;
+/// Bytes handed to the socket per turn of the event loop, at most.
+const SEND_MAX: usize = 64 * 1024;
 
 /// One `upstream_show` connection. Every handler borrows it once (through `session`)
 /// and passes that borrow down, so no two `&mut` to it ever exist.
@@ -197,11 +199,13 @@ unsafe extern "C" fn on_write(ev: *mut ngx_event_t) {
     }
 }
 
-/// Moves the answer on: sends what is rendered; once all of it is sent, renders the
-/// next slice and sends it; then, if more is to come, yields to the event loop — until
-/// the socket can take more (the client reads), or for one turn (the write event is
-/// posted to the next one). A timer on the write event ends a client that takes nothing
-/// for SEND_TIMEOUT_MS; it also keeps an exiting worker until the answer is out.
+/// Moves the answer on, by one turn of the event loop's worth: sends at most SEND_MAX
+/// bytes of what is rendered; once all of it is sent, renders the next slice (one per
+/// turn: not while the write event is posted, as its run renders) and sends from it;
+/// then, if more is to come, yields to the event loop until the socket can take more
+/// (the client reads) or for one turn (the write event is posted to the next one). A
+/// timer on the write event ends a client that takes nothing for SEND_TIMEOUT_MS; it
+/// also keeps an exiting worker until the answer is out.
 fn pump(ctx: &mut ShowCtx) {
     if ctx.lingering {
         return;
@@ -209,10 +213,17 @@ fn pump(ctx: &mut ShowCtx) {
     let c = ctx.c;
     // SAFETY: the connection's write event.
     let wev = unsafe { (*c).write };
-    let mut rendered = false;
+    // SAFETY: as above; a posted run of this handler is due in this turn or the next.
+    let mut rendered = unsafe { (*wev).posted() } != 0;
+    let mut budget = SEND_MAX;
     loop {
+        let end = ctx.out.len().min(ctx.sent + budget);
+        let before = ctx.sent;
         // SAFETY: the live connection, owned by this session.
-        match unsafe { send_pending(c, &mut ctx.out, &mut ctx.sent) } {
+        let sent = unsafe { send_pending(c, &mut ctx.out[..end], &mut ctx.sent) };
+        budget -= ctx.sent - before;
+        match sent {
+            Sent::All if ctx.sent < ctx.out.len() => return yield_turn(wev),
             Sent::All => {}
             Sent::Again => {
                 // SAFETY: the connection's write event (re-armed: progress was made or
@@ -227,14 +238,8 @@ fn pump(ctx: &mut ShowCtx) {
         let Some(r) = ctx.renderer.as_mut() else {
             break;
         };
-        if rendered {
-            // SAFETY: the connection's write event; a posted event is taken off its queue
-            // when the connection closes (ngx_close_connection).
-            unsafe {
-                ngx_post_event(wev, std::ptr::addr_of_mut!(ngx_posted_next_events));
-                ngx_add_timer(wev, SEND_TIMEOUT_MS);
-            }
-            return;
+        if rendered || budget == 0 {
+            return yield_turn(wev);
         }
         if r.step(&mut Live::new(), &mut ctx.out) {
             ctx.renderer = None; // the rest of the answer is in `out`
@@ -247,6 +252,9 @@ fn pump(ctx: &mut ShowCtx) {
     ctx.out = Vec::new();
     // SAFETY: the connection's events and socket.
     unsafe {
+        if (*wev).posted() != 0 {
+            ngx_delete_posted_event(wev);
+        }
         if (*wev).timer_set() != 0 {
             ngx_del_timer(wev);
         }
@@ -255,5 +263,15 @@ fn pump(ctx: &mut ShowCtx) {
     }
     if !read_available(ctx) {
         finalize(ctx.s);
+    }
+}
+
+/// Goes on in the next turn of the event loop: other connections are served first.
+fn yield_turn(wev: *mut ngx_event_t) {
+    // SAFETY: the write event of a live `upstream_show` connection; a posted event is
+    // taken off its queue when the connection closes (ngx_close_connection).
+    unsafe {
+        ngx_post_event(wev, std::ptr::addr_of_mut!(ngx_posted_next_events));
+        ngx_add_timer(wev, SEND_TIMEOUT_MS);
     }
 }

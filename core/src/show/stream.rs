@@ -371,9 +371,13 @@ impl Renderer {
                         self.body.truncate(self.mark);
                         self.retries += 1;
                         self.phase = Phase::Upstream;
+                        return self.servers.len();
                     }
-                    return self.servers.len();
+                    if self.servers.is_empty() {
+                        return 1;
+                    }
                 }
+                // (a batch is read at most `budget` long, and rendered in the same step)
                 let n = budget.min(self.servers.len() - self.pos);
                 for s in &self.servers[self.pos..self.pos + n] {
                     if text {
@@ -468,7 +472,9 @@ impl Renderer {
                 return 1;
             }
             self.fetch(src, budget);
-            return self.servers.len();
+            if self.servers.is_empty() {
+                return 1;
+            }
         }
         let n = budget.min(self.servers.len() - self.pos);
         for s in &self.servers[self.pos..self.pos + n] {
