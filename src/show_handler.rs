@@ -1,11 +1,11 @@
 //! `upstream_show`: answers a TCP connection with a report of every stream upstream —
-//! the C module's text by default, JSON or Prometheus on request (see `show.rs`). The
-//! request line is read first (a client that sends nothing, or closes its side, gets the
-//! text after at most a second). The report is rendered a slice at a time
-//! (`show::Renderer`: one bounded batch of servers per turn of the event loop, the
-//! next turn posted), and only as fast as the client reads: a slice is rendered when
-//! the last one is sent. After the response the write side is shut down and the rest
-//! of the request drained, so the client never sees a reset.
+//! the C module's text by default, JSON or Prometheus on request (see
+//! `upsync_core::show`). The request line is read first (a client that sends nothing,
+//! or closes its side, gets the text after at most a second). The report is rendered
+//! a slice at a time (`show::Renderer`: one bounded batch of servers per turn of the
+//! event loop, the next turn posted), and only as fast as the client reads: a slice is
+//! rendered when the last one is sent. After the response the write side is shut down
+//! and the rest of the request drained, so the client never sees a reset.
 
 use ngx::core::Pool;
 use ngx::ffi::*;
@@ -20,8 +20,8 @@ const SEND_TIMEOUT_MS: ngx_msec_t = 10_000;
 const LINGER_MS: ngx_msec_t = 2_000;
 /// Longest request line read; the rest is drained unread.
 const REQUEST_MAX: usize = 8 * 1024;
-/// Servers read (under a zone lock) and rendered per turn of the event loop, at most:
-/// well under 0.1 ms of work in a release build (see scripts/bench/status).
+/// Servers read (under a zone lock) and rendered per connection and turn of the event
+/// loop, at most: about 0.1 ms of work in a release build (see README, upstream_show).
 const SLICE: usize = 64;
 /// Bytes handed to the socket per turn of the event loop, at most.
 const SEND_MAX: usize = 64 * 1024;
