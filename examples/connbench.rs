@@ -15,6 +15,12 @@
 //! `connbench serve-many FIRST_PORT COUNT OUTFILE`: binds COUNT free ports on 127.0.0.1
 //! from FIRST_PORT up (skipping busy ones), writes them to OUTFILE, and answers every
 //! connection on any of them with "p<port>\n" (one epoll loop, one thread).
+//! `connbench latency PORT SECONDS MAX_CONNS`: one connection at a time, one every
+//! millisecond at most (connect, read one line, close) until SECONDS pass or MAX_CONNS
+//! are done; prints `conns=N failed=F p50_ms=.. p99_ms=.. max_ms=..`.
+//! `connbench scrape PORT PATH SECONDS MAX`: GET PATH (HTTP/1.0) read to its end, again
+//! and again until SECONDS pass or MAX answers are read; prints
+//! `scrapes=N failed=F bytes=B mean_ms=.. max_ms=..` (B: bytes of the last answer).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
@@ -131,8 +137,10 @@ fn main() {
             println!("timeout");
         }
         Some("serve-many") => serve_many(num(2) as u16, num(3) as usize, &args[4]),
+        Some("latency") => latency(num(2) as u16, num(3), num(4)),
+        Some("scrape") => scrape(num(2) as u16, &args[3], num(4), num(5)),
         _ => {
-            eprintln!("usage: connbench serve PORT ID | load PORT SECONDS MAX THREADS | first PORT ID TIMEOUT_MS | serve-many FIRST COUNT OUTFILE");
+            eprintln!("usage: connbench serve PORT ID | load PORT SECONDS MAX THREADS | first PORT ID TIMEOUT_MS | serve-many FIRST COUNT OUTFILE | latency PORT SECONDS MAX | scrape PORT PATH SECONDS MAX");
             std::process::exit(2);
         }
     }
@@ -176,4 +184,58 @@ fn serve_many(first: u16, count: usize, outfile: &str) {
             }
         }
     }
+}
+
+fn latency(port: u16, secs: u64, max: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let (mut ms, mut failed) = (Vec::new(), 0u64);
+    while Instant::now() < deadline && (ms.len() as u64) + failed < max {
+        let t0 = Instant::now();
+        match greet(port) {
+            Some(_) => ms.push(t0.elapsed().as_secs_f64() * 1000.0),
+            None => failed += 1,
+        }
+        if let Some(rest) = Duration::from_millis(1).checked_sub(t0.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+    ms.sort_by(f64::total_cmp);
+    let at = |q: f64| ms.get(((ms.len() as f64 * q) as usize).min(ms.len().saturating_sub(1)));
+    let show = |v: Option<&f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
+    println!(
+        "conns={} failed={failed} p50_ms={} p99_ms={} max_ms={}",
+        ms.len(),
+        show(at(0.5)),
+        show(at(0.99)),
+        show(ms.last())
+    );
+}
+
+fn scrape(port: u16, path: &str, secs: u64, max: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let (mut n, mut failed, mut bytes, mut total, mut most) = (0u64, 0u64, 0usize, 0.0, 0.0f64);
+    while Instant::now() < deadline && n + failed < max {
+        let t0 = Instant::now();
+        let got = TcpStream::connect(("127.0.0.1", port)).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+            let mut all = Vec::new();
+            std::io::Read::read_to_end(&mut s, &mut all)?;
+            Ok(all)
+        });
+        match got {
+            Ok(all) if all.starts_with(b"HTTP/1.0 200") => {
+                let el = t0.elapsed().as_secs_f64() * 1000.0;
+                n += 1;
+                bytes = all.len();
+                total += el;
+                most = most.max(el);
+            }
+            _ => failed += 1,
+        }
+    }
+    println!(
+        "scrapes={n} failed={failed} bytes={bytes} mean_ms={:.1} max_ms={most:.1}",
+        total / n.max(1) as f64
+    );
 }

@@ -1,77 +1,98 @@
-//! The state of every stream upstream as the reports show it (`upsync_core::show`
-//! views): upsync upstreams from their zone, the others from nginx's own peers.
+//! The state of every stream upstream as `upstream_show` reads it, a piece at a time
+//! (`upsync_core::show::ShowSource`): an upsync upstream's servers from its zone, one
+//! bounded batch per lock (rendered after the lock is released); the servers of an
+//! upstream nginx balances itself from its peer list, read whole (a list from the
+//! configuration or one DNS answer) under nginx's read lock.
 
 use ngx::ffi::*;
 
 use crate::ngx_util::{now_sec, str_of};
 use crate::srv_conf::{cycle_upstreams, upstream_conf, SrvConf};
 use upsync_core::balancer::failed_until;
-use upsync_core::servers::server_line;
-use upsync_core::show::{HealthView, ServerView, SourceView, UpstreamView};
+use upsync_core::servers::ServerSpec;
+use upsync_core::show::{
+    resume_index, Batch, Cursor, HealthView, ServerView, ShowSource, SourceView, UpstreamHead,
+};
 
-/// The current state of every `upstream {}` block of the running cycle, in
-/// configuration order.
-pub fn snapshot() -> Vec<UpstreamView> {
-    let now = now_sec();
-    let mut out = Vec::new();
-    // SAFETY: the running cycle's upstreams; nginx runs one handler at a time, so no
-    // other reference to their SrvConf is live.
-    for &uscf in unsafe { cycle_upstreams(ngx_cycle) } {
-        // SAFETY: `uscf` is a configured upstream of the running cycle.
-        let (flags, name) = unsafe { ((*uscf).flags, str_of(&(*uscf).host)) };
-        if flags & NGX_STREAM_UPSTREAM_CREATE as ngx_uint_t == 0 {
-            continue; // implicit upstreams of `proxy_pass ADDRESS`
-        }
-        // SAFETY: as above.
-        let view = match unsafe { upstream_conf(uscf) }.filter(|c| c.zone.is_some()) {
-            Some(conf) => synced_view(name, conf, now),
-            None => UpstreamView {
-                name,
-                // SAFETY: as above.
-                servers: unsafe { static_servers(uscf, now) },
-                source: None,
-            },
-        };
-        out.push(view);
-    }
-    out
+/// The `upstream {}` blocks of the running cycle, in configuration order, as a source
+/// for one step of a report.
+pub struct Live {
+    upstreams: Vec<*mut ngx_stream_upstream_srv_conf_t>,
+    now: i64,
 }
 
-fn synced_view(name: String, conf: &SrvConf, now: i64) -> UpstreamView {
+impl Live {
+    pub fn new() -> Live {
+        // SAFETY: the running cycle's upstreams, configured for the life of the worker.
+        let all = unsafe { cycle_upstreams(ngx_cycle) };
+        let upstreams = all
+            .iter()
+            .copied()
+            // SAFETY: as above.
+            .filter(|&u| unsafe { (*u).flags } & NGX_STREAM_UPSTREAM_CREATE as ngx_uint_t != 0)
+            .collect(); // (not the implicit upstreams of `proxy_pass ADDRESS`)
+        Live {
+            upstreams,
+            now: now_sec(),
+        }
+    }
+
+    /// Upstream `i` and, for an upsync upstream, its configuration.
+    fn upstream(&self, i: usize) -> (*mut ngx_stream_upstream_srv_conf_t, Option<&SrvConf>) {
+        let uscf = self.upstreams[i];
+        // SAFETY: a configured upstream of the running cycle; nginx runs one handler at a
+        // time, so no other reference to its SrvConf is live while this one is used.
+        let conf = unsafe { upstream_conf(uscf) }.filter(|c| c.zone.is_some());
+        (uscf, conf.map(|c| &*c))
+    }
+}
+
+impl ShowSource for Live {
+    fn names(&self) -> Vec<String> {
+        self.upstreams
+            .iter()
+            // SAFETY: configured upstreams of the running cycle.
+            .map(|&u| str_of(unsafe { &(*u).host }))
+            .collect()
+    }
+
+    fn head(&mut self, i: usize) -> UpstreamHead {
+        let (uscf, conf) = self.upstream(i);
+        // SAFETY: as in `names`.
+        let name = str_of(unsafe { &(*uscf).host });
+        match conf {
+            Some(conf) => synced_head(name, conf),
+            None => {
+                // SAFETY: an upstream nginx balances itself (round robin's peers).
+                let servers = unsafe { static_servers(uscf, self.now) };
+                UpstreamHead {
+                    name,
+                    server_count: servers.len(),
+                    version: 0,
+                    checked: false,
+                    source: None,
+                    whole: Some(servers),
+                }
+            }
+        }
+    }
+
+    fn servers(&mut self, i: usize, cursor: &mut Cursor, max: usize) -> Batch {
+        match self.upstream(i).1 {
+            Some(conf) => synced_batch(conf, cursor, max, self.now),
+            None => Batch {
+                end: true,
+                ..Batch::default()
+            },
+        }
+    }
+}
+
+/// An upsync upstream's summary: one short hold of its lock.
+fn synced_head(name: String, conf: &SrvConf) -> UpstreamHead {
     let zone = conf.zone.expect("filtered on zone");
     let mem = zone.usage();
     let l = zone.lock();
-    let health = l.health_records();
-    let servers = (0..l.slots().len())
-        .map(|i| {
-            let slot = l.slot(i);
-            let spec = slot.spec();
-            let st = &slot.state;
-            ServerView {
-                line: spec.line(),
-                address: spec.addr.to_string(),
-                weight: spec.weight,
-                max_fails: spec.max_fails,
-                fail_timeout: spec.fail_timeout as i64,
-                max_conns: spec.max_conns,
-                down: spec.down,
-                backup: spec.backup,
-                active: st.conns,
-                fails: st.fails,
-                total: st.total,
-                failed_until: st.failed_until(now),
-                health: health.as_ref().and_then(|h| h.get(i)).map(|r| HealthView {
-                    state: r.health.state.name(),
-                    consecutive_passes: r.health.passes,
-                    consecutive_fails: r.health.fails,
-                    last_check_ms: r.health.last_check_ms,
-                    last_failure: r.last_failure.clone(),
-                    checks: r.health.checks,
-                    checks_failed: r.health.failed,
-                }),
-            }
-        })
-        .collect();
     let st = l.status_ref();
     let (skipped, skipped_count) = l.skipped();
     let spec = conf.upsync.as_ref().expect("synced upstream");
@@ -95,10 +116,84 @@ fn synced_view(name: String, conf: &SrvConf, now: i64) -> UpstreamView {
         zone_free: mem.shared_free,
         zone_size: mem.shared_size,
     };
-    UpstreamView {
+    UpstreamHead {
         name,
-        servers,
+        server_count: l.slots().len(),
+        version: l.generation(),
+        checked: l.health_conf_id() != 0,
         source: Some(source),
+        whole: None,
+    }
+}
+
+/// What is copied of a slot under the lock.
+struct Copied {
+    spec: ServerSpec,
+    active: u32,
+    fails: u32,
+    total: u64,
+    failed_until: Option<i64>,
+}
+
+/// At most `max` servers of an upsync upstream from `cursor` on: copied under the lock
+/// (O(log n + max)), made views of after it is released.
+fn synced_batch(conf: &SrvConf, cursor: &mut Cursor, max: usize, now: i64) -> Batch {
+    let zone = conf.zone.expect("filtered on zone");
+    let (copied, health, version, end, len) = {
+        let l = zone.lock();
+        let len = l.slots().len();
+        let start = resume_index(cursor, len, |i| l.slot(i).addr());
+        let end = start.saturating_add(max).min(len);
+        let copied: Vec<Copied> = (start..end)
+            .map(|i| {
+                let slot = l.slot(i);
+                Copied {
+                    spec: slot.spec(),
+                    active: slot.state.conns,
+                    fails: slot.state.fails,
+                    total: slot.state.total,
+                    failed_until: slot.state.failed_until(now),
+                }
+            })
+            .collect();
+        let health = l.health_records_in(start..end);
+        (copied, health, l.generation(), end, len)
+    };
+    cursor.next = end;
+    cursor.after = copied.last().map(|c| c.spec.addr).or(cursor.after);
+    let mut health = health.map(Vec::into_iter);
+    let servers = copied
+        .into_iter()
+        .map(|c| ServerView {
+            address: c.spec.addr.to_string(),
+            weight: c.spec.weight,
+            max_fails: c.spec.max_fails,
+            fail_timeout: c.spec.fail_timeout as i64,
+            max_conns: c.spec.max_conns,
+            down: c.spec.down,
+            backup: c.spec.backup,
+            active: c.active,
+            fails: c.fails,
+            total: c.total,
+            failed_until: c.failed_until,
+            health: health
+                .as_mut()
+                .and_then(Iterator::next)
+                .map(|r| HealthView {
+                    state: r.health.state.name(),
+                    consecutive_passes: r.health.passes,
+                    consecutive_fails: r.health.fails,
+                    last_check_ms: r.health.last_check_ms,
+                    last_failure: r.last_failure,
+                    checks: r.health.checks,
+                    checks_failed: r.health.failed,
+                }),
+        })
+        .collect();
+    Batch {
+        servers,
+        end: end >= len,
+        version,
     }
 }
 
@@ -129,15 +224,6 @@ unsafe fn static_servers(uscf: *mut ngx_stream_upstream_srv_conf_t, now: i64) ->
             let (weight, max_fails) = (pr.weight as u32, pr.max_fails as u32);
             let fail_timeout = pr.fail_timeout as i64;
             out.push(ServerView {
-                line: server_line(
-                    &name,
-                    weight,
-                    max_fails,
-                    fail_timeout,
-                    pr.max_conns as u32,
-                    backup,
-                    pr.down != 0,
-                ),
                 address: name,
                 weight,
                 max_fails,

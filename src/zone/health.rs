@@ -453,11 +453,18 @@ impl Locked<'_> {
     /// Each slot's health record, in set order (None: no `health_check` configured).
     /// A slot the table does not know yet shows the state its flag says.
     pub fn health_records(&self) -> Option<Vec<HealthRecord>> {
+        self.health_records_in(0..self.slots().len())
+    }
+
+    /// `health_records` of the slots `range` (of `slots()`): O(log n + the range).
+    pub fn health_records_in(&self, range: std::ops::Range<usize>) -> Option<Vec<HealthRecord>> {
         self.block().filter(|b| b.conf_id != 0)?;
         let entries = self.entries();
-        let mut ei = 0;
-        let out = self
-            .slots()
+        let slots = self.slots().get(range).unwrap_or(&[]);
+        // SAFETY: slots of the current set are live while the lock is held.
+        let first = slots.first().map(|&s| unsafe { (*s).addr() });
+        let mut ei = first.map_or(0, |a| entries.partition_point(|e| e.addr() < a));
+        let out = slots
             .iter()
             .map(|&s| {
                 // SAFETY: slots of the current set are live while the lock is held.

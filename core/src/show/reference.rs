@@ -1,180 +1,21 @@
-//! The `upstream_show` report: the C module's text (byte-compatible, the default), JSON
-//! (`GET /?format=json`) and Prometheus text exposition (`GET /metrics`), optionally
-//! for one upstream (`?upstream=NAME`).
+//! The one-shot renderers `upstream_show` used before it streamed, kept verbatim as the
+//! oracle the streaming renderer is tested against (same bytes for the same views).
 
 use std::fmt::Write as _;
 
-/// One server as the report shows it.
-#[derive(Debug, Clone, Default)]
-pub struct ServerView {
-    /// The C module's `server ...;` line (text format).
-    pub line: String,
-    pub address: String,
-    pub weight: u32,
-    pub max_fails: u32,
-    pub fail_timeout: i64,
-    pub max_conns: u32,
-    pub down: bool,
-    pub backup: bool,
-    pub active: u32,
-    pub fails: u32,
-    pub total: u64,
-    /// Failed (max_fails reached) until this time, seconds since the epoch.
-    pub failed_until: Option<i64>,
-    /// The active health check's view of the server (None: the upstream has none).
-    pub health: Option<HealthView>,
-}
+use super::{Format, HealthView, ServerView, ShowRequest, UpstreamView};
+use crate::servers::server_line;
 
-/// What the active health check knows about one server.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct HealthView {
-    /// `up`, `unhealthy` or `checking`.
-    pub state: &'static str,
-    pub consecutive_passes: u32,
-    pub consecutive_fails: u32,
-    /// When the last check completed (ms since the epoch; 0: never).
-    pub last_check_ms: u64,
-    /// Why the last failed check failed (empty: none yet).
-    pub last_failure: String,
-    pub checks: u64,
-    pub checks_failed: u64,
-}
-
-impl ServerView {
-    pub fn state(&self) -> &'static str {
-        if self.down {
-            "down"
-        } else if self.failed_until.is_some() {
-            "failed"
-        } else if self.backup {
-            "backup"
-        } else {
-            "up"
-        }
-    }
-}
-
-/// Where an upsync upstream's servers come from, and how syncing goes.
-#[derive(Debug, Clone, Default)]
-pub struct SourceView {
-    pub kind: String,
-    pub address: String,
-    /// The registry address that answered last (a member of a failover list).
-    pub in_use: String,
-    pub lb: String,
-    /// Consul index / etcd index or revision of the last successful read.
-    pub position: u64,
-    pub last_sync_ms: u64,
-    pub last_change_ms: u64,
-    pub last_error: String,
-    pub consecutive_failures: u64,
-    pub generation: u64,
-    pub updates: u64,
-    /// Polling worker's pid (0: none right now).
-    pub poller_pid: i64,
-    /// Registry entries the last answer skipped (key, cause; at most 100 listed) and
-    /// how many there were.
-    pub skipped: Vec<(String, String)>,
-    pub skipped_count: u64,
-    /// Shared memory: what this upstream uses (bytes), its cap (`zone_size=`, 0:
-    /// none), and the whole `upsync` zone's free bytes and size.
-    pub memory_used: u64,
-    pub memory_cap: u64,
-    pub zone_free: u64,
-    pub zone_size: u64,
-}
-
-/// One upstream as the report shows it.
-#[derive(Debug, Clone, Default)]
-pub struct UpstreamView {
-    pub name: String,
-    pub servers: Vec<ServerView>,
-    /// None for upstreams nginx balances itself.
-    pub source: Option<SourceView>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Text,
-    Json,
-    Prometheus,
-}
-
-/// What a client asked for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShowRequest {
-    pub format: Format,
-    pub upstream: Option<String>,
-}
-
-impl Default for ShowRequest {
-    fn default() -> Self {
-        ShowRequest {
-            format: Format::Text,
-            upstream: None,
-        }
-    }
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
-                {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Reads the request line (`GET /metrics?upstream=x HTTP/1.1`). Anything that is not a
-/// recognizable request asks for the default text report, as the C module answered
-/// every connection with it.
-pub fn parse_request(line: &[u8]) -> ShowRequest {
-    let text = String::from_utf8_lossy(line);
-    let mut words = text.split_ascii_whitespace();
-    let target = match (words.next(), words.next()) {
-        (Some(_method), Some(t)) => t,
-        _ => return ShowRequest::default(),
-    };
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let mut req = ShowRequest::default();
-    if path.trim_end_matches('/').ends_with("/metrics") {
-        req.format = Format::Prometheus;
-    } else if path.trim_end_matches('/').ends_with(".json")
-        || path.trim_end_matches('/').ends_with("/json")
-    {
-        req.format = Format::Json;
-    }
-    for pair in query.split('&') {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        match k {
-            "format" => {
-                req.format = match v {
-                    "json" => Format::Json,
-                    "prometheus" | "metrics" => Format::Prometheus,
-                    _ => Format::Text,
-                }
-            }
-            "upstream" if !v.is_empty() => req.upstream = Some(percent_decode(v)),
-            _ => {}
-        }
-    }
-    req
+fn line(s: &ServerView) -> String {
+    server_line(
+        &s.address,
+        s.weight,
+        s.max_fails,
+        s.fail_timeout,
+        s.max_conns,
+        s.backup,
+        s.down,
+    )
 }
 
 /// The text body: `Upstream name: NAME; Backend server count: N`, the servers indented by
@@ -194,7 +35,7 @@ pub fn render_text(upstreams: &[UpstreamView]) -> String {
         );
         for s in &u.servers {
             out.push_str("        ");
-            out.push_str(&s.line);
+            out.push_str(&line(s));
             out.push('\n');
         }
         out.push('\n');
@@ -550,144 +391,4 @@ pub fn render(req: &ShowRequest, upstreams: &[UpstreamView]) -> Vec<u8> {
     .into_bytes();
     out.extend_from_slice(body.as_bytes());
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn views() -> Vec<UpstreamView> {
-        let s1 = ServerView {
-            line: "server 127.0.0.1:8088 weight=40 max_fails=2 fail_timeout=10s;".into(),
-            address: "127.0.0.1:8088".into(),
-            weight: 40,
-            max_fails: 2,
-            fail_timeout: 10,
-            active: 3,
-            total: 10,
-            ..Default::default()
-        };
-        let s2 = ServerView {
-            line: "server 127.0.0.1:8089 weight=20 max_fails=0 fail_timeout=30s;".into(),
-            address: "127.0.0.1:8089".into(),
-            weight: 20,
-            fail_timeout: 30,
-            failed_until: Some(1_700_000_030),
-            health: Some(HealthView {
-                state: "unhealthy",
-                consecutive_fails: 2,
-                last_check_ms: 1_700_000_001_500,
-                last_failure: "connect refused".into(),
-                checks: 9,
-                checks_failed: 3,
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        vec![UpstreamView {
-            name: "test".into(),
-            servers: vec![s1, s2],
-            source: Some(SourceView {
-                kind: "consul".into(),
-                address: "127.0.0.1:8500/v1/kv/upstreams/test/".into(),
-                generation: 7,
-                ..Default::default()
-            }),
-        }]
-    }
-
-    #[test]
-    fn text_matches_reference_layout() {
-        let body = render_text(&views());
-        assert_eq!(
-            body,
-            "Upstream name: test; Backend server count: 2\n        server 127.0.0.1:8088 weight=40 max_fails=2 fail_timeout=10s;\n        server 127.0.0.1:8089 weight=20 max_fails=0 fail_timeout=30s;\n\n"
-        );
-        let resp = String::from_utf8(render(&ShowRequest::default(), &views())).unwrap();
-        assert!(
-            resp.starts_with("HTTP/1.0 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\n")
-        );
-        assert!(resp.contains(&format!(
-            "Content-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        )));
-        assert!(resp.ends_with(&body));
-        assert_eq!(render_text(&[]), "No upstreams defined\n");
-    }
-
-    #[test]
-    fn requests() {
-        let r = |s: &str| parse_request(s.as_bytes());
-        assert_eq!(r("GET / HTTP/1.0"), ShowRequest::default());
-        assert_eq!(r("GET /upstream_list HTTP/1.1").format, Format::Text);
-        assert_eq!(r("GET /?format=json HTTP/1.1").format, Format::Json);
-        assert_eq!(r("GET /metrics HTTP/1.1").format, Format::Prometheus);
-        assert_eq!(r("GET /status.json HTTP/1.1").format, Format::Json);
-        let q = r("GET /?format=json&upstream=my%20up HTTP/1.1");
-        assert_eq!(
-            (q.format, q.upstream.as_deref()),
-            (Format::Json, Some("my up"))
-        );
-        assert_eq!(r(""), ShowRequest::default());
-        assert_eq!(r("garbage"), ShowRequest::default());
-        assert_eq!(
-            r("GET /?upstream=%zz HTTP/1.1").upstream.as_deref(),
-            Some("%zz")
-        );
-    }
-
-    #[test]
-    fn json_and_prometheus() {
-        let j: serde_json::Value = serde_json::from_str(&render_json(&views())).unwrap();
-        let t = &j["upstreams"]["test"];
-        assert_eq!(t["server_count"], 2);
-        assert_eq!(t["servers"][0]["active"], 3);
-        assert_eq!(t["servers"][1]["state"], "failed");
-        assert_eq!(t["upsync"]["generation"], 7);
-        assert_eq!(t["upsync"]["last_error"], serde_json::Value::Null);
-        assert_eq!(t["servers"][0]["health"], serde_json::Value::Null);
-        let h = &t["servers"][1]["health"];
-        assert_eq!(h["state"], "unhealthy");
-        assert_eq!(h["consecutive_fails"], 2);
-        assert_eq!(h["consecutive_passes"], 0);
-        assert_eq!(h["last_check"], 1_700_000_001.5);
-        assert_eq!(h["last_failure"], "connect refused");
-        assert_eq!(
-            (h["checks"].as_u64(), h["checks_failed"].as_u64()),
-            (Some(9), Some(3))
-        );
-        let p = render_prometheus(&views());
-        assert!(p.contains("upsync_upstream_servers{upstream=\"test\"} 2\n"));
-        assert!(p.contains(
-            "upsync_server_active_connections{upstream=\"test\",server=\"127.0.0.1:8088\"} 3\n"
-        ));
-        assert!(p.contains(
-            "upsync_server_state{upstream=\"test\",server=\"127.0.0.1:8089\",state=\"failed\"} 1\n"
-        ));
-        assert!(p.contains("# TYPE upsync_server_connections_total counter\n"));
-        assert!(p.contains(
-            "upsync_server_health{upstream=\"test\",server=\"127.0.0.1:8089\",health=\"unhealthy\"} 1\n"
-        ));
-        assert!(p.contains(
-            "upsync_server_health{upstream=\"test\",server=\"127.0.0.1:8089\",health=\"up\"} 0\n"
-        ));
-        assert!(p.contains(
-            "upsync_server_health_checks_failed_total{upstream=\"test\",server=\"127.0.0.1:8089\"} 3\n"
-        ));
-        assert!(p.contains("upsync_server_health_last_check_timestamp_seconds{upstream=\"test\",server=\"127.0.0.1:8089\"} 1700000001.500\n"));
-        // servers of upstreams without checks have no health series
-        assert!(!p.contains("upsync_server_health{upstream=\"test\",server=\"127.0.0.1:8088\""));
-        // the text view is unchanged by health data
-        assert!(!render_text(&views()).contains("unhealthy"));
-        let filtered = String::from_utf8(render(
-            &ShowRequest {
-                format: Format::Json,
-                upstream: Some("nope".into()),
-            },
-            &views(),
-        ))
-        .unwrap();
-        assert!(filtered.starts_with("HTTP/1.0 404 Not Found\r\n"));
-        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-    }
 }
