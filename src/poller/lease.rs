@@ -2,7 +2,8 @@
 //! or waits for the lease in the zone (`policy::decide_lease`), reclaims what dead
 //! processes' sessions held, and stops its poller when the lease or the source is no
 //! longer its own. A poller polls under the lease epoch it took, and may write the
-//! zone only while that epoch holds.
+//! zone only while that epoch holds. A group's poller does this for its lead's zone,
+//! and the holder takes the members' leases along (`group`).
 
 use ngx::ffi::*;
 
@@ -41,6 +42,7 @@ impl Poller {
             };
             (epoch, same_source, reaped)
         };
+        self.members_reap(now);
         if reaped.0 > 0 {
             self.log(
                 NGX_LOG_NOTICE,
@@ -58,6 +60,7 @@ impl Poller {
                     self.abort_exchange();
                 }
                 self.epoch = Some(e);
+                self.members_hold(now + self.lease_ms);
                 self.log(
                     NGX_LOG_INFO,
                     &format!("this worker (pid {me}) now polls the registry"),
@@ -65,8 +68,19 @@ impl Poller {
                 self.source.reset();
                 self.schedule(0);
             }
+            (Some(_), Some(_)) => {
+                let taken_anew = self.members_hold(now + self.lease_ms);
+                if taken_anew {
+                    // a member's zone was written by another worker meanwhile: read
+                    // everything again
+                    self.abort_exchange();
+                    self.source.reset();
+                    self.schedule(0);
+                }
+            }
             (Some(_), None) => {
                 self.epoch = None;
+                self.members_drop(false);
                 if same_source {
                     self.log(NGX_LOG_WARN, "lost the polling lease to another worker");
                 } else {
@@ -95,5 +109,6 @@ impl Poller {
         if self.epoch.take().is_some() {
             self.zone.lock().release_lease(my_pid());
         }
+        self.members_drop(true);
     }
 }
