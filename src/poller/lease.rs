@@ -12,6 +12,12 @@ use crate::ngx_util::mono_ms;
 use crate::process::{exiting, observe, pid_alive};
 use upsync_core::policy::{decide_lease, LeaseDecision};
 
+/// For the first `FAST_TICKS_FOR_MS` of a worker, a poller that does not hold the lease
+/// looks again every `FAST_TICK_MS` (after a reload the old holder gives the lease back
+/// within milliseconds, and the new workers take over without waiting a whole tick).
+pub(super) const FAST_TICKS_FOR_MS: u64 = 3_000;
+const FAST_TICK_MS: u64 = 100;
+
 pub(super) unsafe extern "C" fn tick_handler(ev: *mut ngx_event_t) {
     // SAFETY: the tick event's data is its poller (set in `start`).
     unsafe { (*((*ev).data as *mut Poller)).on_tick() };
@@ -93,8 +99,15 @@ impl Poller {
             }
             _ => {}
         }
+        // A worker just started by a reload finds the lease still held by an old
+        // worker, which gives it back as soon as it is told to stop: look again soon.
+        let next = if self.epoch.is_none() && now < self.fast_ticks_until {
+            self.tick_ms.min(FAST_TICK_MS)
+        } else {
+            self.tick_ms
+        };
         // SAFETY: the tick event belongs to this poller.
-        unsafe { ngx_add_timer(&mut self.tick, self.tick_ms as ngx_msec_t) };
+        unsafe { ngx_add_timer(&mut self.tick, next as ngx_msec_t) };
     }
 
     /// Stops polling and gives the lease back so another worker takes over at once.

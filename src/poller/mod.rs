@@ -90,6 +90,8 @@ pub struct Poller {
     /// poller of one upstream.
     members: Vec<group::Member>,
     body_limit: usize,
+    /// Until when (monotonic ms) a poller without the lease ticks faster (`lease`).
+    fast_ticks_until: u64,
 }
 
 static mut POLLERS: Vec<*mut Poller> = Vec::new();
@@ -158,6 +160,7 @@ unsafe fn start_with(
         poll_cap: None,
         members,
         body_limit,
+        fast_ticks_until: mono_ms() + lease::FAST_TICKS_FOR_MS,
     }));
     // SAFETY: `p` was just boxed and is never freed (pollers live until the process
     // exits); its timers are cancelable, so they never hold up an exit.
