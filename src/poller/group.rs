@@ -124,8 +124,12 @@ pub unsafe fn start_all(confs: &[*const SrvConf]) {
             })
             .flatten();
         match source {
-            // SAFETY: per the contract.
-            None => unsafe { super::start(group[0]) },
+            None => {
+                for c in group {
+                    // SAFETY: per the contract.
+                    unsafe { super::start(c) };
+                }
+            }
             Some(source) => {
                 let lead = group[0];
                 let names: Vec<&str> = group.iter().map(|c| c.name.as_str()).collect();
