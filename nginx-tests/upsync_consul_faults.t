@@ -3,7 +3,10 @@
 # Consul faults and balancer states: strong_dependency at startup, a registry
 # outage (last set kept, backoff counted, one log line, recovery), hostile
 # responses, a dead server skipped via proxy_next_upstream, backup servers used
-# only when no primary can be, and max_fails counted across 4 workers.
+# only when no primary can be, and max_fails counted across 4 workers.  Each
+# upstream lives under a KV parent of its own (out/servers/, bad/servers/,
+# lb/servers/), so each polls alone and a fault hits only its own requests
+# (upstreams under one parent share one poll: upsync_consul_many.t).
 
 use strict;
 use warnings;
@@ -31,19 +34,19 @@ $t->write_file_expand('nginx.conf', <<'EOF');
 events { }
 stream {
     upstream out {
-        upsync 127.0.0.1:%%PORT_8500%%/v1/kv/upstreams/out/ upsync_type=consul
+        upsync 127.0.0.1:%%PORT_8500%%/v1/kv/out/servers/ upsync_type=consul
                upsync_interval=200ms upsync_timeout=3s;
         upsync_dump_path %%TESTDIR%%/servers_out.conf;
         server 127.0.0.1:%%PORT_8081%%;
     }
     upstream bad {
-        upsync 127.0.0.1:%%PORT_8500%%/v1/kv/upstreams/bad/ upsync_type=consul
+        upsync 127.0.0.1:%%PORT_8500%%/v1/kv/bad/servers/ upsync_type=consul
                upsync_interval=200ms upsync_timeout=3s;
         upsync_dump_path %%TESTDIR%%/servers_bad.conf;
         server 127.0.0.1:%%PORT_8081%%;
     }
     upstream lb {
-        upsync 127.0.0.1:%%PORT_8500%%/v1/kv/upstreams/lb/ upsync_type=consul
+        upsync 127.0.0.1:%%PORT_8500%%/v1/kv/lb/servers/ upsync_type=consul
                upsync_interval=200ms;
         upsync_dump_path %%TESTDIR%%/servers_lb.conf;
         server 127.0.0.1:%%PORT_8081%%;
@@ -59,8 +62,8 @@ my $consul = Test::Nginx::Consul->start($t, port => port(8500));
 my @backends = (Test::Nginx::Backend->tcp($t, port => $p1, id => 'b1'),
 	Test::Nginx::Backend->tcp($t, port => $p2, id => 'b2'));
 
-$consul->put("upstreams/out/127.0.0.1:$p1", '');
-$consul->put("upstreams/bad/127.0.0.1:$p1", '');
+$consul->put("out/servers/127.0.0.1:$p1", '');
+$consul->put("bad/servers/127.0.0.1:$p1", '');
 $t->run();
 
 sub show {
@@ -81,7 +84,7 @@ SKIP: {
 
 	my $mark = $t->log_offset();
 	$consul->fault({ mode => 'status', status => 500, body => 'rpc error: no leader',
-		path_prefix => '/v1/kv/upstreams/out', method => 'GET' });
+		path_prefix => '/v1/kv/out/servers', method => 'GET' });
 	$consul->control('reset_stats');
 	my $t0 = time();
 	ok($t->wait_for_log(qr/upstream "out".*unexpected HTTP status 500: "rpc error: no leader"; keeping the current servers/,
@@ -89,7 +92,7 @@ SKIP: {
 	# traffic continues on the last good set meanwhile
 	is_deeply(count_by_backend($t, port(8084), 20), { b1 => 20 }, 'outage: traffic on the last set');
 	wait_for(sub { time() - $t0 >= 3 }, timeout => 4, interval => 0.1);
-	my $n = $consul->stats->{requests}{'GET /v1/kv/upstreams/out/'} // 0;
+	my $n = $consul->stats->{requests}{'GET /v1/kv/out/servers/'} // 0;
 	my $secs = time() - $t0;
 	# interval 200ms with backoff to 800ms: a handful, never a hot loop
 	ok($n >= 3 && $n <= 12, sprintf('outage: %d requests in %.1fs (backoff, no hot loop)', $n, $secs));
@@ -97,7 +100,7 @@ SKIP: {
 	is(scalar @lines, 1, 'outage: one log line for the whole outage, not one per attempt');
 	like(section('out'), qr/count: 1\n.*:$p1 /s, 'outage: upstream_show still lists the last set');
 
-	$consul->put("upstreams/out/127.0.0.1:$p2", '');
+	$consul->put("out/servers/127.0.0.1:$p2", '');
 	$consul->clear_faults();
 	my $t1 = time();
 	ok(wait_for(sub { section('out') =~ /count: 2\n/ }, timeout => 5), 'recovery: the change made during the outage arrives');
@@ -119,14 +122,14 @@ SKIP: {
 		[ { mode => 'truncate' }, qr/truncated/ ],
 		[ { mode => 'body', body => '{"not":"a list"}' }, qr/invalid JSON in response: invalid type: map/ ],
 		[ { mode => 'body', body => '[]', headers => { 'X-Consul-Index' => undef } }, qr/no X-Consul-Index header/ ],
-		[ { mode => 'body', body => '[{"Key":"upstreams/bad/example.com:80","Value":null}]' },
-			qr{entry "upstreams/bad/example.com:80" skipped: invalid server address} ],
+		[ { mode => 'body', body => '[{"Key":"bad/servers/example.com:80","Value":null}]' },
+			qr{entry "bad/servers/example.com:80" skipped: invalid server address} ],
 		[ { mode => 'hang' }, qr/no complete response within \d+ms/ ],
 	);
 	for my $c (@cases) {
 		my ($fault, $re) = @$c;
 		my $mark = $t->log_offset();
-		$consul->fault({ %$fault, path_prefix => '/v1/kv/upstreams/bad', method => 'GET' });
+		$consul->fault({ %$fault, path_prefix => '/v1/kv/bad/servers', method => 'GET' });
 		my $ok = $t->wait_for_log(qr/upstream "bad".*$re/, 8, from => $mark);
 		$consul->clear_faults();
 		ok($ok && section('bad') =~ /count: 1\n.*:$p1 /s, "bad: $fault->{mode} logged ($re), last set kept");
@@ -139,17 +142,17 @@ SKIP: {
 SKIP: {
 	skip 'index manipulation needs the emulator', 2 unless $consul->is_emulator;
 	$consul->control('set_index', { index => 1 });
-	$consul->put("upstreams/bad/127.0.0.1:$p2", '{"weight":7}');
+	$consul->put("bad/servers/127.0.0.1:$p2", '{"weight":7}');
 	ok(wait_for(sub { section('bad') =~ /:$p2 weight=7 / }, timeout => 5), 'index reset: later change applied');
-	ok(wait_for(sub { ($consul->stats->{blocking_by_path}{'/v1/kv/upstreams/bad/'} // 0) == 1 }, timeout => 5),
+	ok(wait_for(sub { ($consul->stats->{blocking_by_path}{'/v1/kv/bad/servers/'} // 0) == 1 }, timeout => 5),
 		'index reset: back to one blocking query');
 }
 
 ###############################################################################
 # A dead server is skipped (next upstream), and max_fails is counted across workers
 
-$consul->put("upstreams/lb/127.0.0.1:$dead", '{"max_fails":1,"fail_timeout":"30s"}');
-$consul->put("upstreams/lb/127.0.0.1:$p1", '');
+$consul->put("lb/servers/127.0.0.1:$dead", '{"max_fails":1,"fail_timeout":"30s"}');
+$consul->put("lb/servers/127.0.0.1:$p1", '');
 ok(wait_for(sub { section('lb') =~ /count: 2\n/ }, timeout => 5), 'lb: dead + live server registered');
 my $mark = $t->log_offset();
 my $c = count_by_backend($t, port(8085), 40);
@@ -161,15 +164,15 @@ is(scalar @refused, 1, 'max_fails=1 across 4 workers: the dead server was tried 
 ###############################################################################
 # Backup servers carry traffic only when no primary can
 
-$consul->delete("upstreams/lb/127.0.0.1:$dead");
-$consul->put("upstreams/lb/127.0.0.1:$p2", '{"backup":1}');
+$consul->delete("lb/servers/127.0.0.1:$dead");
+$consul->put("lb/servers/127.0.0.1:$p2", '{"backup":1}');
 ok(wait_for(sub { section('lb') =~ /:$p2 weight=1 max_fails=2 fail_timeout=10s backup;/ }, timeout => 5),
 	'backup shown as backup');
 is_deeply(count_by_backend($t, port(8085), 20), { b1 => 20 }, 'primary up: backup idle');
-$consul->put("upstreams/lb/127.0.0.1:$p1", '{"down":1}');
+$consul->put("lb/servers/127.0.0.1:$p1", '{"down":1}');
 ok(wait_for(sub { section('lb') =~ /:$p1 .* down;/ }, timeout => 5), 'primary marked down');
 is_deeply(count_by_backend($t, port(8085), 20), { b2 => 20 }, 'primary down: backup serves');
-$consul->put("upstreams/lb/127.0.0.1:$p1", '');
+$consul->put("lb/servers/127.0.0.1:$p1", '');
 ok(wait_for(sub { section('lb') !~ /down;/ }, timeout => 5), 'primary up again');
 is_deeply(count_by_backend($t, port(8085), 20), { b1 => 20 }, 'primary back: backup idle again');
 
@@ -184,7 +187,7 @@ my $sd = <<'EOF';
 events { }
 stream {
     upstream sd {
-        upsync 127.0.0.1:REGISTRY/v1/kv/upstreams/out/ upsync_type=consul strong_dependency=on;
+        upsync 127.0.0.1:REGISTRY/v1/kv/out/servers/ upsync_type=consul strong_dependency=on;
         upsync_dump_path %%TESTDIR%%/servers_sd.conf;
         include %%TESTDIR%%/seed.conf;
     }

@@ -329,7 +329,9 @@ my @CONSUL_EMU = (
 	[ 'truncated body', { emu => { mode => 'truncate' } }, 'bad response: connection closed before the response was complete \(truncated\)' ],
 	# a kept-alive connection closed without an answer: asked again at once on a new one
 	[ 'closed without an answer', { emu => { mode => 'close' } }, { quiet => 1 } ],
-	[ 'connection reset', { emu => { mode => 'refuse' } }, 'reset by peer|truncated|cannot connect|refused' ],
+	# a reset before any byte on a new connection is how Consul's per-client
+	# connection limit can look: the line says so
+	[ 'connection reset', { emu => { mode => 'refuse' } }, 'reset by peer|truncated|cannot connect|refused|turned the connection away before answering' ],
 	[ 'no answer at all', { emu => { mode => 'hang' } }, { err => "no complete response within ${CONSUL_DEADLINE}ms \\(upsync_timeout\\)", timeout => 10 } ],
 	# another registry's answer
 	[ 'etcd v2 body', kv_raw_body('{"action":"get","node":{"key":"/%P","dir":true,"nodes":[{"key":"/%P127.0.0.1:1","value":""}]}}'), 'invalid type: map, expected a sequence' ],
@@ -410,9 +412,19 @@ my @CONSUL_RAW = (
 	[ 'SSH banner', { raw => [ [ send => "SSH-2.0-OpenSSH_9.2p1\r\n" ], [ 'close' ] ] }, 'bad response: invalid response header' ],
 	[ 'TLS alert', { raw => [ [ send => "\x15\x03\x01\x00\x02\x02\x28" ], [ 'close' ] ] }, 'bad response: invalid response header' ],
 	[ 'closed at once', { raw => [ [ 'close' ] ] }, { quiet => 1 } ],
+	# on a new connection: how Consul's per-client connection limit looks
 	[ 'closed at once, and again on a new connection', { raw => [ [ 'close' ] ], count => 2 },
-		'the registry at 127\.0\.0\.1:\d+ closed the connection without answering' ],
+		'the registry at 127\.0\.0\.1:\d+ turned the connection away before answering \(HTTP 429, or closed or reset before any byte\): is this address over Consul\'s per-client connection limit \(limits\.http_max_conns_per_client' ],
 	[ 'reset at once', { raw => [ [ 'rst' ] ] }, 'reset by peer|truncated' ],
+	# Consul's answer to a client over limits.http_max_conns_per_client, whole or cut
+	[ 'HTTP 429 of the connection limit', { raw => [ [ send => "HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\nContent-Length: 81\r\nConnection: close\r\n\r\nYour IP is issuing too many concurrent connections, please rate limit your calls\n" ] ] },
+		'turned the connection away before answering .*limits\.http_max_conns_per_client' ],
+	# (on the kept-alive connection a cut answer is just truncated: Consul turns
+	# connections away when it accepts them; the retry is on a new one)
+	[ 'HTTP 429 of the connection limit, cut', { raw => [ [ send => "HTTP/1.1 429 Too Many Requests\r\nContent-Length: 81\r\n\r\nYour IP" ], [ 'close' ] ], count => 2 },
+		'turned the connection away before answering' ],
+	[ 'HTTP 429 of a rate limit', { raw => [ [ send => "HTTP/1.1 429 Too Many Requests\r\nContent-Length: 19\r\n\r\nrate limit exceeded" ] ] },
+		'unexpected HTTP status 429: "rate limit exceeded"' ],
 	[ 'status line garbage', { raw => [ [ send => "HTTP/1.1 abc OK\r\nContent-Length: 0\r\n\r\n" ] ] }, 'bad response: invalid response header' ],
 	[ 'status 999', { raw => [ [ send => "HTTP/1.1 999 Odd\r\nX-Consul-Index: 100\r\nContent-Length: 0\r\n\r\n" ] ] }, 'unexpected HTTP status 999' ],
 	[ 'status 204', { raw => [ [ send => "HTTP/1.1 204 No Content\r\nX-Consul-Index: 100\r\n\r\n" ] ] }, 'unexpected HTTP status 204' ],

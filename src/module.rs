@@ -192,8 +192,8 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     NGX_OK as ngx_int_t
 }
 
-/// Worker start: a session ledger in every upsync zone, the upstream's poller (or one
-/// ZooKeeper owner per ensemble, shared by the upstreams that watch it) and, for a
+/// Worker start: a session ledger in every upsync zone, the upstream's poller (one per
+/// group of upstreams that share a poll, one ZooKeeper owner per ensemble) and, for a
 /// checked upstream, its prober.
 unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     // SAFETY: process-globals nginx sets before init_process.
@@ -203,6 +203,7 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     }
     let now = mono_ms();
     let mut zookeeper = Vec::new();
+    let mut http = Vec::new();
     // SAFETY: the running cycle's upstreams, one configuration at a time.
     for conf in unsafe { upsync_confs(cycle) } {
         if let Some(zone) = conf.zone.as_mut() {
@@ -211,14 +212,15 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
                 zookeeper.push(conf as *const SrvConf);
                 continue;
             }
+            http.push(conf as *const SrvConf);
             // SAFETY: called from init_process with the running cycle, whose
-            // configuration outlives the worker's pollers.
-            unsafe { poller::start(conf) };
-            // SAFETY: as above.
+            // configuration outlives the worker's probers.
             unsafe { probe::start(conf) };
         }
     }
     // SAFETY: as above; every one of them has its zone.
+    unsafe { poller::start_all(&http) };
+    // SAFETY: as above.
     unsafe { zk::start(&zookeeper) };
     NGX_OK as ngx_int_t
 }

@@ -9,7 +9,7 @@ Usage::
 
     python3 consul_emulator.py --listen 127.0.0.1:0 [--acl-token TOKEN[=PREFIX]]...
         [--acl-default deny|allow] [--jitter on|off] [--max-body BYTES]
-        [--control-listen 127.0.0.1:PORT] [--verbose]
+        [--max-conns-per-client N] [--control-listen 127.0.0.1:PORT] [--verbose]
 
 Once it is ready it prints ``consul-emulator listening on 127.0.0.1:PORT`` (and,
 with --control-listen, a second line ``consul-emulator control on
@@ -58,6 +58,28 @@ What is emulated
   emulator adds X-Consul-Index to every /v1 answer except errors (real Consul
   adds it to reads only).  JSON answers are ``application/json``.  Errors and
   empty 404s are ``text/plain; charset=utf-8``, as Go answers.
+* Blocking queries do not end when their client goes away: Consul runs them
+  until the index moves, the wait (plus jitter) is over, a snapshot is
+  restored or the server stops, whatever became of the connection (its
+  blocking query code waits on the server's own context, never the HTTP
+  request's).  Only then is the answer written, the write fails, and the
+  connection is closed.
+* The per-client connection limit, ``limits.http_max_conns_per_client``
+  (``--max-conns-per-client N``, 200 by default as in Consul since 1.7.1, 0
+  for none), enforced as Consul's go-connlimit does in http.Server.ConnState:
+  every connection on the main listener counts against its client IP from
+  accept until it is closed, idle keep-alive ones and ones whose blocking
+  query lost its client included (see above: such a slot comes back only
+  when the query ends).  A connection accepted while its IP already holds N
+  is not counted: at once, before its request is read, it gets ``HTTP/1.1
+  429 Too Many Requests`` (``Content-Type: text/plain``, ``Connection:
+  close``, body ``Your IP is issuing too many concurrent connections, please
+  rate limit your calls`` and a newline; Consul gives the write 10 ms), and
+  is closed without reading: if the client's request had arrived, the close
+  is a reset, which may reach the client before it reads the 429.  (Consul
+  releases from before mid-2020 closed such connections without the 429.)
+  A connection whose first request is a ``/_emu/`` request gives its slot
+  back then; the ``--control-listen`` listener is not limited.
 * Transactions: ``PUT /v1/txn`` with KV operations (verbs ``set``,
   ``delete`` and ``delete-tree``), applied at once under one index; at most 64
   operations per transaction, as Consul allows by default.
@@ -82,13 +104,18 @@ Bodies are JSON.  POST and PUT are both accepted.
 ``GET /_emu/stats``
     ``{"requests_total", "requests": {"GET /v1/kv/x": n}, "open_connections",
     "connections_total", "blocking_in_flight", "blocking_by_path": {path: n},
-    "index", "control_requests_total", "faults_active"}``.
+    "index", "control_requests_total", "faults_active",
+    "max_conns_per_client", "conns_by_client": {ip: n},
+    "refused_over_limit"}``.  ``conns_by_client`` counts the connections
+    holding a slot of the per-client limit; ``refused_over_limit`` the
+    connections turned away with a 429.
     ``/_emu/`` requests are counted only in ``control_requests_total``.  A
     connection counts in ``open_connections`` from accept until close, unless
     its first request is a ``/_emu/`` request.  ``connections_total`` counts
     connections that carried at least one non-control request.
 ``POST /_emu/reset_stats``
-    Zeroes the counters (not the gauges open_connections / blocking_*).
+    Zeroes the counters (not the gauges open_connections / blocking_* /
+    conns_by_client).
 ``POST /_emu/fault``  ``{"mode", "path_prefix": "", "method": null, "count": -1, ...}``
     Adds a fault and answers ``{"id": n}``.  A fault matches non-control
     requests whose decoded path starts with path_prefix (and whose method
@@ -182,6 +209,14 @@ MAX_WAIT = 600.0              # seconds (10m)
 JITTER_FRACTION = 16
 POLL_INTERVAL = 0.05          # how often parked requests check their socket
 DEFAULT_MAX_BODY = 512 * 1024
+# Consul's limits.http_max_conns_per_client (200 since 1.7.1; 0 turns the limit off).
+DEFAULT_MAX_CONNS_PER_CLIENT = 200
+# What go-connlimit writes to a connection over the limit (Consul sets a 10 ms
+# deadline for it, then closes the connection without reading the request).
+TOO_MANY_CONNS_MSG = b"Your IP is issuing too many concurrent connections, please rate limit your calls\n"
+TOO_MANY_CONNS = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\n"
+                  b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(TOO_MANY_CONNS_MSG)
+                  + TOO_MANY_CONNS_MSG)
 CONTROL_MAX_BODY = 1024 * 1024
 
 JSON_CT = "application/json"
@@ -271,10 +306,6 @@ class HttpError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-class ClientGone(Exception):
-    """The client closed its connection while we were parked."""
 
 
 class ResetConnection(Exception):
@@ -417,6 +448,7 @@ class Config:
     jitter: bool
     max_body: int
     verbose: bool
+    max_conns_per_client: int = DEFAULT_MAX_CONNS_PER_CLIENT
 
 
 # --------------------------------------------------------------------------
@@ -519,6 +551,7 @@ class Stats:
     control_requests_total: int = 0
     connections_total: int = 0
     blocking: Counter = field(default_factory=Counter)
+    refused_over_limit: int = 0
 
 
 def new_builtin_consul_service() -> Service:
@@ -539,6 +572,7 @@ class State:
         self.seq = 0                # bumped on every observable change
         self.abandon_gen = 0        # bumped by set_index (snapshot restore)
         self.stopping = False
+        self.max_conns_per_client = DEFAULT_MAX_CONNS_PER_CLIENT
         self.kv: dict[str, KVEntry] = {}
         self.tombstones: dict[str, int] = {}
         self.kv_index = 1
@@ -552,6 +586,9 @@ class State:
         self.next_fault_id = 1
         self.listener_up = True
         self.conns: set[ConnInfo] = set()
+        # connections counted against the per-client limit, by client IP
+        self.limited: dict[socket.socket, str] = {}
+        self.per_client: Counter = Counter()
         self.stats = Stats()
 
     # -- generic ----------------------------------------------------------
@@ -756,12 +793,14 @@ class State:
     # -- blocking ------------------------------------------------------------
 
     def run_query(self, reader, min_index: int, timeout: float, path: str,
-                  alive, refused) -> Response:
+                  refused) -> Response:
         """Run ``reader`` (called with the lock held) as a blocking query.
 
         Returns as soon as the reader's index exceeds ``min_index``, when the
-        timeout elapses, or on a snapshot restore.  Raises ClientGone when the
-        client hangs up and ResetConnection when a refuse fault appears.
+        timeout elapses, or on a snapshot restore.  Raises ResetConnection when
+        a refuse fault appears.  A client that hangs up does not end the query
+        (Consul's blocking queries never look at their client): the query, its
+        connection and its slot of the per-client limit last until it ends.
         """
         deadline = time.monotonic() + timeout
         with self.cond:
@@ -778,8 +817,6 @@ class State:
                     self.cond.wait(min(remaining, POLL_INTERVAL))
                     if refused():
                         raise ResetConnection()
-                    if not alive():
-                        raise ClientGone()
                     if self.seq != seen:
                         seen = self.seq
                         resp = reader()
@@ -873,6 +910,27 @@ class State:
 
     # -- connections and statistics --------------------------------------------
 
+    def admit(self, sock: socket.socket, ip: str, limit: int) -> bool:
+        """go-connlimit's Accept: count the connection against its client IP,
+        or refuse it when that IP already has ``limit`` open (0: no limit)."""
+        with self.cond:
+            if limit > 0 and self.per_client[ip] >= limit:
+                self.stats.refused_over_limit += 1
+                return False
+            self.per_client[ip] += 1
+            self.limited[sock] = ip
+            return True
+
+    def release(self, sock: socket.socket) -> None:
+        """The connection is closed (or turned out to be a control connection):
+        its slot is free again."""
+        with self.cond:
+            ip = self.limited.pop(sock, None)
+            if ip is not None:
+                self.per_client[ip] -= 1
+                if self.per_client[ip] <= 0:
+                    del self.per_client[ip]
+
     def conn_open(self, sock: socket.socket, backdoor: bool) -> ConnInfo:
         with self.cond:
             conn = ConnInfo(sock, backdoor, "backdoor" if backdoor else "pending")
@@ -891,6 +949,7 @@ class State:
                 self.stats.control_requests_total += 1
                 if conn.kind == "pending":
                     conn.kind = "control"
+                    self.release(conn.sock)     # not part of Consul: no slot held
                 return
             self.stats.requests_total += 1
             self.stats.requests[f"{method} {path}"] += 1
@@ -916,6 +975,9 @@ class State:
                 "index": self.index,
                 "control_requests_total": self.stats.control_requests_total,
                 "faults_active": len(self.faults),
+                "max_conns_per_client": self.max_conns_per_client,
+                "conns_by_client": dict(self.per_client),
+                "refused_over_limit": self.stats.refused_over_limit,
             }
 
 
@@ -1063,7 +1125,6 @@ def _parse_check(svc: Service, definition: dict, pos: int, total: int) -> Check:
 class CallContext:
     """What an endpoint needs from the connection it runs on."""
     blocking: bool
-    alive: object           # () -> bool
     refused: object         # () -> bool
 
 
@@ -1120,7 +1181,7 @@ class ConsulApi:
 
     def _query(self, req: Request, ctx: CallContext, reader) -> Response:
         min_index, timeout = self._blocking_params(req) if ctx.blocking else (0, 0.0)
-        return self.state.run_query(reader, min_index, timeout, req.path, ctx.alive, ctx.refused)
+        return self.state.run_query(reader, min_index, timeout, req.path, ctx.refused)
 
     def _blocking_params(self, req: Request) -> tuple[int, float]:
         raw_index = req.q("index")
@@ -1618,12 +1679,10 @@ class Handler(BaseHTTPRequestHandler):
                 return
             if mode == "delay":
                 self.emu.state.sleep(fault.params["delay_ms"] / 1000.0)
-            ctx = CallContext(blocking=mode not in IMMEDIATE_FAULTS, alive=self._client_alive,
+            ctx = CallContext(blocking=mode not in IMMEDIATE_FAULTS,
                               refused=lambda: self._refused(req))
             resp = apply_fault(fault, self.emu.api.handle(req, ctx))
             self._send(resp)
-        except ClientGone:
-            self.close_connection = True
         except ResetConnection:
             self._reset()
 
@@ -1747,6 +1806,31 @@ class EmuHTTPServer(ThreadingHTTPServer):
         if self.emulator.config.verbose:
             super().handle_error(request, client_address)
 
+    # -- Consul's per-client connection limit (go-connlimit in http.Server.ConnState)
+
+    def verify_request(self, request, client_address):
+        if self.backdoor:
+            return True
+        limit = self.emulator.config.max_conns_per_client
+        if self.emulator.state.admit(request, client_address[0], limit):
+            return True
+        # over the limit: the 429 at once (10 ms to write it), then close without
+        # reading the request (a request already received makes the close a reset)
+        try:
+            request.settimeout(0.01)
+            request.sendall(TOO_MANY_CONNS)
+        except OSError:
+            pass
+        return False
+
+    def shutdown_request(self, request):
+        counted = request in self.emulator.state.limited
+        self.emulator.state.release(request)
+        if counted or self.backdoor:
+            super().shutdown_request(request)
+        else:
+            self.close_request(request)     # a refused one: Go's plain Close()
+
 
 # --------------------------------------------------------------------------
 # Process: listeners, supervisor, signals
@@ -1757,6 +1841,7 @@ class Emulator:
                  control_listen: tuple[str, int] | None):
         self.config = config
         self.state = State()
+        self.state.max_conns_per_client = config.max_conns_per_client
         self.api = ConsulApi(self.state, config)
         self.control = ControlApi(self.state, control_listen is not None)
         self.host, self.port = listen
@@ -1841,6 +1926,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="add up to wait/16 to blocking waits, like Consul")
     parser.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY,
                         help="largest accepted request body in bytes")
+    parser.add_argument("--max-conns-per-client", type=int,
+                        default=DEFAULT_MAX_CONNS_PER_CLIENT, metavar="N",
+                        help="Consul's limits.http_max_conns_per_client (0: no limit)")
     parser.add_argument("--control-listen", type=parse_address, default=None,
                         help="extra listener for /_emu/ that survives 'refuse' faults")
     parser.add_argument("--verbose", action="store_true", help="log requests to stderr")
@@ -1854,8 +1942,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"consul-emulator: {exc}", file=sys.stderr)
         return 2
+    if args.max_conns_per_client < 0:
+        print("consul-emulator: --max-conns-per-client must be 0 or more", file=sys.stderr)
+        return 2
     config = Config(acl=acl, jitter=args.jitter == "on", max_body=args.max_body,
-                    verbose=args.verbose)
+                    verbose=args.verbose, max_conns_per_client=args.max_conns_per_client)
     emulator = Emulator(config, args.listen, args.control_listen)
     signal.signal(signal.SIGTERM, emulator.request_stop)
     signal.signal(signal.SIGINT, emulator.request_stop)

@@ -326,7 +326,9 @@ class BlockingTest(EmulatorCase):
         thread.join(3)
         self.assertGreater(self.index_of(result["value"][1]), idx)
 
-    def test_client_disconnect_releases_blocked_query(self):
+    def test_client_disconnect_does_not_end_the_blocked_query(self):
+        # Consul's blocking query never looks at its client: it (and its
+        # connection) lasts until the index moves or the wait is over
         self.put("svc/a", b"1")
         idx = self.index_of(self.get("/v1/kv/svc/a")[1])
         sock = socket.create_connection((HOST, self.port))
@@ -335,9 +337,24 @@ class BlockingTest(EmulatorCase):
         self.wait_for(lambda: self.stats()["blocking_by_path"].get("/v1/kv/svc/a") == 1)
         self.assertEqual(self.stats()["open_connections"], 1)
         sock.close()
+        time.sleep(0.3)     # several of the emulator's 50 ms wake-ups
+        self.assertEqual(self.stats()["blocking_in_flight"], 1, "still blocked")
+        self.assertEqual(self.stats()["open_connections"], 1, "still held")
+        self.put("svc/a", b"2")       # the change ends it; then it is gone
         self.wait_for(lambda: self.stats()["blocking_in_flight"] == 0)
         self.wait_for(lambda: self.stats()["open_connections"] == 0)
-        self.assertEqual(self.get("/v1/kv/svc/a")[0], 200)
+
+    def test_abandoned_query_ends_with_its_wait(self):
+        self.put("svc/a", b"1")
+        idx = self.index_of(self.get("/v1/kv/svc/a")[1])
+        sock = socket.create_connection((HOST, self.port))
+        sock.sendall(f"GET /v1/kv/svc/a?index={idx}&wait=1s HTTP/1.1\r\n"
+                     f"Host: x\r\n\r\n".encode())
+        self.wait_for(lambda: self.stats()["blocking_in_flight"] == 1)
+        sock.close()
+        t0 = time.monotonic()
+        self.wait_for(lambda: self.stats()["open_connections"] == 0, timeout=4)
+        self.assertGreater(time.monotonic() - t0, 0.5, "held until the wait ran out")
 
     def test_set_index_goes_backwards_and_releases_waiters(self):
         for i in range(6):
@@ -590,6 +607,116 @@ class RefuseWithControlListenerTest(EmulatorCase):
         self.assertEqual(self.get("/v1/kv/k", port=self.control_port)[0], 200)   # backdoor
         self.control("clear_faults")
         self.assertEqual(self.get("/v1/kv/k")[0], 200)
+
+
+def raw_exchange(port: int, request: bytes, send_first: bool, timeout: float = 3.0):
+    """Connects, sends ``request`` (before or after reading), returns
+    (bytes received, the error that ended the read or None)."""
+    sock = socket.create_connection((HOST, port), timeout=timeout)
+    got, err = b"", None
+    try:
+        if send_first:
+            sock.sendall(request)
+        else:
+            time.sleep(0.1)         # the server writes first
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError as exc:
+                err = exc
+                break
+            if not data:
+                break
+            got += data
+    finally:
+        sock.close()
+    return got, err
+
+
+class ConnectionLimitTest(EmulatorCase):
+    """limits.http_max_conns_per_client, as go-connlimit enforces it in Consul."""
+    ARGS = ("--max-conns-per-client", "3", "--control-listen", f"{HOST}:0")
+
+    def hold(self, n):
+        socks = [socket.create_connection((HOST, self.port)) for _ in range(n)]
+        self.wait_for(lambda: self.stats()["conns_by_client"].get(HOST) == n)
+        return socks
+
+    def test_default_is_consuls(self):
+        self.assertEqual(consul_emulator.DEFAULT_MAX_CONNS_PER_CLIENT, 200)
+        self.assertEqual(consul_emulator.build_arg_parser().parse_args(
+            ["--listen", "127.0.0.1:0"]).max_conns_per_client, 200)
+
+    def test_over_the_limit_gets_429_at_once_then_close(self):
+        socks = self.hold(3)
+        # the answer comes without a request: written as soon as it is accepted
+        got, _ = raw_exchange(self.port, b"", send_first=False)
+        head, _, body = got.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 429 Too Many Requests\r\n"), got)
+        self.assertIn(b"Connection: close", head)
+        self.assertEqual(body, b"Your IP is issuing too many concurrent connections, "
+                               b"please rate limit your calls\n")
+        self.assertEqual(self.stats()["refused_over_limit"], 1)
+        # a request that arrived first is never read: the close is a reset, the
+        # 429 may or may not be read before it
+        got, err = raw_exchange(self.port, b"GET /v1/kv/x HTTP/1.1\r\nHost: x\r\n\r\n",
+                                send_first=True)
+        self.assertTrue(got.startswith(b"HTTP/1.1 429") or isinstance(err, ConnectionResetError)
+                        or got == b"", (got, err))
+        # the control listener is not limited
+        self.assertEqual(self.stats()["conns_by_client"][HOST], 3)
+        # a slot frees when a connection closes
+        socks.pop().close()
+        self.wait_for(lambda: self.stats()["conns_by_client"].get(HOST) == 2)
+        self.assertEqual(self.get("/v1/status/leader")[0], 200)
+        for s in socks:
+            s.close()
+        self.wait_for(lambda: HOST not in self.stats()["conns_by_client"])
+
+    def test_abandoned_blocking_query_keeps_its_slot(self):
+        self.put("svc/a", b"1", port=self.control_port)
+        idx = self.index_of(self.get("/v1/kv/svc/a", port=self.control_port)[1])
+        polls = []
+        for _ in range(3):
+            s = socket.create_connection((HOST, self.port))
+            s.sendall(f"GET /v1/kv/svc/a?index={idx}&wait=30s HTTP/1.1\r\n"
+                      f"Host: x\r\n\r\n".encode())
+            polls.append(s)
+        self.wait_for(lambda: self.stats()["blocking_in_flight"] == 3)
+        for s in polls:
+            s.close()           # the clients go away (an nginx reload)
+        time.sleep(0.3)
+        self.assertEqual(self.stats()["conns_by_client"].get(HOST), 3, "slots still held")
+        got, _ = raw_exchange(self.port, b"", send_first=False)
+        self.assertTrue(got.startswith(b"HTTP/1.1 429"), got)
+        # the change ends the queries: their slots come back
+        self.put("svc/a", b"2", port=self.control_port)
+        self.wait_for(lambda: HOST not in self.stats()["conns_by_client"])
+        self.assertEqual(self.get("/v1/kv/svc/a")[0], 200)
+
+    def test_control_connections_hold_no_slot(self):
+        socks = self.hold(2)
+        # a control request on the main port takes a slot only until it is seen
+        conn = http.client.HTTPConnection(HOST, self.port, timeout=3)
+        conn.request("GET", "/_emu/stats")
+        self.assertEqual(conn.getresponse().read()[:1], b"{")
+        self.wait_for(lambda: self.stats()["conns_by_client"].get(HOST) == 2)
+        self.assertEqual(self.get("/v1/status/leader")[0], 200)
+        conn.close()
+        for s in socks:
+            s.close()
+
+
+class NoConnectionLimitTest(EmulatorCase):
+    ARGS = ("--max-conns-per-client", "0")
+
+    def test_zero_turns_it_off(self):
+        socks = [socket.create_connection((HOST, self.port)) for _ in range(210)]
+        self.wait_for(lambda: self.stats()["conns_by_client"].get(HOST) == 210)
+        self.assertEqual(self.get("/v1/status/leader")[0], 200)
+        self.assertEqual(self.stats()["refused_over_limit"], 0)
+        for s in socks:
+            s.close()
 
 
 class StatsTest(EmulatorCase):

@@ -420,6 +420,17 @@ impl Conn {
         unsafe { (*(*self.c()).read).ready() != 0 }
     }
 
+    /// Asks nginx to call the owner at once when this worker begins a graceful
+    /// shutdown (a reload, `nginx -s quit`): nginx then runs the read handler of every
+    /// connection marked idle, with `close` set, and the owner sees `Readable` while
+    /// `process::exiting()` holds, so it can close the connection instead of keeping
+    /// it until its next timer.
+    pub fn wake_on_shutdown(&mut self) {
+        // SAFETY: the connection is live; `idle` only tells ngx_close_idle_connections
+        // to call the read handler.
+        unsafe { (*self.c()).set_idle(1) };
+    }
+
     /// Starts the read deadline unless one runs: it starts once per exchange, when the
     /// request is out (write events keep coming while a response trickles in and must
     /// not push it back).

@@ -2,7 +2,8 @@
 //! or waits for the lease in the zone (`policy::decide_lease`), reclaims what dead
 //! processes' sessions held, and stops its poller when the lease or the source is no
 //! longer its own. A poller polls under the lease epoch it took, and may write the
-//! zone only while that epoch holds.
+//! zone only while that epoch holds. A group's poller does this for its lead's zone,
+//! and the holder takes the members' leases along (`group`).
 
 use ngx::ffi::*;
 
@@ -10,6 +11,12 @@ use super::{my_pid, Poller};
 use crate::ngx_util::mono_ms;
 use crate::process::{exiting, observe, pid_alive};
 use upsync_core::policy::{decide_lease, LeaseDecision};
+
+/// For the first `FAST_TICKS_FOR_MS` of a worker, a poller that does not hold the lease
+/// looks again every `FAST_TICK_MS` (after a reload the old holder gives the lease back
+/// within milliseconds, and the new workers take over without waiting a whole tick).
+pub(super) const FAST_TICKS_FOR_MS: u64 = 3_000;
+const FAST_TICK_MS: u64 = 100;
 
 pub(super) unsafe extern "C" fn tick_handler(ev: *mut ngx_event_t) {
     // SAFETY: the tick event's data is its poller (set in `start`).
@@ -41,6 +48,7 @@ impl Poller {
             };
             (epoch, same_source, reaped)
         };
+        self.members_reap(now);
         if reaped.0 > 0 {
             self.log(
                 NGX_LOG_NOTICE,
@@ -58,6 +66,7 @@ impl Poller {
                     self.abort_exchange();
                 }
                 self.epoch = Some(e);
+                self.members_hold(now + self.lease_ms);
                 self.log(
                     NGX_LOG_INFO,
                     &format!("this worker (pid {me}) now polls the registry"),
@@ -65,8 +74,19 @@ impl Poller {
                 self.source.reset();
                 self.schedule(0);
             }
+            (Some(_), Some(_)) => {
+                let taken_anew = self.members_hold(now + self.lease_ms);
+                if taken_anew {
+                    // a member's zone was written by another worker meanwhile: read
+                    // everything again
+                    self.abort_exchange();
+                    self.source.reset();
+                    self.schedule(0);
+                }
+            }
             (Some(_), None) => {
                 self.epoch = None;
+                self.members_drop(false);
                 if same_source {
                     self.log(NGX_LOG_WARN, "lost the polling lease to another worker");
                 } else {
@@ -79,8 +99,15 @@ impl Poller {
             }
             _ => {}
         }
+        // A worker just started by a reload finds the lease still held by an old
+        // worker, which gives it back as soon as it is told to stop: look again soon.
+        let next = if self.epoch.is_none() && now < self.fast_ticks_until {
+            self.tick_ms.min(FAST_TICK_MS)
+        } else {
+            self.tick_ms
+        };
         // SAFETY: the tick event belongs to this poller.
-        unsafe { ngx_add_timer(&mut self.tick, self.tick_ms as ngx_msec_t) };
+        unsafe { ngx_add_timer(&mut self.tick, next as ngx_msec_t) };
     }
 
     /// Stops polling and gives the lease back so another worker takes over at once.
@@ -95,5 +122,6 @@ impl Poller {
         if self.epoch.take().is_some() {
             self.zone.lock().release_lease(my_pid());
         }
+        self.members_drop(true);
     }
 }

@@ -1,12 +1,15 @@
-//! One poller per upsync upstream per nginx instance. Every worker runs a cheap election
-//! tick (`lease`); the worker holding the lease keeps one connection to the registry
-//! (`driver::Conn`) and runs the source's exchanges on nginx's event loop; what a
-//! registry answers is published by `publish`. Decisions (pacing, failover, backoff,
-//! de-duplication, the lease rule) are `upsync_core::policy`'s.
+//! One poller per upsync upstream per nginx instance, or per group of upstreams that
+//! share a poll (`group`: Consul KV upstreams under one parent). Every worker runs a
+//! cheap election tick (`lease`); the worker holding the lease keeps one connection to
+//! the registry (`driver::Conn`) and runs the source's exchanges on nginx's event loop;
+//! what a registry answers is published by `publish`. Decisions (pacing, failover,
+//! backoff, de-duplication, the lease rule) are `upsync_core::policy`'s.
 
+mod group;
 mod lease;
 mod publish;
 
+pub use group::start_all;
 pub use publish::{my_pid, Publisher};
 
 use std::ffi::c_void;
@@ -22,9 +25,10 @@ use crate::ngx_util::mono_ms;
 use crate::process::exiting;
 use crate::srv_conf::SrvConf;
 use crate::zone::Zone;
-use upsync_core::conf::Target;
+use upsync_core::conf::{SourceKind, Target};
 use upsync_core::http::{build_request, ResponseParser};
 use upsync_core::policy::{self, ErrorDedup, Failover, Pacer, Retry, Rng};
+use upsync_core::registry::consul::{is_connection_limit_answer, turned_away_message};
 use upsync_core::registry::{redact, source_for, RegistryError, Snapshot, Source};
 
 /// One request and its response.
@@ -77,6 +81,11 @@ pub struct Poller {
     /// The durations (ms) of the last idle cuts, and the cap they set on long polls.
     cuts: Vec<u64>,
     poll_cap: Option<u64>,
+    /// The upstreams that share this poll besides the first (`group`); empty for a
+    /// poller of one upstream.
+    members: Vec<group::Member>,
+    /// Until when (monotonic ms) a poller without the lease ticks faster (`lease`).
+    fast_ticks_until: u64,
 }
 
 static mut POLLERS: Vec<*mut Poller> = Vec::new();
@@ -88,18 +97,40 @@ static mut POLLERS: Vec<*mut Poller> = Vec::new();
 /// worker's pollers).
 pub unsafe fn start(conf: &SrvConf) {
     let spec = conf.upsync.as_ref().expect("upsync configured");
+    let source = source_for(spec, conf.credential.as_ref())
+        .expect("an upsync_type with an HTTP source (ZooKeeper has its own owner)");
+    let side = Side::new(conf.log_prefix());
+    // SAFETY: per the contract.
+    unsafe { start_with(conf, source, side, spec.interval_ms, Vec::new()) };
+}
+
+/// Starts a poller in this worker: for the upstream of `conf` alone (no `members`; its
+/// lines go through `side`), or for a group led by it (`source` reads them all, `side`
+/// names the group, the lead's own lines have their own side).
+///
+/// # Safety
+/// As `start`, for `conf` and every member's configuration.
+unsafe fn start_with(
+    conf: &SrvConf,
+    source: Box<dyn Source>,
+    side: Rc<Side>,
+    interval: u64,
+    members: Vec<group::Member>,
+) {
     let zone = conf.zone.expect("zone initialized");
-    let interval = spec.interval_ms;
     // SAFETY: a process-global set before init_process.
     let pid = unsafe { ngx_pid } as u64;
-    let side = Side::new(conf.log_prefix());
+    let publisher = if members.is_empty() {
+        Publisher::new(conf, side.clone())
+    } else {
+        Publisher::new(conf, Side::new(conf.log_prefix()))
+    };
     let p: *mut Poller = Box::into_raw(Box::new(Poller {
         conf,
         zone,
         fingerprint: conf.fingerprint(),
-        publisher: Publisher::new(conf, side.clone()),
-        source: source_for(spec, conf.credential.as_ref())
-            .expect("an upsync_type with an HTTP source (ZooKeeper has its own owner)"),
+        publisher,
+        source,
         interval_ms: interval,
         tick_ms: policy::tick_ms(interval),
         lease_ms: policy::lease_ms(interval),
@@ -118,6 +149,8 @@ pub unsafe fn start(conf: &SrvConf) {
         rng: Rng::new(pid << 32 ^ mono_ms()),
         cuts: Vec::new(),
         poll_cap: None,
+        members,
+        fast_ticks_until: mono_ms() + lease::FAST_TICKS_FOR_MS,
     }));
     // SAFETY: `p` was just boxed and is never freed (pollers live until the process
     // exits); its timers are cancelable, so they never hold up an exit.
@@ -164,6 +197,11 @@ impl ConnOwner for Poller {
     }
 
     fn on_conn_event(&mut self, ev: ConnEvent) {
+        if exiting() {
+            // nginx closes idle connections when a graceful shutdown begins (see
+            // `Conn::wake_on_shutdown`): the long poll goes now, not at the next tick
+            return self.shutdown();
+        }
         match ev {
             ConnEvent::Ready | ConnEvent::Writable => self.send(),
             ConnEvent::Readable => self.read(),
@@ -174,7 +212,9 @@ impl ConnOwner for Poller {
 }
 
 impl Poller {
-    /// The largest answer read (`policy::response_limit` of what the upstream may use).
+    /// The largest answer read: `policy::response_limit` of what the upstream may use;
+    /// a group's poll may take that much per upstream it serves, never more than the
+    /// limit of the whole shared zone.
     fn body_limit(&self) -> usize {
         let u = self.publisher.zone.usage();
         let memory = if u.budget > 0 {
@@ -183,6 +223,8 @@ impl Poller {
             u.shared_size
         };
         policy::response_limit(memory)
+            .saturating_mul(self.members.len() + 1)
+            .min(policy::response_limit(u.shared_size))
     }
 
     fn conf(&self) -> &SrvConf {
@@ -294,7 +336,8 @@ impl Poller {
         // SAFETY: pollers are boxed and never freed, and keep their connection in
         // `self.conn` until they drop it.
         match unsafe { Conn::connect(self as *mut Poller, addr, tls, &self.side, timeout) } {
-            Ok((conn, ready)) => {
+            Ok((mut conn, ready)) => {
+                conn.wake_on_shutdown();
                 self.conn = Some(conn);
                 if ready {
                     self.send();
@@ -314,7 +357,7 @@ impl Poller {
         match conn.send(&mut x.out, &mut x.sent) {
             Ok(true) => {}
             Ok(false) => return,
-            Err(e) => return self.fail(e.to_string()),
+            Err(e) => return self.fail_io(e.to_string()),
         }
         conn.start_read_deadline(x.timeout_ms);
         if let Err(e) = conn.wait_readable() {
@@ -385,11 +428,14 @@ impl Poller {
                 Recv::Closed => {
                     return match x.parser.eof() {
                         Ok(()) => self.complete(),
+                        Err(_) if self.refused_by_limit() => {
+                            self.fail(turned_away_message(self.target().addr))
+                        }
                         Err(e) => self.fail(format!("bad response: {e}")),
                     }
                 }
                 Recv::Again => return,
-                Recv::Failed(e) => return self.fail(e.to_string()),
+                Recv::Failed(e) => return self.fail_io(e.to_string()),
             }
         }
     }
@@ -437,7 +483,13 @@ impl Poller {
             Err(e) if e.is_data_error() => self.data_failed(e, position),
             Err(e) => {
                 self.conn = None;
-                self.fail(e.to_string());
+                let limit = matches!(&e, RegistryError::Status { code, body }
+                    if self.is_consul() && is_connection_limit_answer(*code, body));
+                self.fail(if limit {
+                    turned_away_message(self.target().addr)
+                } else {
+                    e.to_string()
+                });
             }
         }
     }
@@ -461,6 +513,9 @@ impl Poller {
         }
         if elapsed < IDLE_CUT_MIN_MS {
             let addr = self.target().addr;
+            if x.received == 0 && self.is_consul() {
+                return self.fail(turned_away_message(addr));
+            }
             return self.fail(if x.received == 0 {
                 format!("the registry at {addr} closed the connection without answering")
             } else {
@@ -505,6 +560,7 @@ impl Poller {
             );
         }
         self.publisher.record_error(self.epoch, &msg, None);
+        self.members_record_error(&msg, None);
         self.data_error = Some(msg);
         let moved = self.source.position() != position_before;
         self.schedule(if moved { 0 } else { self.interval_ms });
@@ -539,6 +595,7 @@ impl Poller {
         let in_use = self.target().addr.to_string();
         self.publisher
             .publish(self.epoch, snap, position, &in_use, answered);
+        self.publish_parts(position, &in_use, answered);
     }
 
     /// Records a failed exchange: logs each distinct error once per outage, keeps the
@@ -571,6 +628,36 @@ impl Poller {
         let failures = self.failover.failures();
         self.publisher
             .record_error(self.epoch, &msg, Some(failures as u64));
+        self.members_record_error(&msg, Some(failures as u64));
         self.schedule(delay);
+    }
+
+    fn is_consul(&self) -> bool {
+        self.conf().upsync.as_ref().is_some_and(|u| {
+            matches!(
+                u.kind,
+                SourceKind::ConsulKv | SourceKind::ConsulServices | SourceKind::ConsulHealth
+            )
+        })
+    }
+
+    /// Whether the exchange in flight looks turned away by Consul's per-client
+    /// connection limit: a Consul registry, a new connection, and nothing of an answer
+    /// but a 429 status line.
+    fn refused_by_limit(&self) -> bool {
+        let Some(x) = self.exchange.as_ref() else {
+            return false;
+        };
+        let status = x.parser.head().map(|h| h.status);
+        self.is_consul() && !x.reused && (x.received == 0 || status == Some(429))
+    }
+
+    /// A send or receive failed: on a Consul connection turned away at once, says why
+    /// that likely is.
+    fn fail_io(&mut self, msg: String) {
+        if self.refused_by_limit() {
+            return self.fail(turned_away_message(self.target().addr));
+        }
+        self.fail(msg)
     }
 }

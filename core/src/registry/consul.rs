@@ -37,6 +37,24 @@ pub fn next_index(last: u64, returned: u64) -> u64 {
     }
 }
 
+/// Whether an answer is go-connlimit's refusal of a client over Consul's per-client
+/// connection limit (`limits.http_max_conns_per_client`): HTTP 429 with "Your IP is
+/// issuing too many concurrent connections, please rate limit your calls", written as
+/// soon as the connection is accepted, before the request is read.
+pub fn is_connection_limit_answer(code: u16, body: &str) -> bool {
+    code == 429 && body.contains("too many concurrent connections")
+}
+
+/// The log line for a Consul connection turned away before any answer: go-connlimit's
+/// 429 (or a reset, when the client's request arrives after Consul closed; releases
+/// from before mid-2020, consul#8221, only closed). Constant for an address, so an
+/// outage logs it once whichever way each refusal looked.
+pub fn turned_away_message(addr: impl std::fmt::Display) -> String {
+    format!(
+        "the registry at {addr} turned the connection away before answering (HTTP 429, or closed or reset before any byte): is this address over Consul's per-client connection limit (limits.http_max_conns_per_client, 200 by default)?"
+    )
+}
+
 pub struct Consul {
     kind: SourceKind,
     path: String,
@@ -87,6 +105,82 @@ impl Consul {
             token_header: None,
         }
     }
+
+    /// Applies Consul's rules to one answer (its status, the ACL filter header, the
+    /// index and its steps back) and reads the body with `read`: `None` for an empty KV
+    /// prefix (404 with an index), else the body. Returns what `read` made and whether
+    /// the registry's position moved (a change may have happened).
+    pub fn answer<T>(
+        &mut self,
+        head: &Head,
+        body: &[u8],
+        read: impl FnOnce(Option<&[u8]>) -> Result<T, RegistryError>,
+    ) -> Result<(T, bool), RegistryError> {
+        let empty_kv = head.status == 404 && self.kind == SourceKind::ConsulKv;
+        if head.status != 200 && !empty_kv {
+            return Err(RegistryError::Status {
+                code: head.status,
+                body: excerpt(body),
+            });
+        }
+        if head
+            .header("x-consul-results-filtered-by-acls")
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        {
+            return Err(RegistryError::AclFiltered);
+        }
+        let raw = head
+            .header("x-consul-index")
+            .ok_or(RegistryError::MissingHeader("X-Consul-Index"))?;
+        let returned: u64 = raw
+            .parse()
+            .map_err(|_| RegistryError::BadHeader("X-Consul-Index", excerpt(raw.as_bytes())))?;
+        let read = read(if empty_kv { None } else { Some(body) });
+        let went_back = returned < self.last_returned;
+        let from = self.last_returned;
+        self.last_returned = returned;
+        let advanced = returned != self.index;
+        // The index moves on even when the data is bad: the next blocking query then waits
+        // for the next change (the fix, usually) instead of re-reading the bad data.
+        self.index = next_index(self.index, returned);
+        let read = read?;
+        let mut advanced = advanced;
+        if went_back {
+            // A snapshot restore moves the index back once. An index that goes back on
+            // answer after answer (a load balancer mixing registry servers) would make
+            // every query return at once: such answers count as no progress, so polls
+            // wait upsync_interval, and the episode is logged once.
+            self.backwards_streak = self.backwards_streak.saturating_add(1);
+            if self.backwards_streak >= BACKWARDS_STREAK {
+                advanced = false;
+                if !self.backwards_noted {
+                    self.backwards_noted = true;
+                    self.note = Some(format!(
+                        "the registry's index went back on {} answers in a row (last {from} -> {returned}): a load balancer mixing registry servers? Polling at upsync_interval until it moves forward again",
+                        self.backwards_streak
+                    ));
+                }
+            }
+        } else if advanced {
+            self.backwards_streak = 0;
+            self.backwards_noted = false;
+        }
+        Ok((read, advanced))
+    }
+
+    /// Reads the KV prefix `prefix` (below /v1/kv/, with its trailing slash) instead
+    /// of the configured one: a Consul KV group reads its members' parent.
+    pub fn with_kv_prefix(mut self, prefix: &str) -> Consul {
+        let base = self.path.find("/v1/kv/").map_or(0, |i| i + "/v1/kv/".len());
+        self.path = format!("{}{prefix}", &self.path[..base]);
+        self.kv_prefix = prefix.to_string();
+        self
+    }
+
+    /// The KV prefix read, below /v1/kv/ (with its trailing slash).
+    pub fn kv_prefix(&self) -> &str {
+        &self.kv_prefix
+    }
 }
 
 impl Source for Consul {
@@ -119,61 +213,13 @@ impl Source for Consul {
     }
 
     fn handle(&mut self, head: &Head, body: &[u8]) -> Result<Option<Snapshot>, RegistryError> {
-        let empty_kv = head.status == 404 && self.kind == SourceKind::ConsulKv;
-        if head.status != 200 && !empty_kv {
-            return Err(RegistryError::Status {
-                code: head.status,
-                body: excerpt(body),
-            });
-        }
-        if head
-            .header("x-consul-results-filtered-by-acls")
-            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
-        {
-            return Err(RegistryError::AclFiltered);
-        }
-        let raw = head
-            .header("x-consul-index")
-            .ok_or(RegistryError::MissingHeader("X-Consul-Index"))?;
-        let returned: u64 = raw
-            .parse()
-            .map_err(|_| RegistryError::BadHeader("X-Consul-Index", excerpt(raw.as_bytes())))?;
-        let listing = if empty_kv {
-            Ok(Listing::default())
-        } else if self.kind == SourceKind::ConsulKv {
-            parse_kv(body, &self.kv_prefix)
-        } else {
-            parse_services(body)
-        };
-        let went_back = returned < self.last_returned;
-        let from = self.last_returned;
-        self.last_returned = returned;
-        let advanced = returned != self.index;
-        // The index moves on even when the data is bad: the next blocking query then waits
-        // for the next change (the fix, usually) instead of re-reading the bad data.
-        self.index = next_index(self.index, returned);
-        let listing = listing?;
-        let mut advanced = advanced;
-        if went_back {
-            // A snapshot restore moves the index back once. An index that goes back on
-            // answer after answer (a load balancer mixing registry servers) would make
-            // every query return at once: such answers count as no progress, so polls
-            // wait upsync_interval, and the episode is logged once.
-            self.backwards_streak = self.backwards_streak.saturating_add(1);
-            if self.backwards_streak >= BACKWARDS_STREAK {
-                advanced = false;
-                if !self.backwards_noted {
-                    self.backwards_noted = true;
-                    self.note = Some(format!(
-                        "the registry's index went back on {} answers in a row (last {from} -> {returned}): a load balancer mixing registry servers? Polling at upsync_interval until it moves forward again",
-                        self.backwards_streak
-                    ));
-                }
-            }
-        } else if advanced {
-            self.backwards_streak = 0;
-            self.backwards_noted = false;
-        }
+        let kv = self.kind == SourceKind::ConsulKv;
+        let prefix = self.kv_prefix.clone();
+        let (listing, advanced) = self.answer(head, body, |body| match body {
+            None => Ok(Listing::default()),
+            Some(b) if kv => parse_kv(b, &prefix),
+            Some(b) => parse_services(b),
+        })?;
         Ok(Some(Snapshot::of(listing, advanced)))
     }
 
@@ -204,40 +250,51 @@ impl Source for Consul {
     }
 }
 
+/// One entry of a KV listing (`GET /v1/kv/<prefix>?recurse`).
 #[derive(Deserialize)]
-struct KvEntry {
+pub struct KvEntry {
     #[serde(rename = "Key")]
-    key: String,
+    pub key: String,
     #[serde(rename = "Value")]
-    value: Option<String>,
+    pub value: Option<String>,
+}
+
+/// The entries of a KV listing, as Consul sent them (sorted by key).
+pub fn kv_entries(body: &[u8]) -> Result<Vec<KvEntry>, RegistryError> {
+    serde_json::from_slice(body).map_err(|e| RegistryError::Json(e.to_string()))
 }
 
 /// `GET /v1/kv/<prefix>?recurse`: one server per key; the key's last path component is the
 /// address and the value (base64 JSON) its settings. Folder keys (ending in `/`) are not
 /// servers; keys that are not valid servers are skipped (see `Listing`).
 pub fn parse_kv(body: &[u8], prefix: &str) -> Result<Listing, RegistryError> {
-    let entries: Vec<KvEntry> =
-        serde_json::from_slice(body).map_err(|e| RegistryError::Json(e.to_string()))?;
+    Ok(kv_listing(&kv_entries(body)?, prefix))
+}
+
+/// The servers of the entries under `prefix` (the rules of [`parse_kv`]).
+pub fn kv_listing<'a>(entries: impl IntoIterator<Item = &'a KvEntry>, prefix: &str) -> Listing {
     let mut out = Listing::default();
     for e in entries {
         if e.key.ends_with('/') || !e.key.starts_with(prefix) {
             continue;
         }
-        let name = e.key.rsplit('/').next().unwrap_or("");
-        let entry = parse_addr(name).and_then(|addr| {
-            let mut spec = ServerSpec::new(addr);
-            let value = match &e.value {
-                Some(v) => base64::engine::general_purpose::STANDARD
-                    .decode(v)
-                    .map_err(|err| SpecError::NotObject(format!("value is not base64: {err}")))?,
-                None => Vec::new(),
-            };
-            apply_json_attrs(&mut spec, &value)?;
-            Ok(spec)
-        });
-        out.push(&e.key, entry);
+        out.push(&e.key, kv_server(e));
     }
-    Ok(out)
+    out
+}
+
+fn kv_server(e: &KvEntry) -> Result<ServerSpec, SpecError> {
+    let name = e.key.rsplit('/').next().unwrap_or("");
+    let addr = parse_addr(name)?;
+    let mut spec = ServerSpec::new(addr);
+    let value = match &e.value {
+        Some(v) => base64::engine::general_purpose::STANDARD
+            .decode(v)
+            .map_err(|err| SpecError::NotObject(format!("value is not base64: {err}")))?,
+        None => Vec::new(),
+    };
+    apply_json_attrs(&mut spec, &value)?;
+    Ok(spec)
 }
 
 /// `/v1/catalog/service/NAME` (flat entries) or `/v1/health/service/NAME` (nested Node and
@@ -507,6 +564,18 @@ mod tests {
             c.next_request().path_and_query.contains("wait=1000ms"),
             "at least 1 s"
         );
+    }
+
+    #[test]
+    fn connection_limit_answers() {
+        let body = excerpt(
+            b"Your IP is issuing too many concurrent connections, please rate limit your calls\n",
+        );
+        assert!(is_connection_limit_answer(429, &body));
+        assert!(!is_connection_limit_answer(429, "rate limit exceeded"));
+        assert!(!is_connection_limit_answer(500, &body));
+        let m = turned_away_message("127.0.0.1:8500");
+        assert!(m.contains("127.0.0.1:8500") && m.contains("limits.http_max_conns_per_client"));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! and a response into a server list. No I/O here: the poller drives the requests.
 
 pub mod consul;
+pub mod consul_group;
 pub mod etcd_v2;
 pub mod etcd_v3;
 pub mod kubernetes;
@@ -115,6 +116,16 @@ impl Snapshot {
     }
 }
 
+/// What one answer of a source that reads several upstreams at once brought for one of
+/// them (see [`Source::take_parts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    /// Its listing changed (or is read for the first time since a reset).
+    Changed(Snapshot),
+    /// Its part of the answer is what it was.
+    Same,
+}
+
 /// Why a response could not be used. The last good server set stays in place.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
@@ -214,6 +225,12 @@ pub trait Source: Send {
     /// polls itself asks for a shorter wait. Sources whose watches the client ends
     /// (etcd) need nothing: the poller ends them at the cap.
     fn set_poll_cap(&mut self, _cap_ms: u64) {}
+    /// A source that reads several upstreams in one exchange (a Consul KV group): after
+    /// `handle` returned the first upstream's snapshot, what the same answer brought for
+    /// each of the others, in order. Empty for a source of one upstream.
+    fn take_parts(&mut self) -> Vec<Part> {
+        Vec::new()
+    }
     /// Forgets the position, so the next request reads everything (after errors).
     fn reset(&mut self);
     /// The position, for status output (Consul index, etcd index).

@@ -26,33 +26,35 @@ sub want_real {
 	return defined Test::Nginx::which('consul') ? 1 : 0;
 }
 
-# start($t, port => N, [args => [...]]): starts the registry on 127.0.0.1:N
-# and waits until it answers.
+# start($t, port => N, [args => [...]], [name => 'consul']): starts the
+# registry on 127.0.0.1:N and waits until it answers; a second one needs its
+# own name (its log is NAME.log).
 sub start {
 	my ($class, $t, %o) = @_;
 	my $port = $o{port} or die "Consul->start: port required\n";
-	my $self = bless { t => $t, port => $port, real => want_real(),
+	my $name = $o{name} // 'consul';
+	my $self = bless { t => $t, port => $port, real => want_real(), name => $name,
 		http => HTTP::Tiny->new(timeout => 10, keep_alive => 0) }, $class;
 
 	if ($self->{real}) {
-		my $d = $t->testdir . '/consul-data';
+		my $d = $t->testdir . "/$name-data";
 		mkdir $d;
-		$t->spawn('consul', 'consul', 'agent', '-dev', '-bind', '127.0.0.1',
+		$t->spawn($name, 'consul', 'agent', '-dev', '-bind', '127.0.0.1',
 			'-client', '127.0.0.1', "-http-port=$port", '-grpc-port=-1',
 			'-dns-port=-1', "-data-dir=$d", @{ $o{args} // [] });
 	} else {
-		$t->spawn('consul', 'python3', $EMULATOR,
+		$t->spawn($name, 'python3', $EMULATOR,
 			'--listen', "127.0.0.1:$port", @{ $o{args} // [] });
 	}
 
 	wait_for(sub { $self->get('/v1/status/leader')->{success} },
 		timeout => 30, desc => 'consul up')
-		or die "Consul did not start:\n" . ($t->read_file('consul.log') // '');
+		or die "Consul did not start:\n" . ($t->read_file("$name.log") // '');
 	return $self;
 }
 
 # stop(): ends the registry (start it again with start()).
-sub stop { $_[0]{t}->kill_spawned('consul') }
+sub stop { $_[0]{t}->kill_spawned($_[0]{name}) }
 
 sub is_emulator { !$_[0]{real} }
 sub port { $_[0]{port} }

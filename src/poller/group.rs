@@ -1,0 +1,218 @@
+//! Upstreams that share one poll: a Consul KV group (`registry::consul_group`), the
+//! upstreams on one registry whose KV prefixes have the same parent. Which upstreams
+//! group; the members' leases (the worker holding the first upstream's lease, the
+//! lead's, holds every member's, so each upstream's status names it and each publish
+//! checks its own zone); what an answer brings each member (published through its own
+//! `Publisher` only when its part changed) and what a failure records in each status.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Instant;
+
+use ngx::ffi::*;
+
+use super::{my_pid, Poller, Publisher};
+use crate::driver::Side;
+use crate::ngx_util::wall_ms;
+use crate::process::observe;
+use crate::srv_conf::SrvConf;
+use upsync_core::registry::consul_group::{group_indexes, share_key, KvGroup, ShareKey};
+use upsync_core::registry::Part;
+
+/// One upstream of a group other than the lead (whose side is the poller's own).
+pub(super) struct Member {
+    pub publisher: Publisher,
+    /// The upstream's own log lines (`upsync: upstream "NAME" (consul ...)`).
+    pub side: Rc<Side>,
+    /// The lease epoch of this member's zone while this worker runs the group's poll.
+    pub epoch: Option<u64>,
+}
+
+impl Member {
+    fn new(conf: &SrvConf) -> Member {
+        let side = Side::new(conf.log_prefix());
+        Member {
+            publisher: Publisher::new(conf, side.clone()),
+            side,
+            epoch: None,
+        }
+    }
+
+    /// Takes or renews the member zone's lease for `me` until `until`; returns whether
+    /// it had to be taken anew (another worker wrote the zone meanwhile). A zone that
+    /// serves another source now is left alone.
+    fn hold(&mut self, me: i64, until: u64) -> bool {
+        let mut l = self.publisher.zone.lock();
+        if l.fingerprint() != self.publisher.fingerprint {
+            self.epoch = None;
+            return false;
+        }
+        if l.lease().holder == me && self.epoch == Some(l.lease_epoch()) {
+            l.renew_lease(until);
+            false
+        } else {
+            self.epoch = Some(l.take_lease(me, until));
+            true
+        }
+    }
+
+    /// Its part of an answer did not change: only the status moves on.
+    fn touch(&self, position: u64, in_use: &str) {
+        let mut l = self.publisher.zone.lock();
+        if !self.publisher.may_publish(&l, self.epoch) {
+            return;
+        }
+        l.set_in_use(in_use);
+        let st = l.status();
+        st.position = position;
+        st.last_sync_ms = wall_ms();
+        st.consecutive_failures = 0;
+        l.set_error("");
+    }
+}
+
+/// The key under which an upstream shares its poll: what `share_key` compares, and
+/// the registry's resolved addresses (in any order).
+fn key(conf: &SrvConf) -> Option<(ShareKey, Vec<SocketAddr>)> {
+    let spec = conf.upsync.as_ref()?;
+    let k = share_key(spec, conf.credential.as_ref())?;
+    let mut addrs: Vec<SocketAddr> = conf.addrs.iter().map(|t| t.addr).collect();
+    addrs.sort();
+    addrs.dedup();
+    Some((k, addrs))
+}
+
+/// `consul 127.0.0.1:8500/v1/kv/upstreams/ for upstreams "a", "b" and 298 more`.
+fn prefix(lead: &SrvConf, parent_path: String, names: &[&str]) -> String {
+    let mut ep = lead
+        .upsync
+        .as_ref()
+        .expect("grouped upstreams have upsync")
+        .endpoint
+        .clone();
+    ep.path = parent_path;
+    let shown: Vec<String> = names.iter().take(4).map(|n| format!("\"{n}\"")).collect();
+    let more = names.len().saturating_sub(4);
+    format!(
+        "upsync: consul {ep} for upstreams {}{}",
+        shown.join(", "),
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// Starts this worker's pollers for the HTTP upstreams of `confs`: one per group of
+/// upstreams that share a poll (ordered by name, the first is the lead), one per other
+/// upstream.
+///
+/// # Safety
+/// As `start`, for each configuration.
+pub unsafe fn start_all(confs: &[*const SrvConf]) {
+    // SAFETY: per the contract the configurations outlive the worker's pollers.
+    let mut confs: Vec<&SrvConf> = confs.iter().map(|&c| unsafe { &*c }).collect();
+    confs.sort_by(|a, b| a.name.cmp(&b.name));
+    let keys: Vec<_> = confs.iter().map(|c| key(c)).collect();
+    for members in group_indexes(&keys) {
+        let group: Vec<&SrvConf> = members.iter().map(|&i| confs[i]).collect();
+        let source = (group.len() > 1)
+            .then(|| {
+                let specs: Vec<_> = group.iter().filter_map(|c| c.upsync.as_ref()).collect();
+                KvGroup::new(&specs, group[0].credential.as_ref())
+            })
+            .flatten();
+        match source {
+            None => {
+                for c in group {
+                    // SAFETY: per the contract.
+                    unsafe { super::start(c) };
+                }
+            }
+            Some(source) => {
+                let lead = group[0];
+                let names: Vec<&str> = group.iter().map(|c| c.name.as_str()).collect();
+                let path = lead.upsync.as_ref().map_or(String::new(), |u| {
+                    let base = u.endpoint.path.find("/v1/kv/").map_or(0, |i| i + 7);
+                    format!("{}{}", &u.endpoint.path[..base], source.parent())
+                });
+                let side = Side::new(prefix(lead, path, &names));
+                let interval = group
+                    .iter()
+                    .filter_map(|c| c.upsync.as_ref().map(|u| u.interval_ms))
+                    .min()
+                    .unwrap_or(upsync_core::conf::DEFAULT_INTERVAL_MS);
+                let others = group[1..].iter().map(|c| Member::new(c)).collect();
+                // SAFETY: per the contract.
+                unsafe { super::start_with(lead, Box::new(source), side, interval, others) };
+            }
+        }
+    }
+}
+
+impl Poller {
+    /// Hands each member what the last answer brought for it: a changed part is
+    /// published, an unchanged one only moves the status on.
+    pub(super) fn publish_parts(&mut self, position: u64, in_use: &str, answered: Instant) {
+        if self.members.is_empty() {
+            return;
+        }
+        let parts = self.source.take_parts();
+        for (m, part) in self.members.iter_mut().zip(parts) {
+            match part {
+                Part::Changed(snap) => m
+                    .publisher
+                    .publish(m.epoch, snap, position, in_use, answered),
+                Part::Same => m.touch(position, in_use),
+            }
+        }
+    }
+
+    /// Records a failed read in every member's status (the lead's is recorded by the
+    /// caller).
+    pub(super) fn members_record_error(&self, msg: &str, failures: Option<u64>) {
+        for m in &self.members {
+            m.publisher.record_error(m.epoch, msg, failures);
+        }
+    }
+
+    /// Reclaims, in every member's zone, what exited processes' sessions held.
+    pub(super) fn members_reap(&self, now: u64) {
+        for m in &self.members {
+            let reaped = m.publisher.zone.lock().reap_dead(now, &mut observe);
+            if reaped.0 > 0 {
+                m.side.error_log(
+                    NGX_LOG_NOTICE,
+                    &format!(
+                        "released {} session(s) held by {} exited worker process(es)",
+                        reaped.1, reaped.0
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Takes or renews every member's lease along with the lead's; returns whether one
+    /// had to be taken anew while the poll ran (its zone was written by another worker:
+    /// everything is read again).
+    pub(super) fn members_hold(&mut self, until: u64) -> bool {
+        let me = my_pid();
+        let mut taken = false;
+        for m in &mut self.members {
+            taken |= m.hold(me, until);
+        }
+        taken
+    }
+
+    /// This worker no longer runs the poll: the members' epochs go (`release`: and
+    /// their leases are given back, so another worker takes over at once).
+    pub(super) fn members_drop(&mut self, release: bool) {
+        let me = my_pid();
+        for m in &mut self.members {
+            if m.epoch.take().is_some() && release {
+                m.publisher.zone.lock().release_lease(me);
+            }
+        }
+    }
+}
