@@ -269,7 +269,7 @@ impl Publisher {
                 ms(held.max),
             ),
         );
-        self.write_dump(&snap.servers, generation, epoch);
+        self.write_dump(&snap.servers, generation);
         self.known = Some((generation, snap.servers));
     }
 
@@ -360,16 +360,18 @@ impl Publisher {
         self.skipped = now.to_vec();
     }
 
-    /// Writes the dump of the set published as `generation`: the file is prepared
-    /// outside the lock, and renamed into place under it only if that set is still the
-    /// current one and the caller still holds the lease, so a dump never goes back to
-    /// an older set.
-    fn write_dump(&self, servers: &[ServerSpec], generation: u64, epoch: Option<u64>) {
+    /// Writes the dump of the set this worker published as `generation`: the file is
+    /// prepared outside the lock, and renamed into place under it only if the zone
+    /// still serves this source and that set is still the current one, so a dump never
+    /// goes back to an older set. Neither the lease nor a shutdown is asked about: the
+    /// set is live already, and a worker told to quit while it writes (a reload) must
+    /// not leave the dump one change behind.
+    fn write_dump(&self, servers: &[ServerSpec], generation: u64) {
         let path = Path::new(&self.dump_path);
         let result =
             dump::TempDump::write(path, dump::render(servers).as_bytes()).and_then(|tmp| {
                 let l = self.zone.lock();
-                if self.may_publish(&l, epoch) && l.generation() == generation {
+                if l.fingerprint() == self.fingerprint && l.generation() == generation {
                     tmp.commit()
                 } else {
                     Ok(()) // superseded: the temp file is removed on drop
