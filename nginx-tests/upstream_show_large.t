@@ -186,19 +186,23 @@ is(join('; ', @gone), '', 'six clients closed mid-answer (json, metrics, text)')
 $j = eval { decode_json($body) };
 is(scalar @{ $j->{upstreams}{big}{servers} // [] }, N, 'a complete answer after them');
 is(join(',', $t->worker_pids), $worker, 'same worker');
-ok(wait_for(sub { fd_count($worker) == $fds }, timeout => 15),
+# (at most as many: the registry connection may be between two polls)
+ok(wait_for(sub { fd_count($worker) <= $fds }, timeout => 15),
 	"the worker closed their connections ($fds descriptors before, " . fd_count($worker) . ' now)');
 
 ###############################################################################
 # proxied connections while a big answer is rendered: a reader takes the
-# Prometheus report as fast as it can; meanwhile connections are proxied
+# Prometheus report as fast as it can through a small receive buffer (so the
+# answer cannot leave in one go, however fast the worker renders it);
+# meanwhile connections are proxied
 
 my $stamp = $t->testdir . '/reader.out';
 my $pid = fork();
 die "fork: $!\n" unless defined $pid;
 if (!$pid) {
 	my ($first, $n, $data) = (0, 0, '');
-	my $s = talk_open($show, "GET /metrics HTTP/1.0\r\n\r\n") or POSIX::_exit(1);
+	my $s = talk_open($show, "GET /metrics HTTP/1.0\r\n\r\n", 8192)
+		or POSIX::_exit(1);
 	my $sel = IO::Select->new($s);
 	while ($sel->can_read(20)) {
 		my $k = sysread($s, my $buf, 65536);
