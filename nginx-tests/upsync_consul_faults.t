@@ -21,11 +21,13 @@ use Time::HiRes qw/time/;
 use Test::Nginx qw/ :DEFAULT port wait_for http_get http_parse show_section /;
 use Test::Nginx::Backend;
 use Test::Nginx::Consul;
+use Test::Nginx::Stream;
+use JSON::PP;
 
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new(workers => 4)->has(qw/stream upsync/)->plan(32);
+my $t = Test::Nginx->new(workers => 4)->has(qw/stream upsync/)->plan(36);
 
 my ($p1, $p2, $dead) = (port(8081), port(8082), port(8083));
 
@@ -160,6 +162,34 @@ is_deeply($c, { b1 => 40 }, 'every connection succeeds: the dead server is retri
 my @refused = $t->grep_log(qr/connect\(\) failed .*127\.0\.0\.1:$dead/, from => $mark);
 is(scalar @refused, 1, 'max_fails=1 across 4 workers: the dead server was tried exactly once')
 	or diag(scalar(@refused) . " attempts");
+
+###############################################################################
+# A failing server that answers again: its first connection clears its failures
+# while that session is still open (nginx's notify on connect), not at its end
+
+sub fails_of {
+	my (undef, undef, $body) = http_parse(http_get(port(8088), '/?format=json') // '');
+	my $j = eval { decode_json($body // '') } or return -1;
+	my ($s) = grep { $_->{server} eq "127.0.0.1:$_[0]" } @{ $j->{upstreams}{lb}{servers} };
+	return $s ? $s->{fails} : -1;
+}
+
+$consul->put("lb/servers/127.0.0.1:$dead", '{"max_fails":1,"fail_timeout":"1s"}');
+ok(wait_for(sub { section('lb') =~ /:$dead weight=1 max_fails=1 fail_timeout=1s;/ }, timeout => 5),
+	'lb: the dead server now has fail_timeout=1s');
+ok(wait_for(sub { count_by_backend($t, port(8085), 2); fails_of($dead) >= 1 }, timeout => 10),
+	'its failed connect is on record');
+my $b3 = Test::Nginx::Backend->tcp($t, port => $dead, id => 'b3');
+my @open;
+ok(wait_for(sub {
+	my $s = Test::Nginx::Stream->new(port => port(8085), timeout => 3) or return 0;
+	my $line = $s->readline // '';
+	return 0 unless $line eq "b3\n";
+	push @open, $s;
+}, timeout => 10), 'after fail_timeout it takes a connection again');
+is(fails_of($dead), 0, 'its failures are cleared while that session is still open');
+$_->close for @open;
+undef $b3;
 
 ###############################################################################
 # Backup servers carry traffic only when no primary can

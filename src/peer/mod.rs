@@ -157,7 +157,8 @@ unsafe extern "C" fn init_peer(
         (*u).peer.data = pd as *mut c_void;
         (*u).peer.get = Some(get_peer);
         (*u).peer.free = Some(free_peer);
-        (*u).peer.notify = Some(notify_peer);
+        // `notify` is set by get_peer, for a server with failures on record only
+        (*u).peer.notify = None;
         (*u).peer.tries = n.max(1) as ngx_uint_t;
         #[cfg(ngx_feature = "ssl")]
         {
@@ -423,6 +424,14 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         pd.zone_release(ticket, false, now);
         return NGX_ERROR as ngx_int_t;
     }
+    // A successful connect clears a server's failures: only a server with failures on
+    // record needs the callback (nginx calls `notify` when it is set, after connecting).
+    // One that fails meanwhile, in another session, is cleared by its next connect.
+    let notify = if ticket.failing() {
+        Some(notify_peer as NotifyFn)
+    } else {
+        None
+    };
     // SAFETY: `pc` is the session's live peer connection. The address points into the
     // slot, which the ticket keeps alive until `free_peer` (after which nginx clears
     // `sockaddr`); the name is the session's copy.
@@ -431,6 +440,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         (*pc).sockaddr = sockaddr as *mut sockaddr;
         (*pc).socklen = socklen;
         (*pc).name = name;
+        (*pc).notify = notify;
         (*pc).log
     };
     pd.ticket = Some(ticket);
@@ -474,6 +484,8 @@ unsafe extern "C" fn free_peer(
         "upsync: free peer, failed: {failed}"
     );
 }
+
+type NotifyFn = unsafe extern "C" fn(*mut ngx_peer_connection_t, *mut c_void, ngx_uint_t);
 
 unsafe extern "C" fn notify_peer(
     pc: *mut ngx_peer_connection_t,
