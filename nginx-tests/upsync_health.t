@@ -28,7 +28,7 @@ use Test::Nginx::Consul;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new(workers => 4)->has(qw/stream upsync/)->plan(37);
+my $t = Test::Nginx->new(workers => 4)->has(qw/stream upsync/)->plan(38);
 
 my ($p1, $p2, $p3, $c1) = (port(8091), port(8092), port(8093), port(8094));
 
@@ -191,6 +191,9 @@ like($prom, qr/^upsync_server_health\{upstream="hc",server="127\.0\.0\.1:$p3",he
 	'Prometheus: health state');
 like($prom, qr/^upsync_server_health_checks_failed_total\{upstream="hc",server="127\.0\.0\.1:$p1"\} \d+$/m,
 	'Prometheus: failed checks');
+my $why = server_of('hc', $p3)->{health}{last_failure} // 'none';
+like($prom, qr/^upsync_server_health_last_failure_info\{upstream="hc",server="127\.0\.0\.1:$p3",reason="\Q$why\E"\} 1$/m,
+	"Prometheus: the last failure's reason ($why)");
 my %line = map { $_ => "        server 127.0.0.1:$_ weight=1 max_fails=2 fail_timeout=10s"
 	. ($_ == $p3 ? ' backup' : '') . ";\n" } $p1, $p2, $p3;
 is(show_section(port(8088), 'hc'), "Upstream name: hc; Backend server count: 3\n"

@@ -60,6 +60,9 @@ pub struct SrvConf {
     /// `health_check` of this (stream server) block, before `probe::resolve` ties it
     /// to its upstream.
     pub hc_directive: Option<HcDirective>,
+    /// A `health_check` whose values are wrong: the cause and where (`file:line`),
+    /// reported by `probe::resolve` once the server's upstream is known, to name it.
+    pub hc_error: Option<(String, String)>,
     /// `health_check_timeout` of this (stream server or `stream {}`) block, in ms.
     pub hc_timeout: Option<u64>,
     /// The `match` blocks (`stream {}` level).
@@ -94,6 +97,7 @@ impl SrvConf {
             placeholder: ptr::null_mut(),
             created_dump: Vec::new(),
             hc_directive: None,
+            hc_error: None,
             hc_timeout: None,
             matches: Vec::new(),
             health: None,

@@ -68,7 +68,8 @@ pub unsafe extern "C" fn cmd_health_check(
     let argv: Vec<&str> = w.iter().skip(1).map(String::as_str).collect();
     match parse_health_check(&argv) {
         Ok(spec) => conf.hc_directive = Some(HcDirective { spec, at }),
-        Err(e) => conf_err!(cf, "health_check: {e}"),
+        // reported by `resolve`, which knows the upstream to name
+        Err(e) => conf.hc_error = Some((e.to_string(), at)),
     }
     NGX_CONF_OK
 }

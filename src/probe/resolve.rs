@@ -119,6 +119,18 @@ pub unsafe fn resolve(cf: *mut ngx_conf_t) -> Result<(), String> {
         let Some(server) = (unsafe { server_conf(srv_conf) }) else {
             continue;
         };
+        if let Some((cause, at)) = &server.hc_error {
+            // SAFETY: the server's configuration and the configuration's upstreams.
+            let found = unsafe { proxy_upstream(srv_conf, upstreams, log) };
+            return Err(match found {
+                Some(u) => {
+                    // SAFETY: an upstream of this configuration.
+                    let name = str_of(unsafe { &(*u).host });
+                    format!("health_check (at {at}): upstream \"{name}\": {cause}")
+                }
+                None => format!("health_check (at {at}): {cause}"),
+            });
+        }
         let Some(hc) = server.hc_directive.clone() else {
             continue;
         };

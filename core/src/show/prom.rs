@@ -23,6 +23,8 @@ pub enum Rows {
     CheckedSeconds(fn(&HealthView) -> u64),
     /// Three rows per server the health check knows: 1 for its state.
     Health,
+    /// One row per server whose health check has failed: its last reason as a label.
+    LastFailure,
     /// Four rows per server: 1 for its state.
     State,
 }
@@ -40,7 +42,7 @@ impl Rows {
     pub fn needs_health(&self) -> bool {
         matches!(
             self,
-            Rows::Checked(_) | Rows::CheckedSeconds(_) | Rows::Health
+            Rows::Checked(_) | Rows::CheckedSeconds(_) | Rows::Health | Rows::LastFailure
         )
     }
 }
@@ -71,7 +73,7 @@ const fn counter(name: &'static str, help: &'static str, rows: Rows) -> Family {
 }
 
 /// Every family, in output order.
-pub static FAMILIES: [Family; 21] = [
+pub static FAMILIES: [Family; 22] = [
     gauge(
         "upsync_upstream_servers",
         "Servers in the upstream.",
@@ -173,6 +175,11 @@ pub static FAMILIES: [Family; 21] = [
         Rows::Health,
     ),
     gauge(
+        "upsync_server_health_last_failure_info",
+        "1, with the reason of the server's last failed health check.",
+        Rows::LastFailure,
+    ),
+    gauge(
         "upsync_server_state",
         "1 for the server's current state.",
         Rows::State,
@@ -263,6 +270,13 @@ pub fn server_rows(out: &mut Vec<u8>, f: &Family, up: &str, s: &ServerView) {
                 start(out);
                 let _ = writeln!(out, ",health=\"{st}\"}} {}", u8::from(h.state == st));
             }
+        }
+        Rows::LastFailure => {
+            let Some(h) = s.health.as_ref().filter(|h| !h.last_failure.is_empty()) else {
+                return;
+            };
+            start(out);
+            let _ = writeln!(out, ",reason=\"{}\"}} 1", label(&h.last_failure));
         }
         Rows::State => {
             let state = s.state();

@@ -332,6 +332,29 @@ pub fn render_prometheus(upstreams: &[UpstreamView]) -> String {
         "gauge",
         health,
     );
+    let failures: Vec<(String, String)> = upstreams
+        .iter()
+        .flat_map(|u| {
+            u.servers.iter().filter_map(move |s| {
+                let h = s.health.as_ref().filter(|h| !h.last_failure.is_empty())?;
+                Some((
+                    format!(
+                        "upstream=\"{}\",server=\"{}\",reason=\"{}\"",
+                        label(&u.name),
+                        label(&s.address),
+                        label(&h.last_failure)
+                    ),
+                    "1".to_string(),
+                ))
+            })
+        })
+        .collect();
+    metric(
+        "upsync_server_health_last_failure_info",
+        "1, with the reason of the server's last failed health check.",
+        "gauge",
+        failures,
+    );
     let states: Vec<(String, String)> = upstreams
         .iter()
         .flat_map(|u| {

@@ -139,6 +139,12 @@ fn json_and_prometheus() {
         "upsync_server_health_checks_failed_total{upstream=\"test\",server=\"127.0.0.1:8089\"} 3\n"
     ));
     assert!(p.contains("upsync_server_health_last_check_timestamp_seconds{upstream=\"test\",server=\"127.0.0.1:8089\"} 1700000001.500\n"));
+    assert!(p.contains(
+        "upsync_server_health_last_failure_info{upstream=\"test\",server=\"127.0.0.1:8089\",reason=\"connect refused\"} 1\n"
+    ));
+    assert!(!p.contains(
+        "upsync_server_health_last_failure_info{upstream=\"test\",server=\"127.0.0.1:8088\""
+    ));
     // servers of upstreams without checks have no health series
     assert!(!p.contains("upsync_server_health{upstream=\"test\",server=\"127.0.0.1:8088\""));
     // the text view is unchanged by health data
