@@ -26,7 +26,7 @@ use Test::Nginx::Consul;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new(workers => 2)->has(qw/stream upsync/)->plan(33);
+my $t = Test::Nginx->new(workers => 2)->has(qw/stream upsync/)->plan(39);
 
 my ($p1, $p2, $p3, $pbad, $r1, $r2, $s1, $s2, $none) = map { port($_) } 8091 .. 8099;
 
@@ -161,6 +161,31 @@ ok(wait_for(sub { state('m', $pbad) eq 'unhealthy' }, timeout => 5),
 	'its first check failed: unhealthy (it was "checking")');
 ok($t->wait_for_log(qr/server 127\.0\.0\.1:$pbad is unhealthy: the response does not match "banner"/, 3,
 	from => $mark), 'logged with the reason');
+
+###############################################################################
+# mandatory: a server that will pass (it greets after 0.7 s, within the 1 s
+# timeout) takes no connection while its first check is in flight, and takes
+# connections once it passed
+
+my $pslow = port(8086);
+my $slow = Test::Nginx::Backend->tcp($t, port => $pslow, id => 'b5', delay => 0.7);
+$consul->put("upstreams/m/127.0.0.1:$pslow", '');
+ok(wait_for(sub { listed('m', $p2, $p3, $pbad, $pslow) }, timeout => 5), 'b5 (a slow banner) registered');
+my ($during, $reached) = (0, 0);
+for (1 .. 200) {
+	last unless state('m', $pslow) eq 'checking';
+	my $c = dist(port(8080), 1);
+	last unless state('m', $pslow) eq 'checking';
+	$during++;
+	$reached += $c->{b5} // 0;
+}
+ok($during >= 3, "$during connections made while b5 was checking");
+is($reached, 0, 'none of them reached b5');
+ok(wait_for(sub { state('m', $pslow) eq 'up' }, timeout => 5), 'its first check passed: up');
+ok(wait_for(sub { (dist(port(8080), 6)->{b5} // 0) > 0 }, timeout => 10), 'then it takes connections');
+$consul->delete("upstreams/m/127.0.0.1:$pslow");
+ok(wait_for(sub { listed('m', $p2, $p3, $pbad) }, timeout => 5), 'b5 removed again');
+undef $slow;
 
 ###############################################################################
 # the registry removes a server: its probes stop
