@@ -16,7 +16,8 @@
 # - the token file replaced on disk: the next watch carries the new token,
 #   with no 401; a revoked token: one error naming the file (never the
 #   token), recovery once the file holds a new one; RBAC denial names the
-#   namespace and what to grant; tokens appear in no log, dump or status;
+#   namespace and what to grant; tokens appear in no log, dump or status
+#   (text, JSON, Prometheus);
 # - in-cluster/ from KUBERNETES_SERVICE_HOST/_PORT; a UDP port by name.
 # Emulator-only steps skip against a real API server (TEST_NGINX_K8S_URL).
 
@@ -43,7 +44,7 @@ plan(skip_all => 'no python3 for the Kubernetes emulator') unless Test::Nginx::w
 plan(skip_all => 'no openssl command') unless Test::Nginx::Tls->available;
 plan(skip_all => 'needs the emulator (faults, tokens, in-cluster)')
 	if Test::Nginx::Kubernetes::want_real();
-$t->plan(48);
+$t->plan(49);
 
 my $pki = Test::Nginx::Tls->make($t);
 my $k = Test::Nginx::Kubernetes->start($t, port => port(8600), control_port => port(8601),
@@ -245,9 +246,13 @@ $k->delete_endpoint('web', $p3);
 ok($count->(2), 'RBAC granted: changes arrive again');
 
 my (undef, undef, $json) = http_parse(http_get($show_port, '/?format=json') // '');
-my $everything = join "\n", $t->error_log, $t->read_file('servers_web.conf') // '', $show->(), $json // '';
+my (undef, undef, $metrics) = http_parse(http_get($show_port, '/metrics') // '');
+like($metrics // '', qr/^upsync_upstream_servers\{upstream="web"\} 2$/m,
+	'metrics: the web upstream is there (the secrecy check below reads a real answer)');
+my $everything = join "\n", $t->error_log, $t->read_file('servers_web.conf') // '', $show->(), $json // '',
+	$metrics // '';
 ok(!grep({ index($everything, $_) >= 0 } $old, $new, $newer),
-	'no token in the log, the dump or the status views');
+	'no token in the log, the dump or the status views (text, JSON, metrics)');
 
 ###############################################################################
 # in-cluster/ and UDP

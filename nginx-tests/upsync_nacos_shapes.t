@@ -6,6 +6,9 @@
 #   v3, logs in, maps float weights (0.5 -> 50, 1.0 -> 100);
 # - a 2.x server (v2 and v1): auto moves past the v3 404 to v2; nacos_api=v2
 #   skips detection; healthyOnly=false is always sent;
+# - a 3.x server without the v1 login path (only /nacos/v3/auth/user/login): the v1
+#   login answers 404, the v3 one is used (and kept: v1 is not asked again); a wrong
+#   password there is refused with the v3 path named;
 # - every token expires: one new login, the change still arrives;
 # - wrong or missing credentials, and a registry error (503), keep the set with
 #   one clear line; the password and token are in no log, dump or status;
@@ -32,18 +35,22 @@ select STDOUT; $| = 1;
 
 my $t = Test::Nginx->new(workers => 2)->has(qw/stream upsync/);
 plan(skip_all => 'python3 missing') unless Test::Nginx::which('python3');
-$t->plan(22);
+$t->plan(27);
 
 my $SECRET = 'pw-3c9e71';
 my $v3 = Test::Nginx::Nacos->start($t, emulator => 1, name => 'nacos3', port => port(8500),
 	auth => "upsync:$SECRET", args => ['--apis', 'v3']);
 my $v2 = Test::Nginx::Nacos->start($t, emulator => 1, name => 'nacos2', port => port(8501),
 	args => ['--apis', 'v1,v2']);
+my $l3 = Test::Nginx::Nacos->start($t, emulator => 1, name => 'nacos3login', port => port(8502),
+	auth => "upsync:$SECRET", login_apis => 'v3', args => ['--apis', 'v3']);
 my ($p1, $p2, $p3) = (port(8081), port(8082), port(8083));
 $v3->register('orders', '127.0.0.1', $p1, weight => 0.5);
 $v3->register('orders', '127.0.0.1', $p2, weight => 1.0);
 $v2->register('web', '127.0.0.1', $p1, weight => 2);
 $v2->register('web', '127.0.0.1', $p2, weight => 2, metadata => { max_fails => '0' });
+$l3->register('pay', '127.0.0.1', $p1, weight => 2.0);
+$l3->control('reset_stats');   # from here on, nginx's requests only
 
 $t->write_file('good', "upsync:$SECRET\n");
 $t->write_file('wrong', "upsync:not-the-password\n");
@@ -53,6 +60,8 @@ my $conf = upsync_upstreams({
 	v3wrong => "127.0.0.1:%%PORT_8500%%/orders upsync_type=nacos $i token_file=%%TESTDIR%%/wrong",
 	v3none => "127.0.0.1:%%PORT_8500%%/orders upsync_type=nacos $i",
 	v2 => "127.0.0.1:%%PORT_8501%%/web upsync_type=nacos $i",
+	l3 => "127.0.0.1:%%PORT_8502%%/pay upsync_type=nacos $i token_file=%%TESTDIR%%/good",
+	l3wrong => "127.0.0.1:%%PORT_8502%%/pay upsync_type=nacos $i token_file=%%TESTDIR%%/wrong",
 	v2fixed => "127.0.0.1:%%PORT_8501%%/nacos/v2/ns/instance/list?serviceName=web&namespaceId=public upsync_type=nacos nacos_api=v2 $i",
 });
 $t->write_file_expand('nginx.conf', <<"EOF");
@@ -98,6 +107,21 @@ ok($t->wait_for_log(qr/upstream "v3none".*authentication failed: Nacos requires 
 	'no credentials: logged');
 like($section->('v3wrong') . $section->('v3none'), qr/count: 1\n.*:${\ port(8089)} .*count: 1\n.*:${\ port(8089)} /s,
 	'both keep the configured server');
+
+# a 3.x server with only the v3 login path
+ok(wait_for(sub { $section->('l3') =~ /count: 1\n.*:$p1 weight=200 /s }, timeout => 5),
+	'v3 login only: logged in, synced');
+ok($t->wait_for_log(qr/upstream "l3wrong".*authentication failed: Nacos refused user "upsync" of token_file= at \/nacos\/v3\/auth\/user\/login: HTTP 403: unknown user!/, 5),
+	'v3 login only, wrong password: refused, the v3 login path named');
+like($section->('l3wrong'), qr/count: 1\n.*:${\ port(8089)} /s, 'v3 login only, wrong password: the configured server kept');
+# the refused upstream tries again after its backoff: wait for a second refusal, so
+# that a try at the v1 path after the first one would be counted
+ok(wait_for(sub { $l3->stats->{refused} >= 2 }, timeout => 10), 'v3 login only: the wrong password tried again');
+my $st = $l3->stats;
+my %login = map { ($_ => $st->{requests}{"POST /nacos/$_"} // 0) } qw{v1/auth/login v3/auth/user/login};
+ok($login{'v1/auth/login'} == 2 && $login{'v3/auth/user/login'} >= 3 && $st->{logins} >= 1,
+	'v3 login only: v1 tried once per upstream (404), then the v3 path, kept for later logins')
+	or diag(explain $st);
 
 my $mark = $t->log_offset();
 my $logins = $v3->stats->{logins};
@@ -148,9 +172,9 @@ ok($n >= 10 && $n <= 24, "2 upstreams polling every 200 ms: $n requests in 2 s")
 # secrets
 
 my $log = $t->error_log;
-my @tokens = grep { length } @{ $v3->stats->{access_tokens} };
+my @tokens = grep { length } @{ $v3->stats->{access_tokens} }, @{ $l3->stats->{access_tokens} };
 unlike($log, qr/\Q$SECRET\E|not-the-password/, 'no password in the error log');
-my $all = join '', (map { $t->read_file("servers_$_.conf") // '' } qw/v3 v3wrong v3none v2 v2fixed/),
+my $all = join '', (map { $t->read_file("servers_$_.conf") // '' } qw/v3 v3wrong v3none v2 v2fixed l3 l3wrong/),
 	map { (http_parse(http_get(port(8088), $_)))[2] // '' } '/', '/?format=json', '/metrics';
 ok(!grep({ index($log . $all, $_) >= 0 } @tokens, $SECRET),
 	'no password or token in the log, the dumps or upstream_show (text, JSON, metrics)');

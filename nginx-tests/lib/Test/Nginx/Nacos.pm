@@ -9,7 +9,9 @@ package Test::Nginx::Nacos;
 #   my $n = Test::Nginx::Nacos->start($t, port => port(8848), grpc_port => port(8849),
 #       console_port => port(8850), [auth => 'USER:PASSWORD', token_ttl => SECONDS]);
 #   my $n = Test::Nginx::Nacos->start($t, emulator => 1, port => port(8848),
-#       [auth => ..., token_ttl => ..., args => ['--apis', 'v3']]);
+#       [auth => ..., token_ttl => ..., login_apis => 'v3', args => ['--apis', 'v3']]);
+#   (login_apis: the emulator's --login-apis; the helper logs in through the v1 path
+#   when it is served, else the 3.x one, /nacos/v3/auth/user/login)
 #   $n->register('svc', '127.0.0.1', 8081, weight => 0.5, healthy => 1, enabled => 1,
 #       metadata => { max_fails => '3' }, cluster => 'A');   # also updates
 #   $n->deregister('svc', '127.0.0.1', 8081);  $n->deregister_all('svc');
@@ -52,7 +54,10 @@ sub start {
 	my $port = $o{port} or die "Nacos->start: port required\n";
 	my ($user, $pass) = defined $o{auth} ? split(/:/, $o{auth}, 2) : ();
 	my $name = $o{name} // 'nacos';
+	my $login = defined $o{login_apis} && $o{login_apis} !~ /\bv1\b/
+		? '/nacos/v3/auth/user/login' : '/nacos/v1/auth/login';
 	my $self = bless { t => $t, port => $port, name => $name, user => $user, pass => $pass,
+		login_path => $login,
 		emulator => $o{emulator} ? 1 : 0, known => {},
 		http => HTTP::Tiny->new(timeout => 10, keep_alive => 0) }, $class;
 
@@ -60,6 +65,7 @@ sub start {
 		$t->spawn($name, 'python3', $EMULATOR, '--listen', "127.0.0.1:$port",
 			(defined $o{auth} ? ('--auth', $o{auth}) : ()),
 			(defined $o{token_ttl} ? ('--token-ttl', $o{token_ttl}) : ()),
+			(defined $o{login_apis} ? ('--login-apis', $o{login_apis}) : ()),
 			@{ $o{args} // [] });
 	} else {
 		my $bin = $class->binary or die "no rnacos binary\n";
@@ -101,7 +107,7 @@ sub _up {
 	my ($self) = @_;
 	# with auth on, up means the user can log in (rnacos adds it after starting)
 	if (defined $self->{user}) {
-		my $r = $self->{http}->post_form($self->url('/nacos/v1/auth/login'),
+		my $r = $self->{http}->post_form($self->url($self->{login_path}),
 			{ username => $self->{user}, password => $self->{pass} });
 		return $r->{status} == 200;
 	}
@@ -117,10 +123,13 @@ sub url { "http://127.0.0.1:$_[0]{port}$_[1]" }
 sub _token {
 	my ($self) = @_;
 	return undef unless defined $self->{user};
-	my $r = $self->{http}->post_form($self->url('/nacos/v1/auth/login'),
+	my $r = $self->{http}->post_form($self->url($self->{login_path}),
 		{ username => $self->{user}, password => $self->{pass} });
 	die "nacos login: $r->{status} $r->{content}\n" unless $r->{success};
-	return decode_json($r->{content})->{accessToken};
+	my $a = decode_json($r->{content});
+	# the 3.x login answers inside {code, message, data}
+	$a = $a->{data} if ref $a->{data} eq 'HASH';
+	return $a->{accessToken};
 }
 
 sub _call {
