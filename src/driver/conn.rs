@@ -368,10 +368,26 @@ impl Conn {
         match unsafe { send_pending(self.c(), buf, sent) } {
             Sent::All => Ok(true),
             Sent::Again => Ok(false),
-            Sent::Error => Err(ConnError::Send {
-                addr: self.addr,
-                why: self.io_error(),
-            }),
+            Sent::Error => {
+                let why = self.io_error();
+                Err(ConnError::Send {
+                    addr: self.addr,
+                    why: self.peer_alert().unwrap_or(why),
+                })
+            }
+        }
+    }
+
+    /// After a failed send on a TLS connection: what the peer said before it reset the
+    /// connection, if it said anything (a server refusing the client certificate sends
+    /// its alert and closes; the request written meanwhile meets a reset, and the
+    /// alert, already received, explains it).
+    fn peer_alert(&mut self) -> Option<String> {
+        self.tls.as_ref()?;
+        let mut b = [0u8; 64];
+        match self.recv(&mut b) {
+            Recv::Failed(ConnError::Recv { why, .. }) if why.contains("alert") => Some(why),
+            _ => None,
         }
     }
 
