@@ -37,7 +37,7 @@ my $t = Test::Nginx->new()->has(qw/stream upsync/)->plan(38);
 
 my $CONF = <<'EOF';
 %%TEST_GLOBALS%%
-worker_shutdown_timeout 3s;
+worker_shutdown_timeout 6s;
 events { }
 stream {
     %%TEST_GLOBALS_STREAM%%
@@ -262,7 +262,9 @@ my $off = $t->log_offset;
 ok($t->reload, 'reload');
 ok(!Test::Nginx::_gone($worker), 'the old worker stays for its answers');
 
-# a reader that reads: the old worker finishes its answer
+# a reader that reads: the old worker finishes its answer (read through a
+# larger buffer now, well within worker_shutdown_timeout on a loaded machine)
+setsockopt($reader, SOL_SOCKET, SO_RCVBUF, 1 << 20);
 ($data, $err) = talk_read($reader);
 $j = eval { decode_json((http_parse($data // ''))[2] // '') };
 is(scalar @{ $j->{upstreams}{big}{servers} // [] }, N, 'exiting worker: a reader that reads gets the whole answer');
