@@ -28,9 +28,9 @@ use Test::Nginx::Consul;
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new(workers => 4)->has(qw/stream upsync/)->plan(38);
+my $t = Test::Nginx->new(workers => 4)->has(qw/stream upsync/)->plan(39);
 
-my ($p1, $p2, $p3, $c1) = (port(8091), port(8092), port(8093), port(8094));
+my ($p1, $p2, $p3, $c1, $c2, $c3) = map { port($_) } 8091 .. 8096;
 
 $t->write_file_expand('nginx.conf', <<'EOF');
 %%TEST_GLOBALS%%
@@ -71,11 +71,13 @@ my %b = (
 	b2 => Test::Nginx::Backend->tcp($t, port => $p2, id => 'b2'),
 	b3 => Test::Nginx::Backend->tcp($t, port => $p3, id => 'b3'),
 	c1 => Test::Nginx::Backend->tcp($t, port => $c1, id => 'c1'),
+	c2 => Test::Nginx::Backend->tcp($t, port => $c2, id => 'c2'),
+	c3 => Test::Nginx::Backend->tcp($t, port => $c3, id => 'c3'),
 );
 $consul->put("upstreams/hc/127.0.0.1:$p1", '');
 $consul->put("upstreams/hc/127.0.0.1:$p2", '');
 $consul->put("upstreams/hc/127.0.0.1:$p3", '{"backup":1}');
-$consul->put("upstreams/cnt/127.0.0.1:$c1", '');
+$consul->put("upstreams/cnt/127.0.0.1:$_", '') for $c1, $c2, $c3;
 $t->run();
 
 sub json {
@@ -210,11 +212,16 @@ ok(wait_for(sub { $b{c1}->connections_total >= 2 }, timeout => 5), 'c1 is probed
 # the next 4 probes take 3 to 4 intervals (the first comes anywhere in the
 # current one); a probe from every worker would bring them within about one
 my $n0 = $b{c1}->connections_total;
+my %m0 = map { $_ => $b{$_}->connections_total } qw/c2 c3/;
 my $t0 = time();
 wait_for(sub { $b{c1}->connections_total >= $n0 + 4 }, timeout => 8, interval => 0.02);
 my $took4 = time() - $t0;
 ok($took4 >= 2.8 && $took4 <= 4.6,
 	sprintf('4 more probes in %.2fs: one per interval of 1s, not one per worker', $took4));
+# the other servers, probed at their own points of the interval, got as many
+# in the same stretch (one fewer or more at its edges), not one per worker
+my @got = map { $b{$_}->connections_total - $m0{$_} } qw/c2 c3/;
+ok(!grep({ $_ < 3 || $_ > 5 } @got), "c2 and c3: @got probes in the same stretch (4 intervals)");
 
 # the prober is killed: another worker takes over and probes on
 $mark = $t->log_offset();
