@@ -57,6 +57,12 @@ sub emerg {
 	return qr/\[emerg\] \Q$text\E in \S+:\d+$/m;
 }
 
+# a bad match block no check uses: "match "m" (at FILE:LINE): TEXT"
+sub mat {
+	my ($text) = @_;
+	return qr/\[emerg\] match "m" \(at \S+:\d+\): \Q$text\E in \S+:\d+$/m;
+}
+
 # a message from the postconfiguration check: "health_check (at FILE:LINE): TEXT"
 sub at {
 	my ($text) = @_;
@@ -108,7 +114,7 @@ my @bad = (
 ['two checks of one upstream', hc('health_check;') . '', qr/upstream "u" is already checked/,
 	'second'],
 ['a bad regex', hc('health_check match=m;', 'match m { expect ~ "(unclosed"; }'),
-	qr/\[emerg\] match: invalid regex "\(unclosed" in "m": .*(parenthes|missing).* in \S+:\d+$/m],
+	qr/\[emerg\] health_check \(at \S+:\d+\): upstream "u": match "m" \(at \S+:\d+\): invalid regex "\(unclosed": .*(parenthes|missing).* in \S+:\d+$/m],
 ['interval=0', hc('health_check interval=0;'),
 	at(qq{upstream "u": invalid interval "0": $TIME, not 0})],
 ['jitter=soon', hc('health_check jitter=soon;'), at(qq{upstream "u": invalid jitter "soon": $TIME})],
@@ -132,15 +138,15 @@ my @bad = (
 ['a match name twice', hc('health_check;', "match m { expect \"a\"; }\n    match m { expect \"b\"; }"),
 	qr/\[emerg\] match: "m" is already defined at \S+:\d+; match names are unique in \S+:\d+$/m],
 ['an unknown line in a match', hc('health_check;', 'match m { status 200; }'),
-	emerg('match "m": unknown directive "status" in match {}; accepted: send, expect')],
+	mat('unknown directive "status" in match {}; accepted: send, expect')],
 ['an empty match', hc('health_check;', 'match m { }'),
-	emerg('match: "m" has neither "send" nor "expect"; give at least one')],
+	mat('has neither "send" nor "expect"; give at least one')],
 ['a bad \x escape', hc('health_check;', 'match m { send "\x4"; }'),
-	emerg('match "m": invalid \x escape in "\x4": expected \x followed by two hex digits, such as \x80')],
+	mat('invalid \x escape in "\x4": expected \x followed by two hex digits, such as \x80')],
 ['an empty expect', hc('health_check;', 'match m { expect ""; }'),
-	emerg('match "m": empty expect string: it would match anything')],
+	mat('empty expect string: it would match anything')],
 ['send twice', hc('health_check;', 'match m { send "a"; send "b"; }'),
-	emerg('match "m": "send" is given twice')],
+	mat('"send" is given twice')],
 ['health_check in an upstream block', conf('        proxy_pass u;',
 	"upstream v {\n        upsync 127.0.0.1:8500/v1/kv/upstreams/v/ upsync_type=consul;\n"
 	. "        upsync_dump_path %%TESTDIR%%/servers_v.conf;\n        health_check;\n    }"),

@@ -21,6 +21,9 @@ pub struct MatchDef {
     /// The compiled regex of `expect ~ ...` (null: none).
     pub regex: *mut ngx_regex_t,
     pub at: String,
+    /// What is wrong with the block, if anything: reported by `resolve`, which names
+    /// the upstreams whose checks use it.
+    pub error: Option<String>,
 }
 
 /// A regex compiled by nginx's PCRE at configuration time.

@@ -96,8 +96,9 @@ pub unsafe extern "C" fn cmd_health_check_timeout(
 
 /// What the lines of a `match` block are collected into.
 struct MatchParse {
-    name: String,
     builder: MatchBuilder,
+    /// The first bad line (reported by `resolve`).
+    error: Option<String>,
 }
 
 /// `match NAME { send "..."; expect "..." | ~ "regex" | ~* "regex"; }` at stream level.
@@ -122,8 +123,8 @@ pub unsafe extern "C" fn cmd_match(
         );
     }
     let mut parse = MatchParse {
-        name: name.clone(),
         builder: MatchBuilder::new(&name),
+        error: None,
     };
     // SAFETY: the block is parsed with our line handler, which gets `parse` as its
     // conf; `cf` is restored afterwards, as nginx's own block directives do.
@@ -138,27 +139,32 @@ pub unsafe extern "C" fn cmd_match(
     if rv != NGX_CONF_OK {
         return rv;
     }
+    // What is wrong with the block is reported once the configuration is read, naming
+    // the upstreams whose checks use it (`resolve`).
     let rule = parse.builder.finish();
-    if rule.send.is_empty() && rule.expect.is_none() {
-        conf_err!(
-            cf,
-            "match: \"{name}\" has neither \"send\" nor \"expect\"; give at least one"
-        );
+    let mut error = parse.error;
+    if error.is_none() && rule.send.is_empty() && rule.expect.is_none() {
+        error = Some("has neither \"send\" nor \"expect\"; give at least one".into());
     }
-    let regex = match &rule.expect {
-        Some(Expect::Regex { pattern, caseless }) => {
+    let regex = match (&error, &rule.expect) {
+        (None, Some(Expect::Regex { pattern, caseless })) => {
             // SAFETY: `cf` is the configuration being parsed; the regex lives in its pool.
             match unsafe { compile_regex(cf, pattern, *caseless) } {
                 Ok(re) => re,
-                Err(why) => conf_err!(
-                    cf,
-                    "match: invalid regex \"{pattern}\" in \"{name}\": {why}"
-                ),
+                Err(why) => {
+                    error = Some(format!("invalid regex \"{pattern}\": {why}"));
+                    ptr::null_mut()
+                }
             }
         }
         _ => ptr::null_mut(),
     };
-    conf.matches.push(MatchDef { rule, regex, at });
+    conf.matches.push(MatchDef {
+        rule,
+        regex,
+        at,
+        error,
+    });
     NGX_CONF_OK
 }
 
@@ -176,7 +182,7 @@ unsafe extern "C" fn match_line(
     };
     let argv: Vec<&str> = rest.iter().map(String::as_str).collect();
     if let Err(e) = parse.builder.line(directive, &argv) {
-        conf_err!(cf, "match \"{}\": {e}", parse.name);
+        parse.error.get_or_insert(e.to_string());
     }
     NGX_CONF_OK
 }

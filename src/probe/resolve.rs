@@ -176,6 +176,12 @@ pub unsafe fn resolve(cf: *mut ngx_conf_t) -> Result<(), String> {
                         "health_check (at {at}): match \"{m}\" of upstream \"{name}\" is not defined (match {m} {{ ... }} at stream level)"
                     ));
                 };
+                if let Some(e) = &def.error {
+                    return Err(format!(
+                        "health_check (at {at}): upstream \"{name}\": match \"{m}\" (at {}): {e}",
+                        def.at
+                    ));
+                }
                 (Some(def.rule.clone()), def.regex)
             }
         };
@@ -192,6 +198,18 @@ pub unsafe fn resolve(cf: *mut ngx_conf_t) -> Result<(), String> {
             regex: Pcre(regex),
             at: hc.at.clone(),
         });
+    }
+    // a bad match block that no check uses is refused all the same
+    if let Some(d) = main
+        .as_ref()
+        .and_then(|c| c.matches.iter().find(|d| d.error.is_some()))
+    {
+        return Err(format!(
+            "match \"{}\" (at {}): {}",
+            d.rule.name,
+            d.at,
+            d.error.as_deref().unwrap_or_default()
+        ));
     }
     Ok(())
 }
