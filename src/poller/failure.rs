@@ -143,7 +143,8 @@ impl Poller {
     /// A send or receive failed: on a Consul connection turned away at once, says why
     /// that likely is.
     pub(super) fn fail_io(&mut self, msg: String) {
-        if self.refused_by_limit() {
+        // a TLS alert says why itself (a refused client certificate, say)
+        if self.refused_by_limit() && !msg.contains("alert") {
             return self.fail(turned_away_message(self.target().addr));
         }
         self.fail(msg)

@@ -21,6 +21,8 @@ use upsync_core::registry::Part;
 
 /// One upstream of a group other than the lead (whose side is the poller's own).
 pub(super) struct Member {
+    /// The upstream's configuration (it outlives the worker's pollers).
+    conf: *const SrvConf,
     pub publisher: Publisher,
     /// The upstream's own log lines (`upsync: upstream "NAME" (consul ...)`).
     pub side: Rc<Side>,
@@ -32,6 +34,7 @@ impl Member {
     fn new(conf: &SrvConf) -> Member {
         let side = Side::new(conf.log_prefix());
         Member {
+            conf,
             publisher: Publisher::new(conf, side.clone()),
             side,
             epoch: None,
@@ -203,6 +206,32 @@ impl Poller {
             taken |= m.hold(me, until);
         }
         taken
+    }
+
+    /// Consul filtered the group's answer (`X-Consul-Results-Filtered-By-ACLs`): the
+    /// token may read each member's prefix but not everything under the parent (keys
+    /// of others). Rather than keep every member's set frozen, this worker stops the
+    /// group's poll and polls the upstreams one by one, each under its own lease; a
+    /// group poller of another worker that takes the lead's lease later meets the same
+    /// answer and does the same. An upstream whose own prefix is filtered still says
+    /// so, alone. Nothing runs on this poller after it returns.
+    pub(super) fn dissolve(&mut self) {
+        let confs: Vec<*const SrvConf> = std::iter::once(self.conf)
+            .chain(self.members.iter().map(|m| m.conf))
+            .collect();
+        self.log(
+            NGX_LOG_WARN,
+            &format!(
+                "the ACL token may not read every key under the parent prefix (X-Consul-Results-Filtered-By-ACLs): these {} upstreams poll one by one from now on, each on its own connection",
+                confs.len()
+            ),
+        );
+        self.shutdown();
+        for c in confs {
+            // SAFETY: the configurations outlive the worker's pollers (`start_all`'s
+            // contract); this poller is stopped and no longer touches their zones.
+            unsafe { super::start(&*c) };
+        }
     }
 
     /// This worker no longer runs the poll: the members' epochs go (`release`: and

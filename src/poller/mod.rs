@@ -213,19 +213,23 @@ impl ConnOwner for Poller {
 }
 
 impl Poller {
-    /// The largest answer read: `policy::response_limit` of what the upstream may use;
-    /// a group's poll may take that much per upstream it serves, never more than the
-    /// limit of the whole shared zone.
+    /// The largest answer read: `policy::response_limit` of what the upstream may use
+    /// (its `zone_size=`, else the shared zone); a group's poll may take the sum of its
+    /// upstreams' limits, never more than the whole zone's.
     fn body_limit(&self) -> usize {
-        let u = self.publisher.zone.usage();
-        let memory = if u.budget > 0 {
-            u.budget
-        } else {
-            u.shared_size
+        let limit = |u: crate::zone::Usage| {
+            policy::response_limit(if u.budget > 0 {
+                u.budget
+            } else {
+                u.shared_size
+            })
         };
-        policy::response_limit(memory)
-            .saturating_mul(self.members.len() + 1)
-            .min(policy::response_limit(u.shared_size))
+        let lead = self.publisher.zone.usage();
+        self.members
+            .iter()
+            .map(|m| limit(m.publisher.zone.usage()))
+            .fold(limit(lead), usize::saturating_add)
+            .min(policy::response_limit(lead.shared_size))
     }
 
     fn conf(&self) -> &SrvConf {
@@ -481,6 +485,7 @@ impl Poller {
                 };
                 self.schedule(delay);
             }
+            Err(RegistryError::AclFiltered) if !self.members.is_empty() => self.dissolve(),
             Err(e) if e.is_data_error() => self.data_failed(e, position),
             Err(e) => {
                 self.conn = None;
