@@ -424,9 +424,11 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         pd.zone_release(ticket, false, now);
         return NGX_ERROR as ngx_int_t;
     }
-    // A successful connect clears a server's failures: only a server with failures on
-    // record needs the callback (nginx calls `notify` when it is set, after connecting).
-    // One that fails meanwhile, in another session, is cleared by its next connect.
+    // A successful connect clears a server's failures once its fail_timeout window has
+    // passed (nginx's rule): only a server with failures on record needs the callback
+    // (nginx calls `notify` when it is set, after connecting). A failure another session
+    // records meanwhile would not be cleared by this connect under nginx's rule either
+    // (it restarts the window).
     let notify = if ticket.failing() {
         Some(notify_peer as NotifyFn)
     } else {
