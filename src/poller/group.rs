@@ -13,7 +13,6 @@ use ngx::ffi::*;
 
 use super::{my_pid, Poller, Publisher};
 use crate::driver::Side;
-use crate::ngx_util::wall_ms;
 use crate::process::observe;
 use crate::srv_conf::SrvConf;
 use upsync_core::registry::consul_group::{group_indexes, share_key, KvGroup, ShareKey};
@@ -65,12 +64,7 @@ impl Member {
         if !self.publisher.may_publish(&l, self.epoch) {
             return;
         }
-        l.set_in_use(in_use);
-        let st = l.status();
-        st.position = position;
-        st.last_sync_ms = wall_ms();
-        st.consecutive_failures = 0;
-        l.set_error("");
+        l.mark_synced(position, in_use);
     }
 }
 

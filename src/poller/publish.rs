@@ -171,12 +171,7 @@ impl Publisher {
                 return;
             }
         }
-        l.set_in_use(in_use);
-        let st = l.status();
-        st.position = position;
-        st.last_sync_ms = wall_ms();
-        st.consecutive_failures = 0;
-        l.set_error("");
+        l.mark_synced(position, in_use);
         // the set as this publisher left it, if no one changed it since (else read it)
         let generation_now = l.generation();
         let current = match self.known.take() {

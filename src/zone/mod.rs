@@ -535,6 +535,17 @@ impl Locked<'_> {
         st.in_use_len = n as u32;
     }
 
+    /// A good answer from the registry at `in_use`: the status moves on to `position`
+    /// (the time of the sync), and the failure count and last error clear.
+    pub fn mark_synced(&mut self, position: u64, in_use: &str) {
+        self.set_in_use(in_use);
+        let st = self.status();
+        st.position = position;
+        st.last_sync_ms = crate::ngx_util::wall_ms();
+        st.consecutive_failures = 0;
+        self.set_error("");
+    }
+
     pub fn in_use(&self) -> String {
         let st = &self.hdr.status;
         String::from_utf8_lossy(&st.in_use[..st.in_use_len as usize]).into_owned()
