@@ -17,6 +17,7 @@ package Test::Nginx::Registry;
 #   $r->upsync('name')                 # "upsync 127.0.0.1:P/... upsync_type=..."
 #   $r->put_server('name', '127.0.0.1:8080', '{"weight":2}');
 #   $r->delete_server('name', '127.0.0.1:8080');  $r->delete_all('name');
+#   $r->deletes_at_once (false for Nacos: one server at a time)
 
 use strict;
 use warnings;
@@ -157,6 +158,10 @@ sub delete_server {
 	return $self->{etcd}->v2_delete("upstreams/$name/$addr") if $self->{kind} eq 'etcd2';
 	return $self->{etcd}->v3_delete("/upstreams/$name/$addr");
 }
+
+# Whether delete_all removes every server at once (Nacos deregisters them one by
+# one, and a poll may fall in between).
+sub deletes_at_once { !$_[0]{nacos} }
 
 sub delete_all {
 	my ($self, $name) = @_;
