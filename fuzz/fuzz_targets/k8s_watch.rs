@@ -18,26 +18,9 @@ use upsync_core::http::Head;
 use upsync_core::registry::kubernetes::Kubernetes;
 use upsync_core::registry::{redact, RegistryError, Snapshot, Source};
 use upsync_core::servers::ServerSpec;
-use upsync_fuzz::check;
+use upsync_fuzz::{check, split_steps};
 
 const SECRET: &str = "fuzz-secret-token";
-
-fn split_steps(data: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut i = 0;
-    while i + 1 < data.len() {
-        if data[i] == 0xff && data[i + 1] == 0xff {
-            out.push(&data[start..i]);
-            i += 2;
-            start = i;
-        } else {
-            i += 1;
-        }
-    }
-    out.push(&data[start..]);
-    out
-}
 
 /// How an exchange ended, for comparing the two sources.
 #[derive(Debug, PartialEq, Eq)]

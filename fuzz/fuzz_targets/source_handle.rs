@@ -14,7 +14,7 @@
 //! byte first, as the poller does while a watch streams) and 'r' (reset() afterwards).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use upsync_fuzz::check;
+use upsync_fuzz::{check, split_steps};
 use upsync_core::conf::{parse_upsync, Credential};
 use upsync_core::http::Head;
 use upsync_core::registry::{redact, source_for, RegistryError, Snapshot, Source};
@@ -44,23 +44,6 @@ fn finish(r: Result<Option<Snapshot>, RegistryError>, source: &dyn Source) {
             );
         }
     }
-}
-
-fn split_steps(data: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut i = 0;
-    while i + 1 < data.len() {
-        if data[i] == 0xff && data[i + 1] == 0xff {
-            out.push(&data[start..i]);
-            i += 2;
-            start = i;
-        } else {
-            i += 1;
-        }
-    }
-    out.push(&data[start..]);
-    out
 }
 
 fuzz_target!(|data: &[u8]| {
