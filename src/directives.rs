@@ -22,71 +22,62 @@ macro_rules! conf_err {
     }};
 }
 
+type Handler =
+    unsafe extern "C" fn(*mut ngx_conf_t, *mut ngx_command_t, *mut c_void) -> *mut c_char;
+
+/// A directive of this module: every handler gets the `SrvConf` of its block.
+const fn command(name: ngx_str_t, type_: u32, set: Handler) -> ngx_command_t {
+    ngx_command_t {
+        name,
+        type_: type_ as ngx_uint_t,
+        set: Some(set),
+        conf: NGX_STREAM_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    }
+}
+
 pub static mut COMMANDS: [ngx_command_t; 9] = [
-    ngx_command_t {
-        name: ngx_string!("upsync"),
-        type_: (NGX_STREAM_UPS_CONF | NGX_CONF_1MORE) as ngx_uint_t,
-        set: Some(cmd_upsync),
-        conf: NGX_STREAM_SRV_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("upsync_dump_path"),
-        type_: (NGX_STREAM_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(cmd_dump_path),
-        conf: NGX_STREAM_SRV_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("upsync_lb"),
-        type_: (NGX_STREAM_UPS_CONF | NGX_CONF_TAKE123) as ngx_uint_t,
-        set: Some(cmd_lb),
-        conf: NGX_STREAM_SRV_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("upstream_show"),
-        type_: (NGX_STREAM_SRV_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
-        set: Some(cmd_upstream_show),
-        conf: NGX_STREAM_SRV_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("health_check"),
-        type_: (NGX_STREAM_SRV_CONF | NGX_CONF_ANY) as ngx_uint_t,
-        set: Some(crate::probe::cmd_health_check),
-        conf: NGX_STREAM_SRV_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("health_check_timeout"),
-        type_: (NGX_STREAM_MAIN_CONF | NGX_STREAM_SRV_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(crate::probe::cmd_health_check_timeout),
-        conf: NGX_STREAM_SRV_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("match"),
-        type_: (NGX_STREAM_MAIN_CONF | NGX_CONF_BLOCK | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(crate::probe::cmd_match),
-        conf: NGX_STREAM_SRV_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("upsync_zone_size"),
-        type_: (NGX_STREAM_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(cmd_zone_size),
-        conf: NGX_STREAM_SRV_CONF_OFFSET,
-        offset: 0,
-        post: ptr::null_mut(),
-    },
+    command(
+        ngx_string!("upsync"),
+        NGX_STREAM_UPS_CONF | NGX_CONF_1MORE,
+        cmd_upsync,
+    ),
+    command(
+        ngx_string!("upsync_dump_path"),
+        NGX_STREAM_UPS_CONF | NGX_CONF_TAKE1,
+        cmd_dump_path,
+    ),
+    command(
+        ngx_string!("upsync_lb"),
+        NGX_STREAM_UPS_CONF | NGX_CONF_TAKE123,
+        cmd_lb,
+    ),
+    command(
+        ngx_string!("upstream_show"),
+        NGX_STREAM_SRV_CONF | NGX_CONF_NOARGS,
+        cmd_upstream_show,
+    ),
+    command(
+        ngx_string!("health_check"),
+        NGX_STREAM_SRV_CONF | NGX_CONF_ANY,
+        crate::probe::cmd_health_check,
+    ),
+    command(
+        ngx_string!("health_check_timeout"),
+        NGX_STREAM_MAIN_CONF | NGX_STREAM_SRV_CONF | NGX_CONF_TAKE1,
+        crate::probe::cmd_health_check_timeout,
+    ),
+    command(
+        ngx_string!("match"),
+        NGX_STREAM_MAIN_CONF | NGX_CONF_BLOCK | NGX_CONF_TAKE1,
+        crate::probe::cmd_match,
+    ),
+    command(
+        ngx_string!("upsync_zone_size"),
+        NGX_STREAM_MAIN_CONF | NGX_CONF_TAKE1,
+        cmd_zone_size,
+    ),
     ngx_command_t::empty(),
 ];
 
