@@ -4,9 +4,16 @@
 
 use std::cell::RefCell;
 
-use ngx::ffi::{ngx_exiting, ngx_quit, ngx_terminate};
+use ngx::ffi::{ngx_exiting, ngx_pid, ngx_quit, ngx_terminate};
 
 use crate::ngx_util::mono_ms;
+
+/// This process's pid (the holder written in leases, ledgers and locks).
+#[inline]
+pub fn my_pid() -> i64 {
+    // SAFETY: a process-global written before any module code runs in a process.
+    unsafe { ngx_pid as i64 }
+}
 
 /// This process was told to stop (graceful or fast): it must not take or use a lease.
 pub fn exiting() -> bool {

@@ -69,8 +69,7 @@ fn random() -> u64 {
     RNG.with(|r| {
         r.borrow_mut()
             .get_or_insert_with(|| {
-                // SAFETY: a process-global written before any connection is balanced.
-                let pid = unsafe { ngx_pid } as u64;
+                let pid = crate::process::my_pid() as u64;
                 Rng::new(pid << 32 ^ crate::ngx_util::mono_ms())
             })
             .next_u64()

@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use ngx::ffi::*;
 
-use super::{my_pid, Poller, Publisher};
+use super::{Poller, Publisher};
+use crate::process::my_pid;
 use crate::driver::Side;
 use crate::process::observe;
 use crate::srv_conf::SrvConf;

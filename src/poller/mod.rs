@@ -11,7 +11,7 @@ mod lease;
 mod publish;
 
 pub use group::start_all;
-pub use publish::{my_pid, Publisher};
+pub use publish::Publisher;
 
 use std::ffi::c_void;
 use std::ptr;
@@ -23,7 +23,7 @@ use ngx::ngx_log_debug_mask;
 use crate::driver::{Conn, ConnEvent, ConnOwner, Recv, Side, TlsSetup};
 use crate::ngx_util::cycle_log;
 use crate::ngx_util::mono_ms;
-use crate::process::exiting;
+use crate::process::{exiting, my_pid};
 use crate::srv_conf::SrvConf;
 use crate::zone::Zone;
 use upsync_core::conf::Target;
@@ -119,8 +119,7 @@ unsafe fn start_with(
     members: Vec<group::Member>,
 ) {
     let zone = conf.zone.expect("zone initialized");
-    // SAFETY: a process-global set before init_process.
-    let pid = unsafe { ngx_pid } as u64;
+    let pid = my_pid() as u64;
     let publisher = if members.is_empty() {
         Publisher::new(conf, side.clone())
     } else {

@@ -14,7 +14,7 @@ use ngx::ngx_log_debug_mask;
 
 use crate::driver::Side;
 use crate::ngx_util::{cycle_log, mono_ms, wall_ms};
-use crate::process::exiting;
+use crate::process::{exiting, my_pid};
 use crate::srv_conf::SrvConf;
 use crate::zone::{Locked, Zone, ZoneError};
 use upsync_core::balancer::{Method, Plan};
@@ -44,11 +44,6 @@ impl LockTimes {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-pub fn my_pid() -> i64 {
-    // SAFETY: a process-global written before any module code runs in a worker.
-    unsafe { ngx_pid as i64 }
 }
 
 /// Whether a worker that read under lease `epoch` may write the zone's set, status and

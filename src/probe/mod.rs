@@ -21,7 +21,7 @@ use ngx::ffi::*;
 use ngx::ngx_log_error;
 
 use crate::ngx_util::{cycle_log, mono_ms, wall_ms};
-use crate::process::{exiting, pid_alive};
+use crate::process::{exiting, my_pid, pid_alive};
 use crate::srv_conf::SrvConf;
 use crate::zone::{HealthCommit, InitOutcome, Locked, Probed, Zone};
 use check::{CheckSpec, Outcome, Probe};
@@ -72,11 +72,6 @@ pub struct Prober {
 
 static mut PROBERS: Vec<*mut Prober> = Vec::new();
 
-fn my_pid() -> i64 {
-    // SAFETY: a process-global written before any prober runs.
-    unsafe { ngx_pid as i64 }
-}
-
 /// The master commits the configuration of one upstream: the zone's health table is
 /// reset, kept (`persistent`) or dropped, and the prober lease restarts.
 pub fn commit(log: *mut ngx_log_t, conf: &SrvConf) {
@@ -112,7 +107,7 @@ pub unsafe fn start(conf: &SrvConf) {
         return;
     };
     // SAFETY: process-globals set before init_process.
-    let (pid, connections) = unsafe { (ngx_pid as u64, (*ngx_cycle).connection_n) };
+    let (pid, connections) = (my_pid() as u64, unsafe { (*ngx_cycle).connection_n });
     let p: *mut Prober = Box::into_raw(Box::new(Prober {
         conf,
         zone,

@@ -21,7 +21,8 @@ use ngx::ngx_log_debug_mask;
 
 use crate::driver::{Conn, Side};
 use crate::ngx_util::{cycle_log, mono_ms};
-use crate::poller::{my_pid, Publisher};
+use crate::poller::Publisher;
+use crate::process::my_pid;
 use crate::srv_conf::SrvConf;
 use upsync_core::policy::{self, ErrorDedup, Failover, Rng};
 use upsync_core::registry::redact_secrets;
@@ -112,8 +113,7 @@ fn session_prefix(addrs: &[SocketAddr], names: &[&str]) -> String {
 pub unsafe fn start(confs: &[*const SrvConf]) {
     // SAFETY: per the contract the configurations are live for the worker's life.
     let confs: Vec<&SrvConf> = confs.iter().map(|&c| unsafe { &*c }).collect();
-    // SAFETY: a process-global set before init_process.
-    let pid = unsafe { ngx_pid } as u64;
+    let pid = my_pid() as u64;
     for g in group::groups(&confs) {
         let names: Vec<&str> = g.confs.iter().map(|c| c.name.as_str()).collect();
         let members = g

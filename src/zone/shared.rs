@@ -89,8 +89,7 @@ const CHECK_EVERY: u32 = 1024;
 impl DomainLock {
     #[inline]
     pub(super) fn lock(&self) {
-        // SAFETY: a process-global nginx sets at process start.
-        let me = unsafe { nginx_sys::ngx_pid } as i64;
+        let me = crate::process::my_pid();
         if self
             .holder
             .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
@@ -129,8 +128,7 @@ impl DomainLock {
     /// never waits for a lock it holds): frees the lock.
     fn take_back_from_dead(&self) {
         let holder = self.holder.load(Ordering::Relaxed);
-        // SAFETY: as in `lock`.
-        let me = unsafe { nginx_sys::ngx_pid } as i64;
+        let me = crate::process::my_pid();
         if holder == 0 || (holder != me && crate::process::pid_alive(holder)) {
             return;
         }
