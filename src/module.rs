@@ -197,7 +197,7 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
 /// checked upstream, its prober.
 unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     // SAFETY: process-globals nginx sets before init_process.
-    let (process, pid) = unsafe { (ngx_process, ngx_pid as i64) };
+    let (process, pid) = (unsafe { ngx_process }, crate::process::my_pid());
     if process != NGX_PROCESS_WORKER as ngx_uint_t && process != NGX_PROCESS_SINGLE as ngx_uint_t {
         return NGX_OK as ngx_int_t;
     }
@@ -210,9 +210,9 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
             zone.attach_process(pid, now);
             if conf.upsync.as_ref().is_some_and(|u| u.zookeeper.is_some()) {
                 zookeeper.push(conf as *const SrvConf);
-                continue;
+            } else {
+                http.push(conf as *const SrvConf);
             }
-            http.push(conf as *const SrvConf);
             // SAFETY: called from init_process with the running cycle, whose
             // configuration outlives the worker's probers.
             unsafe { probe::start(conf) };
