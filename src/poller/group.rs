@@ -12,8 +12,8 @@ use std::time::Instant;
 use ngx::ffi::*;
 
 use super::{Poller, Publisher};
-use crate::process::my_pid;
 use crate::driver::Side;
+use crate::process::my_pid;
 use crate::process::observe;
 use crate::srv_conf::SrvConf;
 use upsync_core::registry::consul_group::{group_indexes, share_key, KvGroup, ShareKey};

@@ -8,8 +8,8 @@
 use ngx::ffi::*;
 
 use super::Poller;
-use crate::process::my_pid;
 use crate::ngx_util::mono_ms;
+use crate::process::my_pid;
 use crate::process::{exiting, observe, pid_alive};
 use upsync_core::policy::{decide_lease, LeaseDecision};
 
