@@ -54,7 +54,7 @@ struct KeyedPeerData {
     key: ngx_str_t,
 }
 
-pub(super) fn keyed(method: Method) -> bool {
+fn keyed(method: Method) -> bool {
     matches!(
         method,
         Method::IpHash | Method::HashModula | Method::HashKetama
@@ -134,7 +134,7 @@ unsafe extern "C" fn init_peer(
             method,
             name: ngx_str_t::empty(),
         };
-        if conf.peer_keyed {
+        if keyed(method) {
             let pd = ngx_palloc(pool, size_of::<KeyedPeerData>()) as *mut KeyedPeerData;
             if pd.is_null() {
                 return NGX_ERROR as ngx_int_t;
@@ -266,7 +266,7 @@ impl PeerData {
     }
 
     fn key(&self) -> &[u8] {
-        if !self.conf().peer_keyed {
+        if !keyed(self.method) {
             return &[];
         }
         // SAFETY: a keyed method's data is a KeyedPeerData (init_peer), whose first
@@ -508,7 +508,7 @@ unsafe extern "C" fn notify_peer(
         return;
     };
     if let Some(zone) = &pd.conf().zone {
-        zone.lock().connected(ticket, mono_ms());
+        zone.lock().connected(ticket, loop_ms());
     }
 }
 

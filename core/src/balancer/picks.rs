@@ -117,6 +117,10 @@ pub fn pick_least_conn<P: Peers + ?Sized>(
 /// How many times a hash method looks for another server before falling back to round
 /// robin (nginx's limit).
 const HASH_TRIES: u32 = 20;
+const _: () = assert!(
+    HASH_TRIES < 100,
+    "a retry number is written with two digits at most"
+);
 
 /// nginx's `hash KEY` (no `consistent`): ((crc32([REHASH] KEY) >> 16) & 0x7fff) summed
 /// over attempts, modulo the total weight.
@@ -134,7 +138,13 @@ pub fn pick_hash_modula<P: Peers + ?Sized>(
     let hashes = (0..=HASH_TRIES).map(|rehash| {
         let mut h = crc32fast::Hasher::new();
         if rehash > 0 {
-            h.update(rehash.to_string().as_bytes());
+            // the retry number in decimal, as nginx's "%ui" (no allocation: at most 2 digits)
+            let digits = [b'0' + (rehash / 10) as u8, b'0' + (rehash % 10) as u8];
+            h.update(if rehash < 10 {
+                &digits[1..]
+            } else {
+                &digits[..]
+            });
         }
         h.update(key);
         hash += ((h.finalize() >> 16) & 0x7fff) as u64;
