@@ -288,7 +288,6 @@ unsafe extern "C" fn cmd_upsync(
     conf.ssl = ssl;
     conf.uscf = uscf;
     conf.name = name;
-    conf.shm_zone = shm;
     NGX_CONF_OK
 }
 

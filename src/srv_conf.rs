@@ -39,7 +39,6 @@ pub struct SrvConf {
     /// The `server` lines of the configuration (usually the included dump).
     pub initial: Vec<ServerSpec>,
     pub initialized: bool,
-    pub shm_zone: *mut ngx_shm_zone_t,
     pub zone: Option<Zone>,
     /// The shared zone the domain is in (set with `zone`).
     pub shared: Option<SharedZone>,
@@ -85,7 +84,6 @@ impl SrvConf {
             name: String::new(),
             initial: Vec::new(),
             initialized: false,
-            shm_zone: ptr::null_mut(),
             zone: None,
             shared: None,
             outcome: None,

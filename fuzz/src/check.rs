@@ -67,7 +67,6 @@ pub fn error(e: &RegistryError) {
     assert!(text.len() <= 4096, "log message of {} bytes", text.len());
 }
 
-/// A request line and headers built from state we derived: one line, no injection.
 /// The next request of a source, as the poller would send it to the first address:
 /// header lines free of control bytes (no CR/LF smuggled in by a value or a secret),
 /// and a well-formed request head.
@@ -85,6 +84,7 @@ pub fn next_request(source: &dyn Source, endpoint: &Endpoint) {
     ));
 }
 
+/// A request line and headers built from state we derived: one line, no injection.
 pub fn request(bytes: &[u8]) {
     let head_end = bytes
         .windows(4)

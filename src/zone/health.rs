@@ -450,13 +450,9 @@ impl Locked<'_> {
         (candidates, healthy)
     }
 
-    /// Each slot's health record, in set order (None: no `health_check` configured).
-    /// A slot the table does not know yet shows the state its flag says.
-    pub fn health_records(&self) -> Option<Vec<HealthRecord>> {
-        self.health_records_in(0..self.slots().len())
-    }
-
-    /// `health_records` of the slots `range` (of `slots()`): O(log n + the range).
+    /// The health records of the slots `range` (of `slots()`), in set order, in
+    /// O(log n + the range) (None: no `health_check` configured). A slot the table does
+    /// not know yet shows the state its flag says.
     pub fn health_records_in(&self, range: std::ops::Range<usize>) -> Option<Vec<HealthRecord>> {
         self.block().filter(|b| b.conf_id != 0)?;
         let entries = self.entries();

@@ -203,8 +203,8 @@ pub fn server_of(
     Ok(Some(spec))
 }
 
-/// The servers of a list of instances: one bad instance rejects them all (the policy of
-/// every registry here: partial data is never applied).
+/// The servers of a list of instances: a bad instance is skipped and reported (the
+/// policy of every registry here); the others apply.
 pub fn servers_of(instances: &[Value], clusters: &[String]) -> Result<Listing, RegistryError> {
     let mut out = Listing::default();
     for (i, inst) in instances.iter().enumerate() {
