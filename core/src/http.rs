@@ -364,6 +364,20 @@ impl ResponseParser {
     }
 }
 
+/// `s` as one URL query value or path segment: every byte but RFC 3986's unreserved
+/// ones percent-encoded (UTF-8 bytes one by one).
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for &c in s.as_bytes() {
+        if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+            out.push(c as char);
+        } else {
+            out.push_str(&format!("%{c:02X}"));
+        }
+    }
+    out
+}
+
 /// Builds a request. `extra` are complete header lines without CRLF; a non-empty body
 /// is sent as JSON with its length.
 pub fn build_request(

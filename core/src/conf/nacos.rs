@@ -91,19 +91,6 @@ pub fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// Encodes everything but RFC 3986's unreserved characters, for a query value.
-pub fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for &c in s.as_bytes() {
-        if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
-            out.push(c as char);
-        } else {
-            out.push_str(&format!("%{c:02X}"));
-        }
-    }
-    out
-}
-
 fn bad_value(param: &str, value: &str, expected: &'static str) -> ConfError {
     ConfError::NacosValue {
         param: param.to_string(),
@@ -255,6 +242,7 @@ pub fn parse(endpoint: &Endpoint, params: &[(&str, &str)]) -> Result<NacosSpec, 
 mod tests {
     use super::*;
     use crate::conf::{parse_upsync, SourceKind};
+    use crate::http::percent_encode;
 
     fn nacos(args: &[&str]) -> Result<NacosSpec, ConfError> {
         parse_upsync(args).map(|s| {

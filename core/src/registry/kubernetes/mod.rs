@@ -17,6 +17,7 @@ pub mod watch;
 #[cfg(test)]
 mod tests;
 
+use crate::http::percent_encode;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -333,19 +334,6 @@ fn status_of(body: &[u8]) -> String {
     }
 }
 
-/// `s` with every byte outside the URL-safe set percent-encoded.
-fn query_value(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 impl Source for Kubernetes {
     fn next_request(&self) -> Request {
         let mut r = match &self.watch_from {
@@ -356,7 +344,7 @@ impl Source for Kubernetes {
                     format!(
                         "{}&watch=1&resourceVersion={}&allowWatchBookmarks=true&timeoutSeconds={}",
                         self.list_path,
-                        query_value(rv),
+                        percent_encode(rv),
                         self.watch_secs
                     ),
                     self.watch_deadline_ms,

@@ -12,8 +12,9 @@ pub mod list;
 use serde_json::Value;
 
 use super::{excerpt, Listing, RegistryError, Request, Snapshot, Source};
-use crate::conf::nacos::{percent_encode, NacosApi, NacosSpec};
+use crate::conf::nacos::{NacosApi, NacosSpec};
 use crate::conf::{Credential, UpsyncSpec};
+use crate::http::percent_encode;
 use crate::http::Head;
 use crate::servers::ServerSpec;
 use list::{read_answer, servers_of, Answer, NOT_FOUND_CODES};

@@ -44,7 +44,7 @@ fn list_then_watch_requests() {
     assert!(w.timeout_is_normal);
     assert_eq!(w.timeout_ms, 60_000);
     assert_eq!(watch_timing(1000), (1, 3000));
-    assert_eq!(query_value("1/2 3"), "1%2F2%203");
+    assert_eq!(percent_encode("1/2 3"), "1%2F2%203");
 }
 
 #[test]
