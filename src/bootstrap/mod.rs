@@ -262,14 +262,7 @@ fn strong_dependency_read(
             source.as_mut(),
             3,
             timeout,
-            {
-                let u = zone.usage();
-                upsync_core::policy::response_limit(if u.budget > 0 {
-                    u.budget
-                } else {
-                    u.shared_size
-                })
-            },
+            zone.usage().response_limit(),
             &wrap,
         )
         .map_err(|e| e.to_string()),

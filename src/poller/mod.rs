@@ -216,18 +216,11 @@ impl Poller {
     /// (its `zone_size=`, else the shared zone); a group's poll may take the sum of its
     /// upstreams' limits, never more than the whole zone's.
     fn body_limit(&self) -> usize {
-        let limit = |u: crate::zone::Usage| {
-            policy::response_limit(if u.budget > 0 {
-                u.budget
-            } else {
-                u.shared_size
-            })
-        };
         let lead = self.publisher.zone.usage();
         self.members
             .iter()
-            .map(|m| limit(m.publisher.zone.usage()))
-            .fold(limit(lead), usize::saturating_add)
+            .map(|m| m.publisher.zone.usage().response_limit())
+            .fold(lead.response_limit(), usize::saturating_add)
             .min(policy::response_limit(lead.shared_size))
     }
 

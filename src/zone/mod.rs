@@ -89,6 +89,18 @@ pub struct Usage {
     pub shared_size: u64,
 }
 
+impl Usage {
+    /// The largest registry answer read for the upstream: `policy::response_limit` of
+    /// what it may use (its `zone_size=`, else the whole shared zone).
+    pub fn response_limit(&self) -> usize {
+        upsync_core::policy::response_limit(if self.budget > 0 {
+            self.budget
+        } else {
+            self.shared_size
+        })
+    }
+}
+
 /// Status kept for `upstream_show` and for a poller that takes over.
 #[repr(C)]
 pub struct SyncStatus {
