@@ -82,3 +82,12 @@ pub fn timer_events(
         ev.set_cancelable(1);
     }
 }
+
+/// Upstream names for a log prefix: `"a", "b", "c", "d" and 296 more` (four at most).
+pub fn quoted_names(names: &[&str]) -> String {
+    let shown: Vec<String> = names.iter().take(4).map(|n| format!("\"{n}\"")).collect();
+    match names.len().saturating_sub(4) {
+        0 => shown.join(", "),
+        more => format!("{} and {more} more", shown.join(", ")),
+    }
+}

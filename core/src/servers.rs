@@ -148,7 +148,11 @@ pub fn parse_addr(raw: &str) -> Result<SocketAddr, SpecError> {
     }
 }
 
-fn attr_err(key: &'static str, v: &serde_json::Value, expected: &'static str) -> SpecError {
+pub(crate) fn attr_err(
+    key: &'static str,
+    v: &serde_json::Value,
+    expected: &'static str,
+) -> SpecError {
     SpecError::Attribute {
         key,
         value: printable(&v.to_string(), 64),

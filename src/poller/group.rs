@@ -89,16 +89,9 @@ fn prefix(lead: &SrvConf, parent_path: String, names: &[&str]) -> String {
         .endpoint
         .clone();
     ep.path = parent_path;
-    let shown: Vec<String> = names.iter().take(4).map(|n| format!("\"{n}\"")).collect();
-    let more = names.len().saturating_sub(4);
     format!(
-        "upsync: consul {ep} for upstreams {}{}",
-        shown.join(", "),
-        if more > 0 {
-            format!(" and {more} more")
-        } else {
-            String::new()
-        }
+        "upsync: consul {ep} for upstreams {}",
+        crate::ngx_util::quoted_names(names)
     )
 }
 

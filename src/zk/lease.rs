@@ -38,12 +38,8 @@ impl ZkOwner {
     /// the session with (a stalled worker finds out before it reconnects).
     pub(super) fn holds_lead(&self) -> bool {
         let m = &self.members[0];
-        let l = m.publisher.zone.lock();
-        self.epoch.is_some()
-            && self.epoch == Some(l.lease_epoch())
-            && l.lease().holder == Self::me()
-            && l.fingerprint() == m.publisher.fingerprint
-            && !exiting()
+        m.publisher
+            .may_publish(&m.publisher.zone.lock(), self.epoch)
     }
 
     fn on_tick(&mut self) {

@@ -90,18 +90,11 @@ static mut OWNERS: Vec<*mut ZkOwner> = Vec::new();
 /// `zookeeper 10.0.0.1:2181,10.0.0.2:2181 for upstream "a"` (or `upstreams "a", "b"`).
 fn session_prefix(addrs: &[SocketAddr], names: &[&str]) -> String {
     let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
-    let shown: Vec<String> = names.iter().take(4).map(|n| format!("\"{n}\"")).collect();
-    let more = names.len().saturating_sub(4);
     format!(
-        "upsync: zookeeper {} for upstream{} {}{}",
+        "upsync: zookeeper {} for upstream{} {}",
         list.join(","),
         if names.len() == 1 { "" } else { "s" },
-        shown.join(", "),
-        if more > 0 {
-            format!(" and {more} more")
-        } else {
-            String::new()
-        }
+        crate::ngx_util::quoted_names(names)
     )
 }
 

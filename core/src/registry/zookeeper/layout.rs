@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde_json::Value;
 
 use super::Child;
-use crate::servers::{apply_json_attrs, parse_addr, printable, ServerSpec, SpecError};
+use crate::servers::{apply_json_attrs, attr_err, parse_addr, printable, ServerSpec, SpecError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
@@ -101,22 +101,14 @@ pub fn listing(layout: Layout, children: &[Child]) -> crate::registry::Listing {
     }
 }
 
-fn attr(key: &'static str, v: &Value, expected: &'static str) -> SpecError {
-    SpecError::Attribute {
-        key,
-        value: printable(&v.to_string(), 64),
-        expected,
-    }
-}
-
 fn port_of(key: &'static str, v: &Value) -> Result<Option<u16>, SpecError> {
     match v {
         Value::Null => Ok(None),
         Value::Number(n) => match n.as_u64() {
             Some(p) if (1..=65535).contains(&p) => Ok(Some(p as u16)),
-            _ => Err(attr(key, v, "a port number 1-65535")),
+            _ => Err(attr_err(key, v, "a port number 1-65535")),
         },
-        _ => Err(attr(key, v, "a port number 1-65535")),
+        _ => Err(attr_err(key, v, "a port number 1-65535")),
     }
 }
 
@@ -133,7 +125,7 @@ fn curator(data: &[u8]) -> Result<ServerSpec, SpecError> {
             .trim_end_matches(']')
             .parse::<IpAddr>()
             .map_err(|_| SpecError::Address(printable(s, 128)))?,
-        Some(other) => return Err(attr("address", other, "an IP address")),
+        Some(other) => return Err(attr_err("address", other, "an IP address")),
         None => return Err(SpecError::Address("(no \"address\")".into())),
     };
     let port = match obj
@@ -154,7 +146,7 @@ fn curator(data: &[u8]) -> Result<ServerSpec, SpecError> {
     match obj.get("enabled") {
         None | Some(Value::Null) | Some(Value::Bool(true)) => {}
         Some(Value::Bool(false)) => spec.down = true,
-        Some(other) => return Err(attr("enabled", other, "true or false")),
+        Some(other) => return Err(attr_err("enabled", other, "true or false")),
     }
     if let Some(payload @ Value::Object(p)) = obj.get("payload") {
         apply_json_attrs(&mut spec, payload.to_string().as_bytes())?;
