@@ -83,6 +83,22 @@ pub fn timer_events(
     }
 }
 
+/// Arms `ev` to fire in `ms`, replacing a pending time exactly (nginx's own
+/// `ngx_add_timer` keeps a pending time within 300 ms of the new one).
+pub fn arm_timer(ev: &mut ngx::ffi::ngx_event_t, ms: u64) {
+    cancel_timer(ev);
+    // SAFETY: an event of this process; nginx's timer tree is this worker's.
+    unsafe { ngx::ffi::ngx_add_timer(ev, ms as ngx::ffi::ngx_msec_t) };
+}
+
+/// Takes `ev` out of the timer tree if it is in it.
+pub fn cancel_timer(ev: &mut ngx::ffi::ngx_event_t) {
+    if ev.timer_set() != 0 {
+        // SAFETY: an event whose timer is set is in this worker's timer tree.
+        unsafe { ngx::ffi::ngx_del_timer(ev) };
+    }
+}
+
 /// Upstream names for a log prefix: `"a", "b", "c", "d" and 296 more` (four at most).
 pub fn quoted_names(names: &[&str]) -> String {
     let shown: Vec<String> = names.iter().take(4).map(|n| format!("\"{n}\"")).collect();

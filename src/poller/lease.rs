@@ -115,10 +115,7 @@ impl Poller {
     pub(super) fn shutdown(&mut self) {
         self.abort_exchange();
         for ev in [&mut self.tick, &mut self.wake] {
-            if ev.timer_set() != 0 {
-                // SAFETY: the poller's own timers.
-                unsafe { ngx_del_timer(ev) };
-            }
+            crate::ngx_util::cancel_timer(ev);
         }
         if self.epoch.take().is_some() {
             self.zone.lock().release_lease(my_pid());

@@ -249,14 +249,7 @@ impl Poller {
     }
 
     fn schedule(&mut self, delay_ms: u64) {
-        // SAFETY: the wake event belongs to this poller; nginx's timer tree is this
-        // worker's.
-        unsafe {
-            if self.wake.timer_set() != 0 {
-                ngx_del_timer(&mut self.wake);
-            }
-            ngx_add_timer(&mut self.wake, delay_ms as ngx_msec_t);
-        }
+        crate::ngx_util::arm_timer(&mut self.wake, delay_ms);
     }
 
     /// Drops the exchange in flight and the connection, so a later `start_request`
@@ -264,10 +257,7 @@ impl Poller {
     fn abort_exchange(&mut self) {
         self.conn = None;
         self.exchange = None;
-        if self.wake.timer_set() != 0 {
-            // SAFETY: as in `schedule`.
-            unsafe { ngx_del_timer(&mut self.wake) };
-        }
+        crate::ngx_util::cancel_timer(&mut self.wake);
     }
 
     fn start_request(&mut self) {

@@ -59,10 +59,7 @@ pub struct Probe {
 
 impl Drop for Probe {
     fn drop(&mut self) {
-        if self.timer.timer_set() != 0 {
-            // SAFETY: the probe's own timer, in this worker's timer tree.
-            unsafe { ngx_del_timer(&mut self.timer) };
-        }
+        crate::ngx_util::cancel_timer(&mut self.timer);
     }
 }
 

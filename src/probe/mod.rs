@@ -335,18 +335,12 @@ impl Prober {
         self.servers.clear();
         self.timetable = Timetable::default();
         self.in_flight = 0;
-        if self.wake.timer_set() != 0 {
-            // SAFETY: the prober's own timer.
-            unsafe { ngx_del_timer(&mut self.wake) };
-        }
+        crate::ngx_util::cancel_timer(&mut self.wake);
     }
 
     fn shutdown(&mut self) {
         self.drop_all();
-        if self.tick.timer_set() != 0 {
-            // SAFETY: the prober's own timer.
-            unsafe { ngx_del_timer(&mut self.tick) };
-        }
+        crate::ngx_util::cancel_timer(&mut self.tick);
         if self.epoch.take().is_some() {
             self.zone.lock().release_prober_lease(my_pid());
         }
@@ -395,10 +389,7 @@ impl Prober {
         if p.epoch.is_none() {
             return;
         }
-        if p.wake.timer_set() != 0 {
-            // SAFETY: the prober's own timer.
-            unsafe { ngx_del_timer(&mut p.wake) };
-        }
+        crate::ngx_util::cancel_timer(&mut p.wake);
         if p.in_flight < p.max_in_flight {
             if let Some(due) = p.timetable.next_due() {
                 // SAFETY: as above.

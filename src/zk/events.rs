@@ -7,7 +7,7 @@
 use ngx::ffi::*;
 
 use super::ZkOwner;
-use crate::ngx_util::mono_ms;
+use crate::ngx_util::{arm_timer, mono_ms};
 use upsync_core::registry::zookeeper::{
     listing, Child, Event, SessionEvent, WatchId, WatchMode, ZkError,
 };
@@ -78,7 +78,7 @@ impl ZkOwner {
         let due = (now + SETTLE_MS)
             .max(self.published_at.saturating_add(pause_ms))
             .min(self.settle_since.saturating_add(MAX_SETTLE_MS));
-        Self::schedule(&mut self.settle, due.saturating_sub(now));
+        arm_timer(&mut self.settle, due.saturating_sub(now));
     }
 
     /// Publishes the listings kept by `on_listing`.

@@ -8,8 +8,8 @@
 use ngx::ffi::*;
 
 use super::{Member, ZkOwner};
-use crate::ngx_util::mono_ms;
-use crate::process::{exiting, observe, pid_alive};
+use crate::ngx_util::{cancel_timer, mono_ms};
+use crate::process::{exiting, my_pid, observe, pid_alive};
 use upsync_core::policy::{decide_lease, LeaseDecision};
 use upsync_core::registry::zookeeper::Session;
 
@@ -47,7 +47,7 @@ impl ZkOwner {
             return self.shutdown();
         }
         let now = mono_ms();
-        let me = Self::me();
+        let me = my_pid();
         for i in 0..self.members.len() {
             let reaped = self.members[i]
                 .publisher
@@ -183,18 +183,18 @@ impl ZkOwner {
             m.watch = None;
             m.pending = None;
         }
-        Self::cancel(&mut self.timer);
-        Self::cancel(&mut self.retry);
-        Self::cancel(&mut self.settle);
+        cancel_timer(&mut self.timer);
+        cancel_timer(&mut self.retry);
+        cancel_timer(&mut self.settle);
     }
 
     /// Closes the session and gives the leases back so another worker takes over at
     /// once (exit, or told to stop).
     pub(super) fn shutdown(&mut self) {
         self.close_session();
-        Self::cancel(&mut self.tick);
+        cancel_timer(&mut self.tick);
         if self.epoch.take().is_some() {
-            let me = Self::me();
+            let me = my_pid();
             for m in &mut self.members {
                 if m.epoch.take().is_some() {
                     m.publisher.zone.lock().release_lease(me);

@@ -7,7 +7,7 @@ use ngx::ffi::*;
 
 use super::ZkOwner;
 use crate::driver::{Conn, ConnError, ConnEvent, ConnOwner, Recv};
-use crate::ngx_util::mono_ms;
+use crate::ngx_util::{arm_timer, cancel_timer, mono_ms};
 use upsync_core::policy::Retry;
 use upsync_core::registry::zookeeper::ZkError;
 
@@ -191,8 +191,8 @@ impl ZkOwner {
     /// Arms the timer for the session's next deadline.
     pub(super) fn arm_timer(&mut self) {
         match self.session.as_ref().and_then(|s| s.next_deadline()) {
-            Some(at) => Self::schedule(&mut self.timer, at.saturating_sub(mono_ms())),
-            None => Self::cancel(&mut self.timer),
+            Some(at) => arm_timer(&mut self.timer, at.saturating_sub(mono_ms())),
+            None => cancel_timer(&mut self.timer),
         }
     }
 
@@ -224,14 +224,14 @@ impl ZkOwner {
             // The server refused to resume an expired session (its own line came with
             // the event): the member works, a new session starts at once.
             Failure::Zk(ZkError::SessionExpired { .. }) => {
-                Self::schedule(&mut self.retry, 0);
+                arm_timer(&mut self.retry, 0);
                 return self.arm_timer();
             }
             // A server without addWatch closes the connection once; the session goes
             // on with one-shot watches at once.
             Failure::Zk(e @ ZkError::AddWatchUnsupported { .. }) => {
                 self.log(NGX_LOG_NOTICE, &e.to_string());
-                Self::schedule(&mut self.retry, 0);
+                arm_timer(&mut self.retry, 0);
                 return self.arm_timer();
             }
             _ => {}
@@ -265,7 +265,7 @@ impl ZkOwner {
         for m in &self.members {
             m.publisher.record_error(m.epoch, &msg, Some(failures));
         }
-        Self::schedule(&mut self.retry, delay);
+        arm_timer(&mut self.retry, delay);
         self.arm_timer();
     }
 }

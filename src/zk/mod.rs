@@ -237,27 +237,4 @@ impl ZkOwner {
     fn addr(&self) -> SocketAddr {
         self.addrs[self.failover.current() % self.addrs.len()]
     }
-
-    /// Arms `ev` to fire in `delay_ms` (replacing a pending time).
-    fn schedule(ev: &mut ngx_event_t, delay_ms: u64) {
-        // SAFETY: the owner's own event; nginx's timer tree is this worker's.
-        unsafe {
-            if ev.timer_set() != 0 {
-                ngx_del_timer(ev);
-            }
-            ngx_add_timer(ev, delay_ms as ngx_msec_t);
-        }
-    }
-
-    fn cancel(ev: &mut ngx_event_t) {
-        if ev.timer_set() != 0 {
-            // SAFETY: the owner's own event.
-            unsafe { ngx_del_timer(ev) };
-        }
-    }
-
-    /// This worker's pid (for the lease).
-    fn me() -> i64 {
-        my_pid()
-    }
 }
