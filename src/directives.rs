@@ -15,13 +15,6 @@ use crate::ngx_util::{pool_str, str_of};
 use crate::srv_conf::SrvConf;
 use upsync_core::conf::{parse_credential, parse_lb, parse_upsync, Target};
 
-macro_rules! conf_err {
-    ($cf:expr, $($arg:tt)+) => {{
-        ngx_conf_log_error!(NGX_LOG_EMERG, $cf, $($arg)+);
-        return NGX_CONF_ERROR;
-    }};
-}
-
 type Handler =
     unsafe extern "C" fn(*mut ngx_conf_t, *mut ngx_command_t, *mut c_void) -> *mut c_char;
 
@@ -164,9 +157,8 @@ unsafe extern "C" fn cmd_zone_size(
 /// # Safety
 /// `cf` is the configuration being parsed, positioned on a directive.
 unsafe fn args(cf: *mut ngx_conf_t) -> Vec<String> {
-    // SAFETY: per the contract `args` is an array of nginx strings.
-    let a: &[ngx_str_t] = unsafe { (*(*cf).args).as_slice() };
-    a.iter().skip(1).map(str_of).collect()
+    // SAFETY: per the contract.
+    unsafe { crate::ngx_util::conf_words(cf) }.split_off(1)
 }
 
 /// The stream upstream block being parsed.

@@ -10,6 +10,16 @@
 // no-ops on x86_64 are needed elsewhere.
 #![allow(clippy::unnecessary_cast)]
 
+/// Logs an `nginx -t` error for the directive being parsed and fails it (in a
+/// directive handler).
+#[cfg(not(test))]
+macro_rules! conf_err {
+    ($cf:expr, $($arg:tt)+) => {{
+        ngx::ngx_conf_log_error!(ngx::ffi::NGX_LOG_EMERG, $cf, $($arg)+);
+        return ngx::core::NGX_CONF_ERROR;
+    }};
+}
+
 #[cfg(not(test))]
 mod bootstrap;
 #[cfg(not(test))]

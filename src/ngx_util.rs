@@ -83,6 +83,16 @@ pub fn timer_events(
     }
 }
 
+/// The words of the directive being parsed (its name first).
+///
+/// # Safety
+/// `cf` is the configuration being parsed, positioned on a directive.
+pub unsafe fn conf_words(cf: *mut ngx::ffi::ngx_conf_t) -> Vec<String> {
+    // SAFETY: per the contract `args` is an array of nginx strings.
+    let a: &[ngx::ffi::ngx_str_t] = unsafe { (*(*cf).args).as_slice() };
+    a.iter().map(str_of).collect()
+}
+
 /// Arms `ev` to fire in `ms`, replacing a pending time exactly (nginx's own
 /// `ngx_add_timer` keeps a pending time within 300 ms of the new one).
 pub fn arm_timer(ev: &mut ngx::ffi::ngx_event_t, ms: u64) {

@@ -8,29 +8,11 @@ use std::ptr;
 
 use ngx::core::{NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::*;
-use ngx::ngx_conf_log_error;
 
 use super::conf::{HcDirective, MatchDef};
-use crate::ngx_util::{pool_str, str_of};
+use crate::ngx_util::{conf_words, pool_str, str_of};
 use crate::srv_conf::SrvConf;
 use upsync_core::health::{parse_health_check, parse_timeout, Expect, MatchBuilder};
-
-macro_rules! conf_err {
-    ($cf:expr, $($arg:tt)+) => {{
-        ngx_conf_log_error!(NGX_LOG_EMERG, $cf, $($arg)+);
-        return NGX_CONF_ERROR;
-    }};
-}
-
-/// The current directive's words (the name first).
-///
-/// # Safety
-/// `cf` is the configuration being parsed, positioned on a directive.
-unsafe fn words(cf: *mut ngx_conf_t) -> Vec<String> {
-    // SAFETY: per the contract `args` is an array of nginx strings.
-    let a: &[ngx_str_t] = unsafe { (*(*cf).args).as_slice() };
-    a.iter().map(str_of).collect()
-}
 
 /// `file:line` of the directive being parsed.
 ///
@@ -57,7 +39,7 @@ pub unsafe extern "C" fn cmd_health_check(
     // SAFETY: nginx passes our configuration of the stream server being parsed.
     let conf = unsafe { &mut *(conf as *mut SrvConf) };
     // SAFETY: positioned on this directive.
-    let (w, at) = unsafe { (words(cf), position(cf)) };
+    let (w, at) = unsafe { (conf_words(cf), position(cf)) };
     if let Some(first) = &conf.hc_directive {
         conf_err!(
             cf,
@@ -86,7 +68,7 @@ pub unsafe extern "C" fn cmd_health_check_timeout(
         return c"is duplicate".as_ptr() as *mut c_char;
     }
     // SAFETY: positioned on this directive (TAKE1).
-    let w = unsafe { words(cf) };
+    let w = unsafe { conf_words(cf) };
     match parse_timeout(&w[1]) {
         Ok(ms) => conf.hc_timeout = Some(ms),
         Err(e) => conf_err!(cf, "health_check_timeout: {e}"),
@@ -110,7 +92,7 @@ pub unsafe extern "C" fn cmd_match(
     // SAFETY: nginx passes our configuration of the `stream {}` level.
     let conf = unsafe { &mut *(conf as *mut SrvConf) };
     // SAFETY: positioned on this directive (TAKE1 with a block).
-    let (w, at) = unsafe { (words(cf), position(cf)) };
+    let (w, at) = unsafe { (conf_words(cf), position(cf)) };
     let name = w[1].clone();
     if name.is_empty() || name.contains(|c: char| c.is_whitespace() || c.is_control()) {
         conf_err!(cf, "match: invalid name \"{name}\"");
@@ -176,7 +158,7 @@ unsafe extern "C" fn match_line(
 ) -> *mut c_char {
     // SAFETY: `cmd_match` set `conf` to its `MatchParse`, alive while the block is
     // parsed; nginx positions `cf` on the line.
-    let (parse, w) = unsafe { (&mut *(conf as *mut MatchParse), words(cf)) };
+    let (parse, w) = unsafe { (&mut *(conf as *mut MatchParse), conf_words(cf)) };
     let Some((directive, rest)) = w.split_first() else {
         return NGX_CONF_ERROR;
     };
