@@ -234,7 +234,16 @@ pub fn apply_json_attrs(spec: &mut ServerSpec, value: &[u8]) -> Result<(), SpecE
         serde_json::Value::Null => return Ok(()),
         other => return Err(SpecError::NotObject(printable(&other.to_string(), 64))),
     };
-    for (k, v) in &obj {
+    apply_json_object(spec, &obj)
+}
+
+/// Applies the attributes of a JSON object already parsed (a registry value's, or the
+/// part of a larger document that carries them), as `apply_json_attrs`.
+pub fn apply_json_object(
+    spec: &mut ServerSpec,
+    obj: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), SpecError> {
+    for (k, v) in obj {
         match k.as_str() {
             "weight" => spec.weight = int_attr("weight", v, 1, MAX_WEIGHT)?,
             "max_fails" => spec.max_fails = int_attr("max_fails", v, 0, MAX_COUNT)?,

@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 
 use super::super::{excerpt, Listing, RegistryError, Skipped};
 use crate::conf::nacos::NacosApi;
-use crate::servers::{apply_json_attrs, parse_addr, ServerSpec, SpecError, MAX_MAPPED_WEIGHT};
+use crate::servers::{apply_json_object, parse_addr, ServerSpec, SpecError, MAX_MAPPED_WEIGHT};
 
 /// Nacos error codes that mean "no such service (yet)": the API exists and the service
 /// has no instances.
@@ -188,10 +188,7 @@ pub fn server_of(
                 .filter(|(k, _)| METADATA_KEYS.contains(&k.as_str()))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
-            if !picked.is_empty() {
-                let bytes = Value::Object(picked).to_string().into_bytes();
-                apply_json_attrs(&mut spec, &bytes).map_err(err)?;
-            }
+            apply_json_object(&mut spec, &picked).map_err(err)?;
         }
         Some(other) => {
             return Err(err(SpecError::NotObject(format!(

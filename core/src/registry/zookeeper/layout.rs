@@ -7,7 +7,9 @@ use std::net::{IpAddr, SocketAddr};
 use serde_json::Value;
 
 use super::Child;
-use crate::servers::{apply_json_attrs, attr_err, parse_addr, printable, ServerSpec, SpecError};
+use crate::servers::{
+    apply_json_attrs, apply_json_object, attr_err, parse_addr, printable, ServerSpec, SpecError,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
@@ -148,10 +150,10 @@ fn curator(data: &[u8]) -> Result<ServerSpec, SpecError> {
         Some(Value::Bool(false)) => spec.down = true,
         Some(other) => return Err(attr_err("enabled", other, "true or false")),
     }
-    if let Some(payload @ Value::Object(p)) = obj.get("payload") {
-        apply_json_attrs(&mut spec, payload.to_string().as_bytes())?;
-        if let Some(meta @ Value::Object(m)) = p.get("metadata") {
-            apply_json_attrs(&mut spec, meta.to_string().as_bytes())?;
+    if let Some(Value::Object(p)) = obj.get("payload") {
+        apply_json_object(&mut spec, p)?;
+        if let Some(Value::Object(m)) = p.get("metadata") {
+            apply_json_object(&mut spec, m)?;
             if let Some(Value::String(status)) = m.get("instance_status") {
                 if !status.eq_ignore_ascii_case("UP") {
                     spec.down = true;
