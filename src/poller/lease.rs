@@ -32,9 +32,9 @@ impl Poller {
         let now = mono_ms();
         let me = my_pid();
         let (epoch, same_source, reaped) = {
-            let mut l = self.zone.lock();
+            let mut l = self.publisher.zone.lock();
             let reaped = l.reap_dead(now, &mut observe);
-            let same_source = l.fingerprint() == self.fingerprint;
+            let same_source = l.fingerprint() == self.publisher.fingerprint;
             let epoch = if !same_source {
                 None // a reload gave the zone to another source: never poll this one
             } else {
@@ -118,7 +118,7 @@ impl Poller {
             crate::ngx_util::cancel_timer(ev);
         }
         if self.epoch.take().is_some() {
-            self.zone.lock().release_lease(my_pid());
+            self.publisher.zone.lock().release_lease(my_pid());
         }
         self.members_drop(true);
     }

@@ -25,7 +25,6 @@ use crate::ngx_util::cycle_log;
 use crate::ngx_util::mono_ms;
 use crate::process::{exiting, my_pid};
 use crate::srv_conf::SrvConf;
-use crate::zone::Zone;
 use upsync_core::conf::Target;
 use upsync_core::http::{build_request, ResponseParser};
 use upsync_core::policy::{self, ErrorDedup, Failover, Pacer, Rng};
@@ -54,11 +53,8 @@ const IDLE_CUT_MIN_MS: u64 = 1_000;
 
 pub struct Poller {
     conf: *const SrvConf,
-    zone: Zone,
-    /// The source this poller reads (`SrvConf::fingerprint`): it publishes only while
-    /// the zone serves the same one.
-    fingerprint: u64,
-    /// Writes what the registry answered into the zone and the dump.
+    /// Writes what the registry answered into the zone and the dump; its zone and
+    /// fingerprint (the source it reads) are the poller's, for the lease too.
     publisher: Publisher,
     source: Box<dyn Source>,
     interval_ms: u64,
@@ -118,7 +114,6 @@ unsafe fn start_with(
     interval: u64,
     members: Vec<group::Member>,
 ) {
-    let zone = conf.zone.expect("zone initialized");
     let pid = my_pid() as u64;
     let publisher = if members.is_empty() {
         Publisher::new(conf, side.clone())
@@ -127,8 +122,6 @@ unsafe fn start_with(
     };
     let p: *mut Poller = Box::into_raw(Box::new(Poller {
         conf,
-        zone,
-        fingerprint: conf.fingerprint(),
         publisher,
         source,
         interval_ms: interval,
