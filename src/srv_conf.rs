@@ -11,7 +11,7 @@ use ngx::ffi::*;
 
 use crate::probe::{HcDirective, HealthConf, MatchDef};
 use crate::zone::{InitOutcome, SharedZone, Zone};
-use upsync_core::balancer::{Method, Plan};
+use upsync_core::balancer::Method;
 use upsync_core::conf::{Credential, LbSpec, Target, UpsyncSpec};
 use upsync_core::servers::ServerSpec;
 
@@ -44,8 +44,6 @@ pub struct SrvConf {
     pub shared: Option<SharedZone>,
     /// What the zone's initialization found; committed by `init_module`.
     pub outcome: Option<InitOutcome>,
-    /// The plan of the configured servers, kept for a source switch's commit.
-    pub switch_plan: Option<Plan>,
     /// `upstream_show` is set in this (stream server) block.
     pub show: bool,
     /// The address of the stand-in `server` that lets an upsync upstream have no
@@ -87,7 +85,6 @@ impl SrvConf {
             zone: None,
             shared: None,
             outcome: None,
-            switch_plan: None,
             show: false,
             placeholder: ptr::null_mut(),
             created_dump: Vec::new(),

@@ -58,20 +58,17 @@ pub unsafe extern "C" fn init_shared(
         // SAFETY: each user is the SrvConf of an upsync upstream of this configuration,
         // which lives in its pool; one is borrowed at a time.
         let conf = unsafe { &mut *conf };
-        let plan = Plan::for_servers(&conf.initial, conf.method());
         let spec = DomainSpec {
             name: &conf.name,
             fingerprint: conf.fingerprint(),
             budget: conf.upsync.as_ref().map_or(0, |u| u.zone_size as u64),
         };
-        match Zone::init(&shared, &spec, &conf.initial, &plan) {
+        let plan = || Plan::for_servers(&conf.initial, conf.method());
+        match Zone::init(&shared, &spec, &conf.initial, plan) {
             Ok((zone, outcome)) => {
                 conf.zone = Some(zone);
                 conf.outcome = Some(outcome);
                 conf.shared = Some(shared);
-                if outcome == InitOutcome::Switch {
-                    conf.switch_plan = Some(plan);
-                }
             }
             Err(e) => {
                 let cap = if spec.budget > 0 {
@@ -149,7 +146,8 @@ pub fn commit(
             replan(log, conf, zone);
         }
         Some(InitOutcome::Switch) => {
-            let plan = conf.switch_plan.take().unwrap_or_default();
+            // the same plan the zone's initialization sized the reserve with
+            let plan = Plan::for_servers(&conf.initial, conf.method());
             match zone.commit_switch(conf.fingerprint(), &conf.initial, &plan) {
                 Ok(()) => {
                     ngx_log_error!(

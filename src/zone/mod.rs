@@ -239,13 +239,14 @@ impl Drop for Locked<'_> {
 
 impl Zone {
     /// Sets up the domain of one upstream while nginx reads a configuration (master),
-    /// and prepares it for `initial` (the configured servers) with `plan` built for
-    /// them. Never changes what running workers see (see the module comment).
+    /// and prepares it for `initial` (the configured servers) with the plan `plan`
+    /// builds for them, only when it is needed (not for a domain kept as it is). Never
+    /// changes what running workers see (see the module comment).
     pub fn init(
         shared: &SharedZone,
         spec: &DomainSpec,
         initial: &[ServerSpec],
-        plan: &Plan,
+        plan: impl FnOnce() -> Plan,
     ) -> Result<(Zone, InitOutcome), ZoneError> {
         let full = ZoneError::Full {
             servers: initial.len(),
@@ -260,7 +261,8 @@ impl Zone {
         l.hdr.budget = spec.budget;
         if created {
             l.hdr.fingerprint = spec.fingerprint;
-            let block = l.alloc_plan(plan)?;
+            // a new domain: no other process uses it yet
+            let block = l.alloc_plan(&plan())?;
             l.publish(initial, block, None)?;
             return Ok((zone, InitOutcome::Fresh));
         }
@@ -270,7 +272,10 @@ impl Zone {
         if l.hdr.fingerprint == spec.fingerprint && !l.hdr.set_foreign && !l.hdr.set.is_null() {
             return Ok((zone, InitOutcome::Kept));
         }
-        l.reserve(initial.len(), plan.flat_words())?;
+        // the plan is built outside the lock running workers take for each connection
+        drop(l);
+        let words = plan().flat_words();
+        zone.lock().reserve(initial.len(), words)?;
         Ok((zone, InitOutcome::Switch))
     }
 
