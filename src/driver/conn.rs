@@ -313,22 +313,8 @@ impl Conn {
                 let c = self.c();
                 // SAFETY: the live connection's write event and socket.
                 let err = unsafe {
-                    if (*(*c).write).timer_set() != 0 {
-                        ngx_del_timer((*c).write);
-                    }
-                    let mut err: libc::c_int = 0;
-                    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-                    if libc::getsockopt(
-                        (*c).fd,
-                        libc::SOL_SOCKET,
-                        libc::SO_ERROR,
-                        &mut err as *mut _ as *mut c_void,
-                        &mut len,
-                    ) == -1
-                    {
-                        err = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-                    }
-                    err
+                    crate::ngx_util::cancel_timer(&mut *(*c).write);
+                    super::io::so_error((*c).fd)
                 };
                 if err != 0 {
                     let why = std::io::Error::from_raw_os_error(err).to_string();

@@ -39,3 +39,24 @@ pub unsafe fn send_pending(c: *mut ngx_connection_t, buf: &mut [u8], sent: &mut 
     }
     Sent::All
 }
+
+/// The pending error of socket `fd` (SO_ERROR; 0: none), or getsockopt's own error.
+pub fn so_error(fd: libc::c_int) -> i32 {
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most one c_int into `err`; a bad fd is an error.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            &mut err as *mut _ as *mut std::ffi::c_void,
+            &mut len,
+        )
+    };
+    if rc == -1 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    } else {
+        err
+    }
+}

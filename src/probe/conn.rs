@@ -165,23 +165,8 @@ impl ProbeConn {
 
     /// The pending error of the socket (SO_ERROR; 0: none).
     pub fn so_error(&self) -> i32 {
-        let mut err: libc::c_int = 0;
-        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: the connection's live socket; getsockopt writes one c_int.
-        let rc = unsafe {
-            libc::getsockopt(
-                (*self.c()).fd,
-                libc::SOL_SOCKET,
-                libc::SO_ERROR,
-                &mut err as *mut _ as *mut c_void,
-                &mut len,
-            )
-        };
-        if rc == -1 {
-            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-        } else {
-            err
-        }
+        // SAFETY: the connection is live.
+        crate::driver::io::so_error(unsafe { (*self.c()).fd })
     }
 
     /// Sends `buf[*sent..]`. Ok(true): all out; Ok(false): the socket is full (the write
