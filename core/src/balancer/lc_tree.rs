@@ -60,7 +60,7 @@ impl LcNode {
 
     /// A server's leaf at time `now` (seconds).
     fn leaf(p: &PeerState, now: i64) -> LcNode {
-        if p.down || p.unhealthy || (p.max_conns > 0 && p.conns >= p.max_conns) {
+        if p.blocked() {
             return LcNode::EMPTY;
         }
         if let Some(until) = p.failed_until(now) {

@@ -72,16 +72,16 @@ impl PeerState {
         )
     }
 
+    /// Out of the choice whatever the time: down, unhealthy, or at its `max_conns`.
+    #[inline]
+    pub fn blocked(&self) -> bool {
+        self.down || self.unhealthy || (self.max_conns > 0 && self.conns >= self.max_conns)
+    }
+
     /// Whether the peer may take a new connection at time `now` (seconds).
     #[inline]
     pub fn available(&self, now: i64) -> bool {
-        if self.down || self.unhealthy || self.failed_until(now).is_some() {
-            return false;
-        }
-        if self.max_conns > 0 && self.conns >= self.max_conns {
-            return false;
-        }
-        true
+        !self.blocked() && self.failed_until(now).is_none()
     }
 
     /// The peer was chosen: open a new failure window if the last one expired (nginx).
@@ -105,13 +105,14 @@ impl PeerState {
             if self.effective_weight < 0 {
                 self.effective_weight = 0;
             }
-        } else if self.accessed < self.checked {
-            self.fails = 0;
+        } else {
+            self.connected();
         }
         self.conns = self.conns.saturating_sub(1);
     }
 
     /// A connection to the peer succeeded: a server that was failing is live again.
+    #[inline]
     pub fn connected(&mut self) {
         if self.accessed < self.checked {
             self.fails = 0;
