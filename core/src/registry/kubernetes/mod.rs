@@ -181,6 +181,7 @@ impl Kubernetes {
             return;
         }
         let (events, err) = watch::read_events(body, &mut self.scanned);
+        let read = events.len();
         for ev in events {
             self.events += 1;
             match ev {
@@ -222,6 +223,9 @@ impl Kubernetes {
         }
         if let (Some(e), None) = (err, &self.end) {
             self.end = Some(End::Failed(RegistryError::Json(e)));
+        }
+        if read == 0 {
+            return; // no event in this piece of the stream: the set is as applied
         }
         let now = self.merged();
         if now != self.applied {
