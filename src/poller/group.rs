@@ -45,18 +45,9 @@ impl Member {
     /// it had to be taken anew (another worker wrote the zone meanwhile). A zone that
     /// serves another source now is left alone.
     fn hold(&mut self, me: i64, until: u64) -> bool {
-        let mut l = self.publisher.zone.lock();
-        if l.fingerprint() != self.publisher.fingerprint {
-            self.epoch = None;
-            return false;
-        }
-        if l.lease().holder == me && self.epoch == Some(l.lease_epoch()) {
-            l.renew_lease(until);
-            false
-        } else {
-            self.epoch = Some(l.take_lease(me, until));
-            true
-        }
+        let (epoch, taken) = self.publisher.hold(self.epoch, me, until);
+        self.epoch = epoch;
+        taken
     }
 
     /// Its part of an answer did not change: only the status moves on.

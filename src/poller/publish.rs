@@ -95,6 +95,23 @@ impl Publisher {
         }
     }
 
+    /// Takes or renews the lease of this upstream's zone for `me` until `until`, for
+    /// a worker that holds it under `epoch` (if any): returns the epoch (None when the
+    /// zone serves another source now) and whether it had to be taken anew (another
+    /// worker wrote the zone meanwhile).
+    pub fn hold(&self, epoch: Option<u64>, me: i64, until: u64) -> (Option<u64>, bool) {
+        let mut l = self.zone.lock();
+        if l.fingerprint() != self.fingerprint {
+            return (None, false);
+        }
+        if l.lease().holder == me && epoch == Some(l.lease_epoch()) {
+            l.renew_lease(until);
+            (epoch, false)
+        } else {
+            (Some(l.take_lease(me, until)), true)
+        }
+    }
+
     pub fn may_publish(&self, l: &Locked<'_>, epoch: Option<u64>) -> bool {
         may_publish(l, epoch, self.fingerprint)
     }

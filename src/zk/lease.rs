@@ -7,7 +7,7 @@
 
 use ngx::ffi::*;
 
-use super::{Member, ZkOwner};
+use super::ZkOwner;
 use crate::ngx_util::{cancel_timer, mono_ms};
 use crate::process::{exiting, my_pid, observe, pid_alive};
 use upsync_core::policy::{decide_lease, LeaseDecision};
@@ -16,21 +16,6 @@ use upsync_core::registry::zookeeper::Session;
 pub(super) unsafe extern "C" fn tick_handler(ev: *mut ngx_event_t) {
     // SAFETY: the tick event's data is its owner (set in `start`).
     unsafe { (*((*ev).data as *mut ZkOwner)).on_tick() };
-}
-
-/// Takes or renews the lease of a member's zone for `me`; returns the epoch (None when
-/// the zone serves another source now) and whether it had to be taken anew.
-fn hold_member(m: &Member, me: i64, until: u64) -> (Option<u64>, bool) {
-    let mut l = m.publisher.zone.lock();
-    if l.fingerprint() != m.publisher.fingerprint {
-        return (None, false);
-    }
-    if l.lease().holder == me && m.epoch == Some(l.lease_epoch()) {
-        l.renew_lease(until);
-        (m.epoch, false)
-    } else {
-        (Some(l.take_lease(me, until)), true)
-    }
 }
 
 impl ZkOwner {
@@ -91,8 +76,8 @@ impl ZkOwner {
                 }
                 self.epoch = Some(e);
                 self.members[0].epoch = Some(e);
-                for i in 1..self.members.len() {
-                    self.members[i].epoch = hold_member(&self.members[i], me, until).0;
+                for m in &mut self.members[1..] {
+                    m.epoch = m.publisher.hold(m.epoch, me, until).0;
                 }
                 self.log(
                     NGX_LOG_INFO,
@@ -102,8 +87,9 @@ impl ZkOwner {
             }
             (_, Some(_)) => {
                 for i in 1..self.members.len() {
-                    let (epoch, taken) = hold_member(&self.members[i], me, until);
-                    self.members[i].epoch = epoch;
+                    let m = &mut self.members[i];
+                    let (epoch, taken) = m.publisher.hold(m.epoch, me, until);
+                    m.epoch = epoch;
                     if taken && epoch.is_some() {
                         // another worker wrote this zone meanwhile: read it again
                         self.rewatch(i);
