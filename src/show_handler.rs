@@ -13,7 +13,7 @@ use ngx::ffi::*;
 use crate::driver::io::{send_pending, Sent};
 use crate::srv_conf::ctx_index;
 use crate::status::Live;
-use upsync_core::show::{parse_request, Renderer, ShowRequest};
+use upsync_core::show::{parse_request, Renderer};
 
 const REQUEST_WAIT_MS: ngx_msec_t = 1_000;
 const SEND_TIMEOUT_MS: ngx_msec_t = 10_000;
@@ -176,11 +176,7 @@ fn respond(ctx: &mut ShowCtx) {
         .iter()
         .position(|&b| b == b'\n')
         .unwrap_or(ctx.request.len());
-    let req = if ctx.request.is_empty() {
-        ShowRequest::default()
-    } else {
-        parse_request(&ctx.request[..line_end])
-    };
+    let req = parse_request(&ctx.request[..line_end]);
     ctx.request = Vec::new();
     ctx.renderer = Some(Renderer::new(&req, &mut Live::new(), SLICE));
     ctx.responded = true;

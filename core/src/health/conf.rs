@@ -234,7 +234,6 @@ pub fn parse_expect(args: &[&str]) -> Result<Expect, HealthConfError> {
 pub struct MatchBuilder {
     rule: MatchRule,
     send_seen: bool,
-    expect_seen: bool,
 }
 
 impl MatchBuilder {
@@ -246,7 +245,6 @@ impl MatchBuilder {
                 expect: None,
             },
             send_seen: false,
-            expect_seen: false,
         }
     }
 
@@ -264,11 +262,10 @@ impl MatchBuilder {
                 self.send_seen = true;
             }
             "expect" => {
-                if self.expect_seen {
+                if self.rule.expect.is_some() {
                     return Err(HealthConfError::Duplicate("expect".into()));
                 }
                 self.rule.expect = Some(parse_expect(args)?);
-                self.expect_seen = true;
             }
             other => return Err(HealthConfError::MatchDirective(other.to_string())),
         }

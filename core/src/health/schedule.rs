@@ -58,12 +58,8 @@ impl<K: Ord + Hash + Copy> Timetable<K> {
         // keep stale entries from piling up when keys are re-added often
         if self.heap.len() > 2 * self.live.len() + 64 {
             let live = &self.live;
-            let kept: Vec<_> = self
-                .heap
-                .drain()
-                .filter(|Reverse((_, s, k))| live.get(k) == Some(s))
-                .collect();
-            self.heap = kept.into_iter().collect();
+            self.heap
+                .retain(|Reverse((_, s, k))| live.get(k) == Some(s));
         }
     }
 
