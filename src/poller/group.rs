@@ -115,11 +115,7 @@ pub unsafe fn start_all(confs: &[*const SrvConf]) {
             Some(source) => {
                 let lead = group[0];
                 let names: Vec<&str> = group.iter().map(|c| c.name.as_str()).collect();
-                let path = lead.upsync.as_ref().map_or(String::new(), |u| {
-                    let base = u.endpoint.path.find("/v1/kv/").map_or(0, |i| i + 7);
-                    format!("{}{}", &u.endpoint.path[..base], source.parent())
-                });
-                let side = Side::new(prefix(lead, path, &names));
+                let side = Side::new(prefix(lead, source.path().to_string(), &names));
                 let interval = group
                     .iter()
                     .filter_map(|c| c.upsync.as_ref().map(|u| u.interval_ms))

@@ -55,6 +55,13 @@ pub fn turned_away_message(addr: impl std::fmt::Display) -> String {
     )
 }
 
+/// A KV path split after its `/v1/kv/`: (the path up to and with it, the key prefix
+/// below it); None for a path that is not a KV read.
+pub fn split_kv_path(path: &str) -> Option<(&str, &str)> {
+    let at = path.find("/v1/kv/")? + "/v1/kv/".len();
+    Some(path.split_at(at))
+}
+
 pub struct Consul {
     kind: SourceKind,
     path: String,
@@ -86,10 +93,7 @@ impl Consul {
     pub fn new(spec: &UpsyncSpec) -> Consul {
         let (wait_ms, deadline_ms) = wait_and_deadline(spec.timeout_ms);
         let path = spec.endpoint.path.clone();
-        let kv_prefix = path
-            .find("/v1/kv/")
-            .map(|i| path[i + "/v1/kv/".len()..].to_string())
-            .unwrap_or_default();
+        let kv_prefix = split_kv_path(&path).map_or(String::new(), |(_, p)| p.to_string());
         Consul {
             kind: spec.kind,
             path,
@@ -171,10 +175,15 @@ impl Consul {
     /// Reads the KV prefix `prefix` (below /v1/kv/, with its trailing slash) instead
     /// of the configured one: a Consul KV group reads its members' parent.
     pub fn with_kv_prefix(mut self, prefix: &str) -> Consul {
-        let base = self.path.find("/v1/kv/").map_or(0, |i| i + "/v1/kv/".len());
-        self.path = format!("{}{prefix}", &self.path[..base]);
+        let base = split_kv_path(&self.path).map_or("", |(b, _)| b);
+        self.path = format!("{base}{prefix}");
         self.kv_prefix = prefix.to_string();
         self
+    }
+
+    /// The path read (`.../v1/kv/PREFIX`).
+    pub fn path(&self) -> &str {
+        &self.path
     }
 
     /// The KV prefix read, below /v1/kv/ (with its trailing slash).

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
-use super::consul::{kv_entries, kv_listing, Consul, KvEntry};
+use super::consul::{kv_entries, kv_listing, split_kv_path, Consul, KvEntry};
 use super::{Part, RegistryError, Request, Snapshot, Source};
 use crate::conf::{Credential, HostPort, SourceKind, TlsSpec, UpsyncSpec};
 use crate::http::Head;
@@ -48,13 +48,12 @@ pub fn share_key(spec: &UpsyncSpec, cred: Option<&Credential>) -> Option<ShareKe
     if spec.kind != SourceKind::ConsulKv {
         return None;
     }
-    let path = &spec.endpoint.path;
-    let at = path.find("/v1/kv/")? + "/v1/kv/".len();
-    let parent = parent_of(&path[at..])?;
+    let (base, prefix) = split_kv_path(&spec.endpoint.path)?;
+    let parent = parent_of(prefix)?;
     Some(ShareKey {
         hosts: spec.endpoint.hosts.clone(),
         https: spec.endpoint.tls,
-        base: path[..at].to_string(),
+        base: base.to_string(),
         parent: parent.to_string(),
         query: spec.endpoint.query.clone(),
         tls: spec.tls.clone(),
@@ -136,7 +135,7 @@ impl KvGroup {
         spec.timeout_ms = specs.iter().map(|s| s.timeout_ms).min()?;
         let prefixes: Vec<String> = specs
             .iter()
-            .map(|s| Consul::new(s).kv_prefix().to_string())
+            .map(|s| split_kv_path(&s.endpoint.path).map_or(String::new(), |(_, p)| p.into()))
             .collect();
         Some(KvGroup {
             consul: Consul::new(&spec)
@@ -151,6 +150,11 @@ impl KvGroup {
     /// The parent prefix read.
     pub fn parent(&self) -> &str {
         self.consul.kv_prefix()
+    }
+
+    /// The path read (`.../v1/kv/PARENT`).
+    pub fn path(&self) -> &str {
+        self.consul.path()
     }
 }
 
