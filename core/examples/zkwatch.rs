@@ -73,7 +73,7 @@ fn parse_args() -> Opts {
                     _ => usage(),
                 }
             }
-            "--layout" => layout = Layout::from_name(&val()).unwrap_or_else(|| usage()),
+            "--layout" => layout = Layout::parse(&val()).unwrap_or_else(|| usage()),
             "--duration" => duration = val().parse().unwrap_or_else(|_| usage()),
             "--print-children" => print_children = val().parse().unwrap_or_else(|_| usage()),
             _ if a.starts_with("--") => usage(),

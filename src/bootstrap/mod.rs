@@ -268,7 +268,7 @@ fn strong_dependency_read(
             &conf.addrs.iter().map(|t| t.addr).collect::<Vec<_>>(),
             &ZkConfig::for_upsync(zk, conf.credential.as_ref()),
             &zk.server_path,
-            zk.layout.into(),
+            zk.layout,
             3,
             timeout,
         )

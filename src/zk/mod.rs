@@ -122,7 +122,7 @@ pub unsafe fn start(confs: &[*const SrvConf]) {
                 Member {
                     name: c.name.clone(),
                     path: zk.server_path.clone(),
-                    layout: zk.layout.into(),
+                    layout: zk.layout,
                     publisher: Publisher::new(c, side.clone()),
                     side,
                     epoch: None,

@@ -13,10 +13,25 @@ use super::{parse_endpoint, ConfError, Endpoint};
 /// How the children of the watched znode describe servers (`zk_layout=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ZkLayout {
-    /// Children named `IP:PORT`, their data empty or a JSON object of attributes.
+    /// The child's name is the server address, `IP:PORT` or `[IPv6]:PORT` (`%3A` for the
+    /// colon is accepted too). Its data is empty (all defaults) or the same JSON object
+    /// as a Consul KV value: `{"weight":2, "max_fails":3, "fail_timeout":"10s",
+    /// "max_conns":100, "down":0, "backup":0, "slow_start":"30s"}`.
     #[default]
     IpPort,
-    /// Apache Curator / Spring Cloud ServiceDiscovery instances (JSON data).
+    /// The child's name is an instance id and its data a Curator `ServiceInstance`
+    /// (Apache Curator / Spring Cloud ServiceDiscovery):
+    /// `{"name","id","address","port","sslPort","payload","enabled",...}`.
+    ///
+    /// - address: `address`, which must be an IP literal (host names are not resolved);
+    /// - port: `port`, or `sslPort` when `port` is absent or null;
+    /// - `"enabled": false` (Curator 5) makes the server `down`;
+    /// - when `payload` is a JSON object, its server attributes (the `IpPort` keys:
+    ///   weight, max_fails, fail_timeout, max_conns, down, backup, slow_start) apply,
+    ///   then those of `payload.metadata` (Spring Cloud's `ZookeeperInstance` keeps its
+    ///   metadata there, as strings: `"weight": "5"` works); other keys are ignored;
+    /// - `payload.metadata.instance_status` other than `UP` (Spring Cloud's
+    ///   `OUT_OF_SERVICE`, `DOWN`) makes the server `down`.
     Curator,
 }
 

@@ -11,47 +11,7 @@ use crate::servers::{
     apply_json_attrs, apply_json_object, attr_err, parse_addr, printable, ServerSpec, SpecError,
 };
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
-    /// The child's name is the server address, `IP:PORT` or `[IPv6]:PORT` (`%3A` for the
-    /// colon is accepted too). Its data is empty (all defaults) or the same JSON object
-    /// as a Consul KV value: `{"weight":2, "max_fails":3, "fail_timeout":"10s",
-    /// "max_conns":100, "down":0, "backup":0, "slow_start":"30s"}`.
-    IpPort,
-    /// The child's name is an instance id and its data a Curator `ServiceInstance`:
-    /// `{"name","id","address","port","sslPort","payload","enabled",...}`.
-    ///
-    /// - address: `address`, which must be an IP literal (host names are not resolved);
-    /// - port: `port`, or `sslPort` when `port` is absent or null;
-    /// - `"enabled": false` (Curator 5) makes the server `down`;
-    /// - when `payload` is a JSON object, its server attributes (the `IpPort` keys:
-    ///   weight, max_fails, fail_timeout, max_conns, down, backup, slow_start) apply,
-    ///   then those of `payload.metadata` (Spring Cloud's `ZookeeperInstance` keeps its
-    ///   metadata there, as strings: `"weight": "5"` works); other keys are ignored;
-    /// - `payload.metadata.instance_status` other than `UP` (Spring Cloud's
-    ///   `OUT_OF_SERVICE`, `DOWN`) makes the server `down`.
-    Curator,
-}
-
-impl From<crate::conf::zookeeper::ZkLayout> for Layout {
-    fn from(l: crate::conf::zookeeper::ZkLayout) -> Layout {
-        match l {
-            crate::conf::zookeeper::ZkLayout::IpPort => Layout::IpPort,
-            crate::conf::zookeeper::ZkLayout::Curator => Layout::Curator,
-        }
-    }
-}
-
-impl Layout {
-    /// `ip_port` (also `ipport`) or `curator`.
-    pub fn from_name(name: &str) -> Option<Layout> {
-        match name {
-            "ip_port" | "ipport" => Some(Layout::IpPort),
-            "curator" => Some(Layout::Curator),
-            _ => None,
-        }
-    }
-}
+pub use crate::conf::zookeeper::ZkLayout as Layout;
 
 /// A child that does not describe a server, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -315,8 +275,8 @@ mod tests {
 
     #[test]
     fn layout_names() {
-        assert_eq!(Layout::from_name("ip_port"), Some(Layout::IpPort));
-        assert_eq!(Layout::from_name("curator"), Some(Layout::Curator));
-        assert_eq!(Layout::from_name("dubbo"), None);
+        assert_eq!(Layout::parse("ip_port"), Some(Layout::IpPort));
+        assert_eq!(Layout::parse("curator"), Some(Layout::Curator));
+        assert_eq!(Layout::parse("dubbo"), None);
     }
 }
