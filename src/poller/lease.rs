@@ -10,8 +10,7 @@ use ngx::ffi::*;
 use super::Poller;
 use crate::ngx_util::mono_ms;
 use crate::process::my_pid;
-use crate::process::{exiting, observe, pid_alive};
-use upsync_core::policy::{decide_lease, LeaseDecision};
+use crate::process::{exiting, observe};
 
 /// For the first `FAST_TICKS_FOR_MS` of a worker, a poller that does not hold the lease
 /// looks again every `FAST_TICK_MS` (after a reload the old holder gives the lease back
@@ -38,14 +37,7 @@ impl Poller {
             let epoch = if !same_source {
                 None // a reload gave the zone to another source: never poll this one
             } else {
-                match decide_lease(l.lease(), me, now, pid_alive) {
-                    LeaseDecision::Renew => {
-                        l.renew_lease(now + self.lease_ms);
-                        Some(l.lease_epoch())
-                    }
-                    LeaseDecision::Take => Some(l.take_lease(me, now + self.lease_ms)),
-                    LeaseDecision::Wait => None,
-                }
+                l.elect(me, now, now + self.lease_ms)
             };
             (epoch, same_source, reaped)
         };

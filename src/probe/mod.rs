@@ -21,7 +21,7 @@ use ngx::ffi::*;
 use ngx::ngx_log_error;
 
 use crate::ngx_util::{cycle_log, mono_ms, wall_ms};
-use crate::process::{exiting, my_pid, pid_alive};
+use crate::process::{exiting, my_pid};
 use crate::srv_conf::SrvConf;
 use crate::zone::{HealthCommit, InitOutcome, Locked, Probed, Zone};
 use check::{CheckSpec, Outcome, Probe};
@@ -29,7 +29,7 @@ use conn::QuietLog;
 use upsync_core::health::{
     first_due, next_due, Change, HealthState, ProbeFailure, Thresholds, Timetable,
 };
-use upsync_core::policy::{self, decide_lease, LeaseDecision, Rng};
+use upsync_core::policy::{self, Rng};
 
 pub use conf::{HcDirective, HealthConf, MatchDef};
 pub use directives::{cmd_health_check, cmd_health_check_timeout, cmd_match};
@@ -206,18 +206,10 @@ impl Prober {
         let me = my_pid();
         let (epoch, sync) = {
             let mut l = self.zone.lock();
-            let (lease, conf_id) = l.prober_lease();
-            let epoch = if conf_id != self.conf_id {
+            let epoch = if l.prober_lease().1 != self.conf_id {
                 None // the committed configuration is another one (a reload)
             } else {
-                match decide_lease(lease, me, now, pid_alive) {
-                    LeaseDecision::Renew => {
-                        l.renew_prober_lease(now + self.lease_ms);
-                        Some(l.prober_epoch())
-                    }
-                    LeaseDecision::Take => Some(l.take_prober_lease(me, now + self.lease_ms)),
-                    LeaseDecision::Wait => None,
-                }
+                l.elect_prober(me, now, now + self.lease_ms)
             };
             let fresh = epoch.is_some() && epoch != self.epoch;
             let sync = match epoch {

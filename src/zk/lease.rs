@@ -9,8 +9,7 @@ use ngx::ffi::*;
 
 use super::ZkOwner;
 use crate::ngx_util::{cancel_timer, mono_ms};
-use crate::process::{exiting, my_pid, observe, pid_alive};
-use upsync_core::policy::{decide_lease, LeaseDecision};
+use crate::process::{exiting, my_pid, observe};
 use upsync_core::registry::zookeeper::Session;
 
 pub(super) unsafe extern "C" fn tick_handler(ev: *mut ngx_event_t) {
@@ -57,14 +56,7 @@ impl ZkOwner {
             if l.fingerprint() != m.publisher.fingerprint {
                 None // a reload gave the zone to another source
             } else {
-                match decide_lease(l.lease(), me, now, pid_alive) {
-                    LeaseDecision::Renew => {
-                        l.renew_lease(until);
-                        Some(l.lease_epoch())
-                    }
-                    LeaseDecision::Take => Some(l.take_lease(me, until)),
-                    LeaseDecision::Wait => None,
-                }
+                l.elect(me, now, until)
             }
         };
         match (self.epoch, lead) {

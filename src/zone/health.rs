@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::ptr;
 
 use upsync_core::health::{AddrKey, Change, Health, HealthState, Thresholds};
-use upsync_core::policy::Lease;
+use upsync_core::policy::{decide_lease, Lease, LeaseDecision};
 
 use super::set::Slot;
 use super::{Locked, ZoneError};
@@ -341,6 +341,18 @@ impl Locked<'_> {
         b.until_ms = until_ms;
         b.epoch += 1;
         b.epoch
+    }
+
+    /// The prober election of `me` at `now`, as `Locked::elect` for the poller's lease.
+    pub fn elect_prober(&mut self, me: i64, now: u64, until_ms: u64) -> Option<u64> {
+        match decide_lease(self.prober_lease().0, me, now, crate::process::pid_alive) {
+            LeaseDecision::Renew => {
+                self.renew_prober_lease(until_ms);
+                Some(self.prober_epoch())
+            }
+            LeaseDecision::Take => Some(self.take_prober_lease(me, until_ms)),
+            LeaseDecision::Wait => None,
+        }
     }
 
     pub fn renew_prober_lease(&mut self, until_ms: u64) {

@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use nginx_sys::ngx_slab_pool_t;
 use upsync_core::balancer::{LcNode, LcTree, Method, Plan, PlanView};
-use upsync_core::policy::Lease;
+use upsync_core::policy::{decide_lease, Lease, LeaseDecision};
 use upsync_core::servers::ServerSpec;
 
 pub use health::{HealthCommit, HealthRecord, Probed};
@@ -467,6 +467,20 @@ impl Locked<'_> {
     /// Extends the lease its holder keeps.
     pub fn renew_lease(&mut self, until_ms: u64) {
         self.hdr.lease_until_ms = until_ms;
+    }
+
+    /// The election of `me` at `now` (`policy::decide_lease`): renews or takes the
+    /// lease until `until_ms`; the epoch held, or None while another live process
+    /// holds it.
+    pub fn elect(&mut self, me: i64, now: u64, until_ms: u64) -> Option<u64> {
+        match decide_lease(self.lease(), me, now, crate::process::pid_alive) {
+            LeaseDecision::Renew => {
+                self.renew_lease(until_ms);
+                Some(self.lease_epoch())
+            }
+            LeaseDecision::Take => Some(self.take_lease(me, until_ms)),
+            LeaseDecision::Wait => None,
+        }
     }
 
     /// Gives the lease back, if `pid` holds it.
