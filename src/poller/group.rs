@@ -5,6 +5,7 @@
 //! checks its own zone); what an answer brings each member (published through its own
 //! `Publisher` only when its part changed) and what a failure records in each status.
 
+use crate::zone::reaped_line;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Instant;
@@ -159,14 +160,8 @@ impl Poller {
     pub(super) fn members_reap(&self, now: u64) {
         for m in &self.members {
             let reaped = m.publisher.zone.lock().reap_dead(now, &mut observe);
-            if reaped.0 > 0 {
-                m.side.error_log(
-                    NGX_LOG_NOTICE,
-                    &format!(
-                        "released {} session(s) held by {} exited worker process(es)",
-                        reaped.1, reaped.0
-                    ),
-                );
+            if let Some(line) = reaped_line(reaped) {
+                m.side.error_log(NGX_LOG_NOTICE, &line);
             }
         }
     }

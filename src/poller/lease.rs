@@ -5,6 +5,7 @@
 //! zone only while that epoch holds. A group's poller does this for its lead's zone,
 //! and the holder takes the members' leases along (`group`).
 
+use crate::zone::reaped_line;
 use ngx::ffi::*;
 
 use super::Poller;
@@ -42,14 +43,8 @@ impl Poller {
             (epoch, same_source, reaped)
         };
         self.members_reap(now);
-        if reaped.0 > 0 {
-            self.log(
-                NGX_LOG_NOTICE,
-                &format!(
-                    "released {} session(s) held by {} exited worker process(es)",
-                    reaped.1, reaped.0
-                ),
-            );
+        if let Some(line) = reaped_line(reaped) {
+            self.log(NGX_LOG_NOTICE, &line);
         }
         match (self.epoch, epoch) {
             (held, Some(e)) if held != Some(e) => {

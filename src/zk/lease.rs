@@ -5,6 +5,7 @@
 //! the lease opens a new session and reads everything; one that loses it closes its
 //! session at once. Ticks also reclaim what dead processes' sessions held in each zone.
 
+use crate::zone::reaped_line;
 use ngx::ffi::*;
 
 use super::ZkOwner;
@@ -38,15 +39,8 @@ impl ZkOwner {
                 .zone
                 .lock()
                 .reap_dead(now, &mut observe);
-            if reaped.0 > 0 {
-                self.member_log(
-                    i,
-                    NGX_LOG_NOTICE,
-                    &format!(
-                        "released {} session(s) held by {} exited worker process(es)",
-                        reaped.1, reaped.0
-                    ),
-                );
+            if let Some(line) = reaped_line(reaped) {
+                self.member_log(i, NGX_LOG_NOTICE, &line);
             }
         }
         let until = now + self.lease_ms;

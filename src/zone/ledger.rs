@@ -370,3 +370,10 @@ impl Locked<'_> {
         n
     }
 }
+
+/// The log line for what `reap_dead` reclaimed, if anything.
+pub fn reaped_line((procs, sessions): (u32, u64)) -> Option<String> {
+    (procs > 0).then(|| {
+        format!("released {sessions} session(s) held by {procs} exited worker process(es)")
+    })
+}

@@ -40,7 +40,7 @@ use upsync_core::policy::{decide_lease, Lease, LeaseDecision};
 use upsync_core::servers::ServerSpec;
 
 pub use health::{HealthCommit, HealthRecord, Probed};
-pub use ledger::Ticket;
+pub use ledger::{reaped_line, Ticket};
 
 pub use set::{sockaddr_of, Slot, NAME_MAX};
 
