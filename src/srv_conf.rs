@@ -27,8 +27,11 @@ pub struct SrvConf {
     pub ssl: *mut c_void,
     pub dump_path: Option<String>,
     pub lb: Option<LbSpec>,
-    /// The balancing method, as the per-connection path reads it (set with the upstream's initialization, `peer::init_upstream`).
+    /// The balancing method and whether it hashes a key, as the per-connection path
+    /// reads them (set with the upstream's initialization, `peer::init_upstream`;
+    /// `peer_keyed` is `keyed(peer_method)`, kept so a connection reads one flag).
     pub peer_method: Method,
+    pub peer_keyed: bool,
     /// A stock balancing directive in the same block (`least_conn;`, `hash ...;`: the
     /// C module's drop-in form), checked against `lb` after parsing.
     pub stock_lb: Option<crate::stock_lb::StockLb>,
@@ -76,6 +79,7 @@ impl SrvConf {
             dump_path: None,
             lb: None,
             peer_method: Method::RoundRobin,
+            peer_keyed: false,
             stock_lb: None,
             lb_key: ptr::null_mut(),
             uscf: ptr::null_mut(),

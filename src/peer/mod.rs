@@ -54,7 +54,7 @@ struct KeyedPeerData {
     key: ngx_str_t,
 }
 
-fn keyed(method: Method) -> bool {
+pub(super) fn keyed(method: Method) -> bool {
     matches!(
         method,
         Method::IpHash | Method::HashModula | Method::HashKetama
@@ -134,7 +134,7 @@ unsafe extern "C" fn init_peer(
             method,
             name: ngx_str_t::empty(),
         };
-        if keyed(method) {
+        if conf.peer_keyed {
             let pd = ngx_palloc(pool, size_of::<KeyedPeerData>()) as *mut KeyedPeerData;
             if pd.is_null() {
                 return NGX_ERROR as ngx_int_t;
@@ -266,7 +266,7 @@ impl PeerData {
     }
 
     fn key(&self) -> &[u8] {
-        if !keyed(self.method) {
+        if !self.conf().peer_keyed {
             return &[];
         }
         // SAFETY: a keyed method's data is a KeyedPeerData (init_peer), whose first

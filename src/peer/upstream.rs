@@ -7,7 +7,7 @@ use std::ptr;
 
 use ngx::ffi::*;
 
-use super::init_peer;
+use super::{init_peer, keyed};
 use crate::srv_conf::{upstream_conf, SrvConf};
 use upsync_core::servers::ServerSpec;
 
@@ -15,6 +15,7 @@ use upsync_core::servers::ServerSpec;
 /// drop-in stock directive are known).
 pub fn set_peer_method(conf: &mut SrvConf) {
     conf.peer_method = conf.method();
+    conf.peer_keyed = keyed(conf.peer_method);
 }
 
 /// `init_upstream`: keeps nginx's round-robin data for the configured servers (so the
